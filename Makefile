@@ -1,0 +1,31 @@
+# make run: set up .venv and run the whole pipeline on the built-in shapes dataset.
+# make test: set up .venv and run the test suite.   make bench: the side-by-side benchmarks.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= pipelines/configs/quickstart.yaml
+
+.PHONY: run test test-slow bench setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/visionflow run --config $(CONFIG)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf runs outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Ray pipelines: data (Ray Data), train (Ray Train), serve (Ray Serve), dag, cli."""

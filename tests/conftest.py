@@ -1,0 +1,41 @@
+"""Shared fixtures: one Ray cluster and one tiny dataset per test session."""
+from __future__ import annotations
+
+import pytest
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with more logical CPUs than cores, shared by every test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    yield ray
+    # Serve tests may have started Serve on this cluster.
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small built-in shapes dataset in COCO layout (train + val)."""
+    from vision.data.synth import write_synth
+
+    out = tmp_path_factory.mktemp("synth")
+    write_synth(out, images=60, size=96, seed=0)
+    return out
+
+@pytest.fixture(scope="session")
+def data_dir(ray_cluster, synth_dir, tmp_path_factory):
+    """`synth_dir` ingested: DIR/train and DIR/val Parquet shards with manifests."""
+    from pipelines.data import ingest
+
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        ingest(synth_dir / "annotations" / f"instances_{split}.json", synth_dir / split, out / split)
+    return out

@@ -1,0 +1,1 @@
+"""Detectors (to be written)."""
