@@ -19,13 +19,14 @@ def names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    wanted = (argv if argv is not None else sys.argv[1:]) or names()
+    wanted = list(argv if argv is not None else sys.argv[1:]) or names()
     failed = []
     for name in wanted:
         print(f"=== benchmarks.{name}", flush=True)
         start = time.perf_counter()
         try:
-            importlib.import_module(f"benchmarks.{name}").main([])
+            sys.argv = [f"benchmarks.{name}"]  # each benchmark runs at its default size
+            importlib.import_module(f"benchmarks.{name}").main()
         except Exception as exc:  # one benchmark failing must not hide the others' figures
             failed.append(name)
             print(f"benchmarks.{name} failed: {exc!r}", flush=True)
