@@ -1,0 +1,184 @@
+"""Driver side of ingest: parse a COCO annotation file, validate it, group it per image.
+
+Only the JSON is read here; image bytes are read and decoded later, in Ray tasks. What comes out is
+small Arrow tables of per-image metadata (the annotations of each image as a JSON string), so the
+driver never holds pixels.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipelines.data.fs import read_bytes, resolve
+
+META_SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("anns", pa.string()),  # JSON list of validated annotations of this image
+])
+
+
+@dataclass
+class CocoIndex:
+    """A parsed, validated annotation file.
+
+    ``categories``: ``[{"id", "name", "label"}]`` with labels 1..K in order of COCO id;
+    ``tables``: per-image metadata in chunks (META_SCHEMA); ``quarantined`` / ``dropped``: what was
+    rejected here and why; ``num_clipped``: boxes clipped to their image.
+    """
+
+    categories: list[dict]
+    tables: list[pa.Table]
+    quarantined: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    num_clipped: int = 0
+    num_images: int = 0
+
+
+def load_json(annotations) -> dict:
+    """The parsed COCO file at ``annotations`` (local path or URI), with a clear error if it is not one."""
+    fs, path = resolve(annotations)
+    try:
+        raw = read_bytes(fs, path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {annotations}") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{annotations} is not valid JSON ({e}); expected a COCO instances file") from None
+    del raw
+    if not isinstance(data, dict):
+        raise ValueError(f"{annotations}: expected a JSON object with 'images', 'annotations' and 'categories'")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise ValueError(f"{annotations}: missing or not a list: {', '.join(missing)}; "
+                         "expected a COCO instances file with 'images', 'annotations' and 'categories'")
+    return data
+
+
+def category_map(categories: list[dict], source="annotations") -> list[dict]:
+    """``[{"id", "name", "label"}]``: labels 1..K given in order of COCO id."""
+    seen = {}
+    for c in categories:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int):
+            raise ValueError(f"{source}: every category needs an integer 'id', got {c!r}")
+        if c["id"] in seen:
+            raise ValueError(f"{source}: category id {c['id']} appears twice")
+        seen[c["id"]] = str(c.get("name", c["id"]))
+    return [{"id": cid, "name": seen[cid], "label": i + 1} for i, cid in enumerate(sorted(seen))]
+
+
+def _check_segmentation(seg, height: int, width: int) -> str | None:
+    """None when ``seg`` is a usable COCO segmentation (or absent), else what is wrong with it."""
+    if seg is None or seg == []:
+        return None  # absent: the box stands in for the mask
+    if isinstance(seg, list):
+        good = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
+        return None if good else "segmentation has no polygon with at least 3 points"
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2) or counts is None:
+            return "RLE segmentation needs 'size' [h, w] and 'counts'"
+        if list(size) != [height, width]:
+            return f"RLE size {size} does not match the image ({height}x{width})"
+        return None
+    return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
+
+
+def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
+    """Parse and validate the COCO file ``annotations``; return a :class:`CocoIndex`.
+
+    Images: a duplicate id or a missing/invalid size quarantines the image. Annotations: an unknown
+    image or category, a malformed/zero-area box or a broken segmentation drops the annotation (with
+    its reason); a box past the image edge is clipped to it. Images without annotations are kept.
+    """
+    data = load_json(annotations)
+    categories = category_map(data["categories"], annotations)
+    label_of = {c["id"]: c["label"] for c in categories}
+    index = CocoIndex(categories=categories, tables=[])
+
+    images: dict[int, dict] = {}
+    order: list[int] = []
+    for im in data["images"]:
+        iid = im.get("id") if isinstance(im, dict) else None
+        name = im.get("file_name") if isinstance(im, dict) else None
+        w, h = (im.get("width"), im.get("height")) if isinstance(im, dict) else (None, None)
+        reason = None
+        if not isinstance(iid, int) or not isinstance(name, str) or not name:
+            reason = "image entry needs an integer 'id' and a 'file_name'"
+        elif iid in images:
+            reason = f"duplicate image id {iid}"
+        elif not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+            reason = f"width/height must be positive integers, got {w!r}x{h!r}"
+        if reason:
+            index.quarantined.append({"file_name": name, "image_id": iid, "reason": reason})
+            continue
+        images[iid] = {"file_name": name, "width": w, "height": h, "anns": []}
+        order.append(iid)
+
+    for ann in data["annotations"]:
+        aid = ann.get("id") if isinstance(ann, dict) else None
+        iid = ann.get("image_id") if isinstance(ann, dict) else None
+
+        def drop(reason, aid=aid, iid=iid):
+            index.dropped.append({"annotation_id": aid, "image_id": iid, "reason": reason})
+
+        if not isinstance(ann, dict):
+            drop(f"annotation must be an object, got {type(ann).__name__}")
+            continue
+        if iid not in images:
+            drop(f"unknown image_id {iid!r}")
+            continue
+        cid = ann.get("category_id")
+        if cid not in label_of:
+            drop(f"unknown category_id {cid!r}")
+            continue
+        im = images[iid]
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            drop(f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            continue
+        x, y, bw, bh = (float(v) for v in bbox)
+        if bw <= 0 or bh <= 0:
+            drop(f"degenerate box (width {bw:g}, height {bh:g})")
+            continue
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + bw, float(im["width"])), min(y + bh, float(im["height"]))
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            drop(f"box [{x:g}, {y:g}, {bw:g}, {bh:g}] lies outside the {im['width']}x{im['height']} image")
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+            index.num_clipped += 1
+        seg = ann.get("segmentation")
+        problem = _check_segmentation(seg, im["height"], im["width"])
+        if problem:
+            drop(problem)
+            continue
+        area = ann.get("area")
+        im["anns"].append({
+            "category_id": cid, "label": label_of[cid], "box": [x1, y1, x2, y2],
+            "iscrowd": 1 if ann.get("iscrowd") else 0,
+            "area": float(area) if isinstance(area, (int, float)) and math.isfinite(area) else None,
+            "segmentation": seg if seg not in (None, []) else None,
+        })
+    del data
+
+    index.num_images = len(order)
+    for start in range(0, len(order), chunk_images):
+        ids = order[start:start + chunk_images]
+        rows = [images.pop(i) for i in ids]  # pop: the driver keeps one copy, in Arrow
+        index.tables.append(pa.table({
+            "image_id": pa.array(ids, pa.int64()),
+            "file_name": pa.array([r["file_name"] for r in rows], pa.string()),
+            "width": pa.array([r["width"] for r in rows], pa.int32()),
+            "height": pa.array([r["height"] for r in rows], pa.int32()),
+            "anns": pa.array([json.dumps(r["anns"]) for r in rows], pa.string()),
+        }, schema=META_SCHEMA))
+    return index
