@@ -1,0 +1,80 @@
+"""`visionflow run`: the whole pipeline as a resumable DAG (data -> train -> eval -> compare -> deploy -> smoke)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="pipelines/configs/quickstart.yaml",
+                        help="run config YAML (default: pipelines/configs/quickstart.yaml)")
+    parser.add_argument("--run-dir", help="override the config's run_dir (a local path or s3://bucket/prefix)")
+    parser.add_argument("--archs", help="comma-separated architectures to train (default: the config's list)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the DAG without running it and write it as a PNG (see --plan-png)")
+    parser.add_argument("--plan-png", help="where --plan writes the picture (default: RUN_DIR/plan.png, "
+                        "or ./plan.png when the run dir is remote)")
+    parser.add_argument("--no-deploy", action="store_true", help="stop after the comparison (no Serve, no smoke test)")
+
+
+def _overrides(args) -> dict:
+    o = {}
+    if args.run_dir:
+        o["run_dir"] = args.run_dir
+    if args.archs:
+        o["train.archs"] = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if args.no_deploy:
+        o["deploy.enabled"] = False
+    return o
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.dag.config import load_config
+
+    try:
+        cfg = load_config(args.config, _overrides(args))
+        archs = cfg.archs()
+    except ValueError as e:
+        print(f"visionflow run: {e}", file=sys.stderr)
+        return 2
+    if not archs:
+        print("visionflow run: no architectures to train (train.archs minus train.exclude is empty)", file=sys.stderr)
+        return 2
+    from pipelines.dag import runner
+    from pipelines.dag.storage import RunDir
+
+    if args.plan:
+        run_dir = RunDir(cfg.run_dir)
+        png = args.plan_png or ("plan.png" if run_dir.remote else str(run_dir.local("plan.png")))
+        for line in runner.plan(cfg, png):
+            print(line)
+        print(f"plan picture: {png}")
+        return 0
+    started = runner.connect(cfg)
+    try:
+        summary = runner.run(cfg)
+        print(runner.format_summary(summary), flush=True)
+        if cfg.deploy.keep_serving and (summary.get("deploy") or {}).get("status") == "done":
+            _serve_until_interrupted(summary["deploy"]["url"])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return 1 if summary["failed"] else 0
+
+
+def _serve_until_interrupted(url: str) -> None:
+    import time
+
+    print(f"serving at {url}; Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from pipelines.serve import shutdown
+
+        shutdown()
+
+

@@ -1,0 +1,187 @@
+"""The run configuration (``visionflow run --config FILE``): one pydantic schema over the stage configs.
+
+A YAML file sets ``run_dir`` and one section per stage: ``data``, ``train``, ``eval``, ``compare``,
+``deploy``, ``smoke``, ``robustness``. Unknown keys are errors (a misspelt key must not be ignored).
+The training section composes the trainer's own schema (``pipelines.train.config.TrainConfig``):
+``train.defaults`` for every architecture, ``train.per_task`` and ``train.per_arch`` on top.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASKS = ("classification", "localization", "detection", "segmentation")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SynthData(_Strict):
+    """The built-in shapes dataset (``vision.data.synth.write_synth``)."""
+
+    images: int = Field(200, ge=4)
+    size: int = Field(128, ge=32, le=4096)
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class CocoSplit(_Strict):
+    """One split of a COCO-layout dataset: the annotation JSON and the image directory (paths or URIs)."""
+
+    annotations: str
+    images: str
+
+
+class DataStage(_Strict):
+    source: Literal["synth", "coco"] = "synth"
+    synth: SynthData = Field(default_factory=SynthData)
+    train: Optional[CocoSplit] = None
+    val: Optional[CocoSplit] = None
+
+    @model_validator(mode="after")
+    def _coco_needs_splits(self):
+        if self.source == "coco" and not (self.train and self.val):
+            raise ValueError("data.source is coco: set data.train and data.val, each {annotations, images}")
+        return self
+
+    def identity(self) -> dict:
+        """What the data depends on (the synth settings are irrelevant for COCO and vice versa)."""
+        if self.source == "synth":
+            return {"source": "synth", "synth": self.synth.model_dump()}
+        return {"source": "coco", "train": self.train.model_dump(), "val": self.val.model_dump()}
+
+
+class TrainStage(_Strict):
+    """Which architectures to train and with what settings."""
+
+    # None: every architecture in the registry (``visionflow models``).
+    archs: Optional[list[str]] = None
+    exclude: list[str] = Field(default_factory=list)
+    # TrainConfig fields for every architecture, then per task, then per architecture (the last wins).
+    defaults: dict = Field(default_factory=dict)
+    per_task: dict[str, dict] = Field(default_factory=dict)
+    per_arch: dict[str, dict] = Field(default_factory=dict)
+    # How many architectures train at once (each is its own Ray Train run); the cluster's
+    # resources are the other limit, since every run waits for its workers' CPUs/GPUs.
+    max_parallel: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _tasks_known(self):
+        bad = sorted(set(self.per_task) - set(TASKS))
+        if bad:
+            raise ValueError(f"train.per_task has unknown tasks {bad}; expected some of {list(TASKS)}")
+        return self
+
+
+class EvalStage(_Strict):
+    enabled: bool = True
+    # Ray resources of each evaluation task (a GPU makes COCO eval of a big detector much faster).
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class CompareStage(_Strict):
+    enabled: bool = True
+
+
+class DeployStage(_Strict):
+    """Serve detection + segmentation from the best checkpoints of the run."""
+
+    enabled: bool = True
+    # None: the architecture of that task with the best evaluation metric in this run.
+    detection_arch: Optional[str] = None
+    segmentation_arch: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Extra ServeArgs fields (nms, limits, per-stage resources) merged into the generated application.
+    serve: dict = Field(default_factory=dict)
+    # Keep serving after the run ends (the driver waits for Ctrl-C); on a cluster the Serve
+    # application outlives the job anyway.
+    keep_serving: bool = False
+
+
+class SmokeStage(_Strict):
+    """After deploying: send a few val images to the endpoint and print what it found."""
+
+    enabled: bool = True
+    images: int = Field(3, ge=1, le=100)
+    score_threshold: float = Field(0.3, ge=0, le=1)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class RobustnessStage(_Strict):
+    """Optional: robustness curves and layer visualizations for classifiers, linked from the report."""
+
+    enabled: bool = False
+    # None: every classifier of the run that trained.
+    archs: Optional[list[str]] = None
+    epsilons: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 8 / 255])
+    images: int = Field(64, ge=1)
+    visualize: bool = True
+
+
+class RunConfig(_Strict):
+    """The whole run. ``run_dir`` is a local path or a URI (``s3://bucket/prefix``)."""
+
+    name: str = "visionflow"
+    run_dir: str = "runs/quickstart"
+    # Ray's address when not inside a job: None starts a local cluster (or joins RAY_ADDRESS).
+    ray_address: Optional[str] = None
+    num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a locally started cluster
+    data: DataStage = Field(default_factory=DataStage)
+    train: TrainStage = Field(default_factory=TrainStage)
+    eval: EvalStage = Field(default_factory=EvalStage)
+    compare: CompareStage = Field(default_factory=CompareStage)
+    deploy: DeployStage = Field(default_factory=DeployStage)
+    smoke: SmokeStage = Field(default_factory=SmokeStage)
+    robustness: RobustnessStage = Field(default_factory=RobustnessStage)
+
+    def archs(self) -> list[str]:
+        """The architectures this run trains, in registry order; unknown names raise ValueError."""
+        from vision.models import list_models
+
+        known = list_models()
+        wanted = list(self.train.archs) if self.train.archs is not None else known
+        unknown = sorted(set(wanted) - set(known)) + sorted(set(self.train.exclude) - set(known))
+        unknown += sorted(set(self.train.per_arch) - set(known))
+        if unknown:
+            raise ValueError(f"unknown architectures {unknown} in the train section; "
+                             f"known (visionflow models): {', '.join(known)}")
+        return [a for a in dict.fromkeys(wanted) if a not in set(self.train.exclude)]
+
+    def train_settings(self, arch: str) -> dict:
+        """The trainer's settings for ``arch``: defaults, then per task, then per architecture."""
+        from vision.models import model_task
+
+        task = model_task(arch)
+        return {**self.train.defaults, **self.train.per_task.get(task, {}), **self.train.per_arch.get(arch, {}),
+                "task": task, "arch": arch}
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read a run YAML (None: the packaged quickstart) and apply ``overrides`` (dotted keys, e.g.
+    ``{"run_dir": "/tmp/r", "train.archs": ["resnet18"]}``). Raises ValueError naming the bad field."""
+    path = Path(path) if path else Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; expected a YAML like pipelines/configs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (run_dir, data, train, ...), got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors()]
+        raise ValueError(f"{path}: invalid run config\n" + "\n".join(lines)) from None

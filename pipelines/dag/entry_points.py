@@ -1,0 +1,44 @@
+"""The other areas' entry points, as the DAG calls them: the one place that knows their Python names.
+
+Each takes plain paths (local or URI) and returns plain dicts, so the stages stay free of their details.
+"""
+from __future__ import annotations
+
+
+def train(settings: dict, data_dir: str, out_dir: str) -> dict:
+    """Train one architecture (``settings``: TrainConfig fields incl. task and arch) on ``data_dir``,
+    keeping the run under ``out_dir`` (rerun = resume). Returns ``{"run_dir", "final": metrics}``."""
+    from pipelines.train import fit
+    from pipelines.train.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({**settings, "data": data_dir, "out": out_dir})
+    result = fit(cfg)
+    return {"run_dir": out_dir, "final": _plain(result)}
+
+
+def evaluate(train_dir: str, data_dir: str, out_dir: str) -> dict:
+    """Metrics of the latest checkpoint of ``train_dir`` on the val split of ``data_dir``."""
+    from pipelines.train import evaluate_checkpoint
+
+    return _plain(evaluate_checkpoint(train_dir, data_dir, out=out_dir))
+
+
+def compare(train_dirs: list[str], out_dir: str) -> dict:
+    """The overall comparison (Markdown table + PNG chart) of the given runs; returns their paths."""
+    from pipelines.compare import compare as build_comparison
+
+    return _plain(build_comparison(train_dirs, out_dir))
+
+
+def robustness(train_dir: str, data_dir: str, out_dir: str, cfg: dict) -> dict:
+    """Robustness report (+ layer visualizations) of one classifier; returns the paths it wrote."""
+    from pipelines.commands.attack import robustness_report
+
+    return _plain(robustness_report(train_dir, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"]))
+
+
+def _plain(obj):
+    """JSON-able copy of a result (paths as strings, numbers as floats)."""
+    import json
+
+    return json.loads(json.dumps(obj, default=lambda o: str(o) if not hasattr(o, "item") else o.item()))

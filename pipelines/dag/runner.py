@@ -1,0 +1,82 @@
+"""Run a config end to end: connect to Ray, build the DAG, follow its progress, print the summary."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import ray
+
+from pipelines.dag.config import RunConfig
+from pipelines.dag.graph import build_dag, plan_lines, plot_plan
+from pipelines.dag.progress import RunBoard, follow
+from pipelines.dag.storage import RunDir
+
+
+def connect(cfg: RunConfig) -> bool:
+    """Join the cluster (a job's RAY_ADDRESS, ``cfg.ray_address``) or start a local one.
+    Returns True when this call started Ray (and so should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+    return True
+
+
+def plan(cfg: RunConfig, png: str | None = None) -> list[str]:
+    """The DAG of ``cfg`` as text lines (and a PNG at ``png``), without running anything."""
+    dag = build_dag(cfg)
+    lines = plan_lines(dag)
+    if png:
+        os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+        plot_plan(dag, png)
+    return lines
+
+
+def run(cfg: RunConfig, out=sys.stdout) -> dict:
+    """Execute the run (resuming whatever an earlier run of the same config finished). Returns the
+    summary dict; ``summary["failed"]`` lists what failed."""
+    RunDir(cfg.run_dir).makedirs("")
+    board = RunBoard.remote(cfg.train.max_parallel)
+    dag = build_dag(cfg, board)
+    t0 = time.perf_counter()
+    print(f"visionflow run: {len(cfg.archs())} architectures, run dir {RunDir(cfg.run_dir).uri}", file=out, flush=True)
+    with warnings.catch_warnings():
+        # Ray 2.60 warns on every execute(); the DAG API is still the one that runs plain tasks like these.
+        warnings.filterwarnings("ignore", message=".*execute.*deprecated")
+        ref = dag.execute()
+    summary = follow(ref, board, out=out)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    ray.kill(board)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table: each architecture's status and headline metric, then the report paths."""
+    rows = [("architecture", "task", "status", "metric", "value")]
+    for a in sorted(summary["archs"], key=lambda a: (a.get("task") or "", a["arch"])):
+        metric, value = a["metric"] or ("", None)
+        status = a["status"] if a["status"] == "done" else f"FAILED: {str(a.get('error'))[:60]}"
+        rows.append((a["arch"], a.get("task") or "", status, metric, "" if value is None else f"{value:.4f}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for key in ("report", "table", "chart", "path"):
+        if summary.get(key):
+            lines.append(f"{'summary' if key == 'path' else key}: {summary[key]}")
+    dep = summary.get("deploy") or {}
+    if dep.get("status") == "done":
+        lines.append(f"endpoint: {dep['url']} serving {dep['models']}")
+    elif dep.get("status") == "failed":
+        lines.append(f"deploy FAILED: {dep.get('error')}")
+    for arch, rob in (summary.get("robustness") or {}).items():
+        lines.append(f"robustness {arch}: {rob}")
+    lines.append(f"{len(summary['failed'])} failed: {', '.join(summary['failed'])}" if summary["failed"]
+                 else "everything finished")
+    if summary.get("seconds") is not None:
+        lines.append(f"took {summary['seconds']}s")
+    return "\n".join(lines)

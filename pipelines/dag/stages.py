@@ -1,0 +1,401 @@
+"""The stages of ``visionflow run``: plain functions over a run directory, wired by ``pipelines.dag.graph``.
+
+Each stage takes the run directory's URI, its own config (plain dicts, so the DAG can ship them) and
+its inputs' records, checks its record (``pipelines.dag.records``) and either returns the record of an
+earlier identical run or does the work through the same entry points the CLI uses, then writes its
+record. Layout of a run directory::
+
+    data/            coco/ (synth only), shards/{train,val}/, _stage.json
+    archs/<arch>/    train/ (the trainer's run dir), eval/metrics.json, failed.json when the branch failed
+    compare/         report.md, the comparison table and chart, _stage.json
+    robustness/      per-classifier robustness reports and visualizations (optional stage)
+    deploy/ smoke/   the endpoint and what the smoke test found
+    summary.json     the run's final summary
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+import ray
+
+from pipelines.dag.records import Stage, stage_key
+from pipelines.dag.storage import RunDir
+
+
+def _report(board, name: str, status: str, **info) -> None:
+    if board is not None:
+        board.update.remote(name, status, **info)
+
+
+def _skipped(board, name: str, rec: dict) -> dict:
+    _report(board, name, "skipped", seconds=rec.get("seconds"))
+    return {**rec, "skipped": True}
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def data_stage(run_uri: str, data_cfg: dict, board=None) -> dict:
+    """Write (synth) and ingest the train and val splits. Returns the record; ``outputs.data_dir`` is the
+    directory ``visionflow train --data`` takes."""
+    from pipelines.dag.config import DataStage
+
+    cfg = DataStage.model_validate(data_cfg)
+    run = RunDir(run_uri)
+    ident = cfg.identity()
+    stage = Stage(run, "data", stage_key("data", ident))
+    if rec := stage.finished():
+        return _skipped(board, "data", rec)
+    _report(board, "data", "running")
+    t0 = time.perf_counter()
+    stage.begin(resumable=False)
+    from pipelines.data import ingest
+
+    if cfg.source == "synth":
+        from vision.data.synth import write_synth
+
+        s = cfg.synth
+        if run.remote:  # written locally, then uploaded, so every node's ingest task reads the same files
+            with tempfile.TemporaryDirectory() as tmp:
+                write_synth(tmp, images=s.images, size=s.size, seed=s.seed, val_fraction=s.val_fraction)
+                coco = run.upload_dir(tmp, "data/coco")
+        else:
+            coco = str(write_synth_local(run, s))
+        splits = {sp: (f"{coco}/annotations/instances_{sp}.json", f"{coco}/{sp}") for sp in ("train", "val")}
+    else:
+        splits = {"train": (cfg.train.annotations, cfg.train.images), "val": (cfg.val.annotations, cfg.val.images)}
+    counts = {}
+    for split, (annotations, images) in splits.items():
+        manifest = ingest(annotations, images, run.path(f"data/shards/{split}"))
+        counts[split] = {"images": manifest["num_images"], "instances": manifest["num_instances"],
+                         "quarantined": len(manifest["quarantined"])}
+    outputs = {"data_dir": run.path("data/shards"), "counts": counts}
+    rec = stage.done(ident, {}, outputs, time.perf_counter() - t0)
+    _report(board, "data", "done", seconds=rec["seconds"])
+    return rec
+
+
+def write_synth_local(run: RunDir, s) -> str:
+    from vision.data.synth import write_synth
+
+    out = run.local("data/coco")
+    write_synth(out, images=s.images, size=s.size, seed=s.seed, val_fraction=s.val_fraction)
+    return str(out)
+
+
+# --- train and evaluate one architecture ----------------------------------------------------------
+
+def _branch_failed(run: RunDir, arch: str, step: str, error: str, board, task: str | None = None) -> dict:
+    """Record a failed branch at ``archs/<arch>/failed.json`` and report it."""
+    doc = {"arch": arch, "task": task, "stage": step, "error": error, "time": time.time()}
+    run.write_json(f"archs/{arch}/failed.json", doc)
+    _report(board, f"{step}/{arch}", "failed", error=error)
+    return {"arch": arch, "task": task, "status": "failed", "stage": step, "error": error}
+
+
+def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=None) -> dict:
+    """Train ``arch`` with ``settings`` (TrainConfig fields) on the run's data. Never raises: a failure
+    is recorded in ``archs/<arch>/failed.json`` and returned as ``{"status": "failed", "error"}``."""
+    run = RunDir(run_uri)
+    name = f"archs/{arch}/train"
+    stage = Stage(run, name, stage_key("train", settings, {"data": data_rec["key"]}))
+    if rec := stage.finished():
+        run.remove(f"archs/{arch}/failed.json")
+        return _skipped(board, f"train/{arch}", rec)
+    _report(board, f"train/{arch}", "waiting")
+    if board is not None:
+        ray.get(board.acquire_slot.remote())
+    try:
+        _report(board, f"train/{arch}", "running")
+        t0 = time.perf_counter()
+        resumed = stage.begin(resumable=True)
+        run.remove(f"archs/{arch}/failed.json")
+        from pipelines.dag import entry_points
+
+        outputs = entry_points.train(settings, data_rec["outputs"]["data_dir"], run.path(name))
+        outputs["resumed"] = resumed
+        rec = stage.done(settings, {"data": data_rec["key"]}, outputs, time.perf_counter() - t0)
+        _report(board, f"train/{arch}", "done", seconds=rec["seconds"])
+        return rec
+    except Exception as e:
+        traceback.print_exc()
+        return _branch_failed(run, arch, "train", _error_text(e), board, settings.get("task"))
+    finally:
+        if board is not None:
+            board.release_slot.remote()
+
+
+def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_rec: dict, board=None) -> dict:
+    """Evaluate the checkpoint of ``train_rec`` on the val split; writes ``archs/<arch>/eval/metrics.json``.
+    A failed training passes through unchanged; never raises."""
+    if train_rec.get("status") != "done":
+        return train_rec
+    run = RunDir(run_uri)
+    name = f"archs/{arch}/eval"
+    stage = Stage(run, name, stage_key("eval", eval_cfg, {"train": train_rec["key"]}))
+    base = {"arch": arch, "task": train_rec["config"]["task"], "train_dir": train_rec["outputs"]["run_dir"],
+            "train_seconds": train_rec.get("seconds")}
+    if rec := stage.finished():
+        return {**base, **_skipped(board, f"eval/{arch}", rec)}
+    try:
+        _report(board, f"eval/{arch}", "running")
+        t0 = time.perf_counter()
+        stage.begin(resumable=False)
+        from pipelines.dag import entry_points
+
+        metrics = entry_points.evaluate(train_rec["outputs"]["run_dir"], data_rec["outputs"]["data_dir"],
+                                        run.path(name))
+        run.write_json(f"{name}/metrics.json", metrics)
+        rec = stage.done(eval_cfg, {"train": train_rec["key"]}, {"metrics": metrics,
+                                                                "metrics_path": run.path(f"{name}/metrics.json")},
+                         time.perf_counter() - t0)
+        _report(board, f"eval/{arch}", "done", seconds=rec["seconds"])
+        return {**base, **rec}
+    except Exception as e:
+        traceback.print_exc()
+        return _branch_failed(run, arch, "eval", _error_text(e), board, base["task"])
+
+
+# --- compare, robustness, deploy, smoke -----------------------------------------------------------
+
+def resolve_branches(results: list) -> list[dict]:
+    """The branch results (ObjectRefs nested in a list, so a crashed branch does not fail the stage that
+    gathers them): each resolved, or turned into a failed result naming the error."""
+    out = []
+    for item in results:
+        try:
+            out.append(ray.get(item) if isinstance(item, ray.ObjectRef) else item)
+        except Exception as e:  # a worker that died (out of memory, killed) mid-branch
+            out.append({"arch": None, "status": "failed", "stage": "train", "error": _error_text(e)})
+    return out
+
+
+def compare_stage(run_uri: str, branches: list, archs: list[str], board=None) -> dict:
+    """The comparison of every architecture of the run (table + chart), failed ones listed with their
+    error. Returns ``{"branches": [...], "report": path, "chart": path, "table": path}``."""
+    run = RunDir(run_uri)
+    results = resolve_branches(branches)
+    for arch, r in zip(archs, results):
+        if r.get("arch") is None:
+            from vision.models import model_task
+
+            r.update(_branch_failed(run, arch, r.get("stage", "train"), r["error"], board, model_task(arch)))
+    ok = [r for r in results if r.get("status") == "done"]
+    failed = [r for r in results if r.get("status") != "done"]
+    stage = Stage(run, "compare", stage_key("compare", {}, {r["arch"]: r.get("key", r.get("error")) for r in results}))
+    if rec := stage.finished():
+        return {**_skipped(board, "compare", rec)["outputs"], "branches": results}
+    _report(board, "compare", "running")
+    t0 = time.perf_counter()
+    stage.begin(resumable=False)
+    outputs = {}
+    if ok:
+        from pipelines.dag import entry_points
+
+        try:
+            outputs = entry_points.compare([r["train_dir"] for r in ok], run.path("compare"))
+        except Exception as e:  # the run's own report below still lists every branch
+            traceback.print_exc()
+            outputs = {"compare_error": _error_text(e)}
+    report = _report_markdown(results, outputs)
+    outputs["report"] = run.write_bytes("compare/report.md", report.encode())
+    rec = stage.done({}, {r["arch"]: r.get("key") for r in results}, outputs, time.perf_counter() - t0)
+    _report(board, "compare", "done", seconds=rec["seconds"])
+    return {**outputs, "branches": results}
+
+
+def _headline(metrics: dict) -> tuple[str, float | None]:
+    """The metric a branch is ranked by: COCO AP for detectors, top-1 / accuracy for the rest."""
+    for k in ("segm_AP50", "bbox_AP50", "segm_AP", "bbox_AP", "top1", "accuracy", "loc_accuracy",
+              "miou", "mIoU", "pixel_accuracy"):
+        if isinstance(metrics.get(k), (int, float)):
+            return k, float(metrics[k])
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        k = sorted(numeric)[0]
+        return k, float(numeric[k])
+    return "", None
+
+
+def _report_markdown(results: list[dict], outputs: dict) -> str:
+    lines = ["# visionflow run", "", "| architecture | task | status | metric | value | train s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: (r.get("task") or "", r["arch"])):
+        if r.get("status") == "done":
+            k, v = _headline(r["outputs"]["metrics"])
+            lines.append(f"| {r['arch']} | {r.get('task', '')} | done | {k} | "
+                         f"{'' if v is None else f'{v:.4f}'} | {r.get('train_seconds') or ''} |")
+        else:
+            err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160]
+            lines.append(f"| {r['arch']} | {r.get('task', '')} | failed ({r.get('stage', '?')}) | | {err} | |")
+    for key in ("table", "chart", "robustness"):
+        if outputs.get(key):
+            lines += ["", f"- {key}: {outputs[key]}"]
+    if outputs.get("compare_error"):
+        lines += ["", f"The comparison chart failed: {outputs['compare_error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def best_arch(branches: list[dict], task: str) -> dict | None:
+    """The finished branch of ``task`` with the highest headline metric, or None."""
+    cands = [(r, _headline(r["outputs"]["metrics"])[1]) for r in branches
+             if r.get("status") == "done" and r.get("task") == task]
+    cands = [(r, v) for r, v in cands if v is not None]
+    return max(cands, key=lambda rv: rv[1])[0] if cands else None
+
+
+def robustness_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], data_rec: dict, board=None) -> dict:
+    """Robustness curves and visualizations for the run's classifiers (the optional stage)."""
+    run = RunDir(run_uri)
+    results = [r for r in resolve_branches(branches) if r.get("status") == "done" and r.get("task") == "classification"]
+    wanted = cfg.get("archs")
+    results = [r for r in results if wanted is None or r["arch"] in wanted]
+    stage = Stage(run, "robustness", stage_key("robustness", cfg, {r["arch"]: r["key"] for r in results}))
+    if rec := stage.finished():
+        return _skipped(board, "robustness", rec)["outputs"]
+    _report(board, "robustness", "running")
+    t0 = time.perf_counter()
+    stage.begin(resumable=False)
+    from pipelines.dag import entry_points
+
+    outputs = {}
+    for r in results:
+        try:
+            outputs[r["arch"]] = entry_points.robustness(r["train_dir"], data_rec["outputs"]["data_dir"],
+                                                         run.path(f"robustness/{r['arch']}"), cfg)
+        except Exception as e:
+            traceback.print_exc()
+            outputs[r["arch"]] = {"error": _error_text(e)}
+    rec = stage.done(cfg, {r["arch"]: r["key"] for r in results}, outputs, time.perf_counter() - t0)
+    _report(board, "robustness", "done", seconds=rec["seconds"])
+    return outputs
+
+
+def deploy_stage(run_uri: str, cfg: dict, compared: dict, board=None) -> dict:
+    """Serve the best detection and segmentation checkpoints (or the configured ones) over HTTP.
+    Always runs: a deployment is live state, not a file. Returns ``{"url", "models": {...}}`` or an error."""
+    run = RunDir(run_uri)
+    branches = compared["branches"]
+    chosen = {}
+    for task, fixed in (("detection", cfg.get("detection_arch")), ("segmentation", cfg.get("segmentation_arch"))):
+        pick = next((r for r in branches if r["arch"] == fixed and r.get("status") == "done"), None) if fixed \
+            else best_arch(branches, task)
+        if pick is not None:
+            chosen[task] = pick
+    if not chosen:
+        servable = [r["arch"] for r in branches if r.get("task") in ("detection", "segmentation")]
+        if not servable:  # a run of classifiers only: nothing to serve is not a failure
+            out = {"status": "skipped", "reason": "no detection or segmentation architecture in this run"}
+            _report(board, "deploy", "skipped")
+            return out
+        out = {"status": "failed", "error": f"no detection or segmentation architecture finished training ({servable})"}
+        _report(board, "deploy", "failed", error=out["error"])
+        run.write_json("deploy/deployment.json", out)
+        return out
+    _report(board, "deploy", "running")
+    t0 = time.perf_counter()
+    models = [{"name": r["arch"], "checkpoint": r["train_dir"]} for r in chosen.values()]
+    serve_args = {**cfg.get("serve", {}), "models": [{**m, **cfg.get("serve", {}).get("model", {})} for m in models]}
+    serve_args.pop("model", None)
+    try:
+        from pipelines.serve import deploy
+
+        url = deploy(serve_args, host=cfg["host"], port=cfg["port"])
+    except Exception as e:
+        traceback.print_exc()
+        out = {"status": "failed", "error": _error_text(e)}
+        _report(board, "deploy", "failed", error=out["error"])
+        run.write_json("deploy/deployment.json", out)
+        return out
+    out = {"status": "done", "url": url, "models": {t: r["arch"] for t, r in chosen.items()},
+           "seconds": round(time.perf_counter() - t0, 2)}
+    run.write_json("deploy/deployment.json", out)
+    _report(board, "deploy", "done", seconds=out["seconds"])
+    return out
+
+
+def _val_images(data_dir: str, n: int) -> list[tuple[str, bytes]]:
+    """The first ``n`` images of the val split as (file name, encoded bytes)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data import read_manifest
+
+    val = data_dir.rstrip("/") + "/val"
+    manifest = read_manifest(val)
+    fs_root = RunDir(val)
+    out = []
+    for shard in manifest.get("shards", []):
+        path = fs_root._abs(shard)
+        table = pq.read_table(path, columns=["file_name", "image"], filesystem=fs_root.fs)
+        for name, img in zip(table.column("file_name").to_pylist(), table.column("image").to_pylist()):
+            out.append((name, img))
+            if len(out) >= n:
+                return out
+    return out
+
+
+def _post(url: str, body: bytes, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=None) -> dict:
+    """Send a few val images to the deployed endpoints; returns what each found (and prints it)."""
+    run = RunDir(run_uri)
+    if deployed.get("status") != "done":
+        return {"status": "skipped", "reason": "nothing deployed"}
+    _report(board, "smoke", "running")
+    images = _val_images(data_rec["outputs"]["data_dir"], cfg["images"])
+    found, errors = [], []
+    for task, route in (("detection", "detect"), ("segmentation", "segment")):
+        if task not in deployed["models"]:
+            continue
+        for file_name, data in images:
+            url = f"{deployed['url']}/v1/{route}?score_threshold={cfg['score_threshold']}&model={deployed['models'][task]}"
+            try:
+                res = _post(url, data, cfg["timeout_s"])
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                errors.append(f"{route} {file_name}: {_error_text(e)}")
+                continue
+            dets = res.get("detections", res if isinstance(res, list) else [])
+            summary = [{"label": d.get("label"), "score": round(float(d.get("score", 0)), 3),
+                        "box": [round(float(x), 1) for x in d.get("box", [])], "mask": "mask" in d} for d in dets]
+            found.append({"endpoint": f"/v1/{route}", "image": file_name, "detections": summary})
+            print(f"smoke /v1/{route} {file_name}: {len(summary)} found "
+                  + ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[:5]), flush=True)
+    out = {"status": "done" if found and not errors else "failed", "url": deployed["url"], "results": found,
+           "errors": errors}
+    run.write_json("smoke/results.json", out)
+    _report(board, "smoke", out["status"], **({"error": "; ".join(errors)[:300]} if errors else {}))
+    return out
+
+
+def finish_stage(run_uri: str, compared: dict, smoke: dict, deployed: dict, robustness: dict | None) -> dict:
+    """The run's summary (also written to ``summary.json``)."""
+    run = RunDir(run_uri)
+    branches = compared["branches"]
+    summary = {
+        "run_dir": run.uri,
+        "archs": [{"arch": r["arch"], "task": r.get("task"), "status": r.get("status"),
+                   "metric": _headline(r["outputs"]["metrics"]) if r.get("status") == "done" else None,
+                   "error": r.get("error"), "train_dir": r.get("train_dir")} for r in branches],
+        "report": compared.get("report"), "table": compared.get("table"), "chart": compared.get("chart"),
+        "deploy": deployed, "smoke": smoke, "robustness": robustness,
+    }
+    summary["failed"] = sorted(a["arch"] for a in summary["archs"] if a["status"] != "done")
+    if deployed and deployed.get("status") == "failed":
+        summary["failed"].append("deploy")
+    if smoke and smoke.get("status") == "failed":
+        summary["failed"].append("smoke")
+    summary["path"] = run.write_json("summary.json", summary)
+    return summary
