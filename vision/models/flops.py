@@ -1,0 +1,67 @@
+"""Parameters and FLOPs of registered models, measured (``torch.utils.flop_counter``), not typed in.
+
+Models are built on the ``meta`` device where they allow it, so profiling VGG-16 costs no memory and no
+arithmetic. FLOPs count a multiply-add as two (torch's convention); torchvision's model tables list
+multiply-adds as "GFLOPS", half of these figures.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vision.models.registry import create_model, get_entry, list_models
+
+# ImageNet-sized heads make the counts comparable with the published ones.
+PROFILE_CLASSES = {"classification": 1000, "localization": 1000, "detection": 80, "segmentation": 80}
+
+
+def _inputs(task: str, image_size: int, device) -> object:
+    x = torch.rand(1, 3, image_size, image_size, device=device)
+    return [x[0]] if task in ("detection", "segmentation") else x
+
+
+def measure(model: nn.Module, task: str = "classification", image_size: int = 224) -> dict:
+    """One inference forward pass of ``model`` (eval mode) on a 1x3xSxS input (a one-image list for
+    detectors) -> {"params": parameters of the layers that ran, "params_total": all parameters,
+    "flops": FLOPs of that pass}. Layers idle at inference (GoogLeNet's aux classifiers) are not counted
+    in "params", as in the published figures."""
+    model.eval()
+    used: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args, used=used: used.add(id(mod)))
+             for m in model.modules()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(_inputs(task, image_size, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    params = sum(p.numel() for m in model.modules() if id(m) in used for p in m.parameters(recurse=False))
+    return {"params": params, "params_total": sum(p.numel() for p in model.parameters()),
+            "flops": int(counter.get_total_flops())}
+
+
+def profile(name: str, image_size: int = 224, num_classes: int | None = None) -> dict:
+    """Registered model ``name`` -> {"name", "task", "params", "params_total", "gflops", "image_size"}."""
+    task = get_entry(name).task
+    k = num_classes or PROFILE_CLASSES[task]
+    try:
+        with torch.device("meta"):
+            stats = measure(create_model(name, num_classes=k), task, image_size)
+    except Exception:  # noqa: BLE001  some models compute on concrete tensors while building; measure on the CPU
+        stats = measure(create_model(name, num_classes=k), task, image_size)
+    return {"name": name, "task": task, "params": stats["params"], "params_total": stats["params_total"],
+            "gflops": stats["flops"] / 1e9, "image_size": image_size}
+
+
+def profile_all(task: str | None = None, image_size: int = 224) -> list[dict]:
+    """``profile`` of every registered model (of ``task``), in registry order; a model that cannot be
+    built or run gets {"name", "task", "error"} instead of failing the whole table."""
+    rows = []
+    for name in list_models(task):
+        try:
+            rows.append(profile(name, image_size))
+        except Exception as exc:  # noqa: BLE001  one broken entry must not hide the others
+            rows.append({"name": name, "task": get_entry(name).task, "error": f"{type(exc).__name__}: {exc}"})
+    return rows
