@@ -1,0 +1,139 @@
+"""Task views of an ingested split: what each trainer reads, augmented per epoch on Ray Data.
+
+``augment`` maps shard rows (one per image) to the rows a task wants; the geometric work is
+``vision.transforms`` (torchvision v2 on tv_tensors). Each row's randomness is seeded from
+(seed, epoch, image_id[, instance]), so a view is reproducible for (seed, epoch), different across
+epochs, and independent of how Ray splits the data into blocks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from vision import transforms as T
+
+TASKS = ("classification", "localization", "detection", "segmentation")
+# Rows per augmentation batch: a few encoded images in, a few MiB of decoded pixels out.
+AUGMENT_BATCH = 16
+
+
+def _instances(row: dict):
+    boxes = np.asarray(row["boxes"] or [], dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(row["labels"] or [], dtype=np.int64)
+    iscrowd = np.asarray(row["iscrowd"] or [], dtype=np.uint8)
+    return boxes, labels, iscrowd
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+
+
+def _detection_rows(batch: pa.Table, *, size, train, seed, epoch, masks: bool) -> dict:
+    out = {"image_id": [], "image": [], "boxes": [], "labels": [], "iscrowd": []}
+    if masks:
+        out["masks"] = []
+    for row in batch.to_pylist():
+        image = T.decode_image(row["image"])
+        boxes, labels, iscrowd = _instances(row)
+        m = T.decode_masks(row["segmentation"], row["height"], row["width"]) if masks else None
+        img, target = T.transform_detection(image, boxes, labels, iscrowd=iscrowd, masks=m, size=size,
+                                            train=train, seed=T.seed_for(seed, epoch, row["image_id"]))
+        out["image_id"].append(row["image_id"])
+        out["image"].append(_hwc(img))
+        out["boxes"].append(target["boxes"].numpy().reshape(-1, 4))
+        out["labels"].append(target["labels"].numpy())
+        out["iscrowd"].append(target["iscrowd"].numpy())
+        if masks:
+            out["masks"].append(np.ascontiguousarray(target["masks"].numpy()))
+    return out
+
+
+def _classification_rows(batch: pa.Table, *, size, train, seed, epoch) -> dict:
+    out = {"image": [], "label": []}
+    for row in batch.to_pylist():
+        boxes, labels, iscrowd = _instances(row)
+        keep = [i for i in range(len(labels)) if not iscrowd[i]
+                and boxes[i, 2] - boxes[i, 0] >= 2 and boxes[i, 3] - boxes[i, 1] >= 2]
+        if not keep:
+            continue
+        image = T.decode_image(row["image"])
+        for i in keep:
+            crop = T.classification_crop(image, boxes[i], size=size, train=train,
+                                         seed=T.seed_for(seed, epoch, row["image_id"], i))
+            out["image"].append(_hwc(crop))
+            out["label"].append(int(labels[i]) - 1)
+    return _stack(out, {"image": np.uint8, "label": np.int64}, (size, size, 3))
+
+
+def _localization_rows(batch: pa.Table, *, size, train, seed, epoch) -> dict:
+    out = {"image": [], "label": [], "box": []}
+    for row in batch.to_pylist():
+        boxes, labels, iscrowd = _instances(row)
+        areas = np.where(iscrowd == 0, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), -1.0)
+        if len(areas) == 0 or areas.max() <= 0:
+            continue  # nothing to localize
+        i = int(np.argmax(areas))  # the largest object of the image
+        img, box = T.transform_localization(T.decode_image(row["image"]), boxes[i], int(labels[i]), size=size,
+                                            train=train, seed=T.seed_for(seed, epoch, row["image_id"]))
+        out["image"].append(_hwc(img))
+        out["label"].append(int(labels[i]) - 1)
+        out["box"].append(box.numpy().astype(np.float32))
+    return _stack(out, {"image": np.uint8, "label": np.int64, "box": np.float32},
+                  (size, size, 3), box=(4,))
+
+
+def _stack(cols: dict, dtypes: dict, image_shape, box=None) -> dict:
+    # Fixed-size views become dense arrays (empty ones keep their shape and dtype).
+    shapes = {"image": image_shape, "label": (), "box": box}
+    return {k: (np.stack(v).astype(dtypes[k]) if v else np.zeros((0, *shapes[k]), dtype=dtypes[k]))
+            for k, v in cols.items()}
+
+
+def augment(ds, *, task: str, size: int, train: bool = True, seed: int = 0, epoch: int = 0,
+            num_cpus: float = 1.0):
+    """The ``task`` view of a dataset of shard rows (from ``load_split`` or ``read_coco``).
+
+    Takes the dataset, the task (classification, localization, detection, segmentation), the training
+    size in pixels, ``train`` (random flip and scale jitter when True), and ``seed``/``epoch`` for the
+    draws. Returns a Ray Dataset with the rows of docs/architecture.md ("Data"):
+    classification ``{image uint8 (size,size,3), label 0..K-1}`` (one row per non-crowd object),
+    localization ``{image, label 0..K-1, box float32 (4,)}`` (one row per image with an object),
+    detection/segmentation ``{image_id, image uint8 HxWx3, boxes (N,4), labels 1..K, iscrowd[, masks (N,H,W)]}``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8 pixels, got {size!r}")
+    kw = {"size": size, "train": bool(train), "seed": int(seed), "epoch": int(epoch)}
+    if task in ("detection", "segmentation"):
+        fn, kw = _detection_rows, {**kw, "masks": task == "segmentation"}
+    else:
+        fn = _classification_rows if task == "classification" else _localization_rows
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+
+
+def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
+    """A numpy batch of detection/segmentation view rows -> ``(images, targets)`` for a detector.
+
+    ``images``: float (3, H, W) tensors in [0, 1]; ``targets``: dicts with ``boxes`` float32 (N, 4),
+    ``labels`` int64 (N,), ``iscrowd`` uint8 (N,), ``image_id`` int and, for segmentation,
+    ``masks`` uint8 (N, H, W). Works whether Ray gave a column as one array or as ragged objects.
+    """
+    n = len(batch["image"])
+    images, targets = [], []
+    for i in range(n):
+        img = torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"][i], dtype=np.uint8)))
+        images.append(img.permute(2, 0, 1).float().div_(255.0))
+        t = {
+            "boxes": torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64).reshape(-1)),
+            "iscrowd": torch.from_numpy(np.asarray(batch["iscrowd"][i], dtype=np.uint8).reshape(-1)),
+        }
+        if "image_id" in batch:
+            t["image_id"] = int(batch["image_id"][i])
+        if "masks" in batch:
+            h, w = img.shape[:2]
+            t["masks"] = torch.from_numpy(np.asarray(batch["masks"][i], dtype=np.uint8).reshape(-1, h, w))
+        targets.append(t)
+    return images, targets

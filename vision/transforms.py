@@ -1,0 +1,180 @@
+"""Image + target transforms for every task, on ``torchvision.transforms.v2`` and ``tv_tensors``.
+
+Pure torch/torchvision (no Ray): Ray Data calls these per row, and so can Serve or a plain
+``DataLoader``. A flip or a scale moves the pixels, boxes and masks in one call; a sanitize step then
+drops the instances that became empty. Randomness comes from torch's generator, seeded per row with
+:func:`seed_for`, so a (seed, epoch) pair always gives the same augmentation and epochs differ.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# Detection/segmentation train-time scale jitter around the training size.
+SCALE_RANGE = (0.75, 1.25)
+# Classification crops: context added around the object box (fraction of its size).
+CROP_CONTEXT = 0.1
+
+
+def seed_for(seed: int, epoch: int, *keys: int) -> int:
+    """A 63-bit seed mixed from (seed, epoch, *keys), e.g. keys = (image_id, instance index)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF,
+                                    *[int(k) & 0xFFFFFFFFFFFF for k in keys]])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 tensor (3, H, W), RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def decode_masks(rles: list[dict], height: int, width: int) -> torch.Tensor:
+    """COCO RLE dicts ({"size", "counts"} with str or bytes counts) -> uint8 tensor (N, H, W)."""
+    if not rles:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    fixed = [{"size": [int(s) for s in r["size"]],
+              "counts": r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]}
+             for r in rles]
+    return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(fixed).transpose(2, 0, 1)))
+
+
+def encode_mask(mask) -> dict:
+    """A binary HxW mask -> compressed COCO RLE ``{"size": [h, w], "counts": str}``."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _per_instance(sample):
+    # Sanitize drops labels and iscrowd together with their boxes (masks are found on their own).
+    target = sample[1]
+    return tuple(target[k] for k in ("labels", "iscrowd") if k in target)
+
+
+def detection_transform(size: int, train: bool, scale_range=SCALE_RANGE, flip_p: float = 0.5):
+    """The detection/segmentation transform on ``(image, target)``.
+
+    Train: random horizontal flip, scale jitter so the image fits ``size`` x ``size`` times a factor
+    in ``scale_range`` (aspect kept), then sanitize. Eval: the identity (detectors see the original size).
+    """
+    if not train:
+        return v2.Identity()
+    return v2.Compose([
+        v2.RandomHorizontalFlip(p=flip_p),
+        v2.ScaleJitter(target_size=(size, size), scale_range=scale_range, antialias=True),
+        v2.SanitizeBoundingBoxes(labels_getter=_per_instance),
+    ])
+
+
+def to_tv(image: torch.Tensor, boxes, labels, iscrowd=None, masks=None) -> tuple:
+    """Wrap plain tensors as ``(tv_tensors.Image, target dict)`` ready for a v2 transform."""
+    h, w = image.shape[-2:]
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
+                                          format="XYXY", canvas_size=(h, w)),
+        "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1),
+    }
+    if iscrowd is not None:
+        target["iscrowd"] = torch.as_tensor(np.asarray(iscrowd, dtype=np.uint8)).reshape(-1)
+    if masks is not None:
+        target["masks"] = tv_tensors.Mask(masks)
+    return tv_tensors.Image(image), target
+
+
+def transform_detection(image, boxes, labels, *, size: int, train: bool, iscrowd=None, masks=None,
+                        seed: int | None = None, scale_range=SCALE_RANGE):
+    """Run :func:`detection_transform` on one image and its instances.
+
+    Takes a uint8 (3, H, W) image, boxes (N, 4) xyxy pixels, labels (N,), optional iscrowd (N,) and
+    masks (N, H, W); ``seed`` makes the draw reproducible. Returns ``(image uint8 (3, H', W'), target)``
+    with ``boxes`` float32, ``labels`` int64 and, when given, ``iscrowd`` and ``masks`` uint8.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    img, target = to_tv(image, boxes, labels, iscrowd, masks)
+    img, target = detection_transform(size, train, scale_range)(img, target)
+    out = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+           "labels": target["labels"].as_subclass(torch.Tensor)}
+    if "iscrowd" in target:
+        out["iscrowd"] = target["iscrowd"].as_subclass(torch.Tensor)
+    if "masks" in target:
+        out["masks"] = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
+    return img.as_subclass(torch.Tensor), out
+
+
+def crop_box(box, height: int, width: int, *, train: bool, context: float = CROP_CONTEXT,
+             seed: int | None = None) -> tuple[int, int, int, int]:
+    """The integer crop ``(top, left, h, w)`` around an object box, with context, inside the image.
+
+    Train: the context is jittered (0.5x..2x) and the centre shifted by up to 10% of the box size.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    bw, bh = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+    cx, cy, ctx = (x1 + x2) / 2, (y1 + y2) / 2, context
+    if train:
+        g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+        u = torch.rand(3, generator=g).tolist()
+        ctx = context * (0.5 + 1.5 * u[0])
+        cx += (u[1] - 0.5) * 0.2 * bw
+        cy += (u[2] - 0.5) * 0.2 * bh
+    half_w, half_h = bw * (1 + 2 * ctx) / 2, bh * (1 + 2 * ctx) / 2
+    left, right = max(int(np.floor(cx - half_w)), 0), min(int(np.ceil(cx + half_w)), width)
+    top, bottom = max(int(np.floor(cy - half_h)), 0), min(int(np.ceil(cy + half_h)), height)
+    return top, left, max(bottom - top, 1), max(right - left, 1)
+
+
+def classification_crop(image: torch.Tensor, box, *, size: int, train: bool, seed: int | None = None):
+    """An object crop of a uint8 (3, H, W) image, resized to (3, size, size); train adds jitter and flip."""
+    h, w = image.shape[-2:]
+    top, left, ch, cw = crop_box(box, h, w, train=train, seed=seed)
+    crop = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+    if train:
+        g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+        if torch.rand((), generator=g).item() < 0.5:
+            crop = F.horizontal_flip(crop)
+    return crop
+
+
+def localization_transform(size: int, train: bool):
+    """The localization transform: (train) flip and a mild scale/shift, then resize to size x size."""
+    steps = [v2.Resize((size, size), antialias=True)]
+    if train:
+        steps = [v2.RandomHorizontalFlip(p=0.5),
+                 v2.RandomAffine(degrees=0, translate=(0.05, 0.05), scale=(0.85, 1.15)),
+                 v2.ClampBoundingBoxes()] + steps
+    return v2.Compose(steps)
+
+
+def transform_localization(image: torch.Tensor, box, label: int, *, size: int, train: bool,
+                           seed: int | None = None):
+    """One image and its main object -> ``(uint8 (3, size, size), box float32 (4,) xyxy pixels)``.
+
+    If the random shift pushed the object out of view, the draw falls back to flip + resize.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    img, target = to_tv(image, [box], [label])
+    out_img, out_t = localization_transform(size, train)(img, target)
+    out_box = out_t["boxes"].as_subclass(torch.Tensor)[0]
+    if train and (out_box[2] - out_box[0] < 1 or out_box[3] - out_box[1] < 1):
+        flip = torch.rand(()) < 0.5
+        steps = ([v2.RandomHorizontalFlip(p=1.0)] if flip else []) + [v2.Resize((size, size), antialias=True)]
+        out_img, out_t = v2.Compose(steps)(img, target)
+        out_box = out_t["boxes"].as_subclass(torch.Tensor)[0]
+    return out_img.as_subclass(torch.Tensor), out_box.float()
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes (N, 4) that enclose each non-empty mask of (N, H, W) (pixel edges, so x2 = last + 1)."""
+    from torchvision.ops import masks_to_boxes
+
+    boxes = masks_to_boxes(masks.bool()).float()
+    return boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
