@@ -1,0 +1,174 @@
+"""The serving configuration: one pydantic schema for the YAML, the CLI and ``pipelines.serve.deploy``.
+
+A Serve YAML (``cluster/serve/*.yaml``) names ``pipelines.serve.app:build_app`` as its ``import_path``;
+its ``args`` validate as :class:`ServeArgs`. Everything here is plain data: no Ray, no torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["detection", "segmentation", "classification"]
+ENDPOINT_TASK = {"detect": "detection", "segment": "segmentation", "classify": "classification"}
+
+
+class _Strict(BaseModel):
+    # A misspelt key in a YAML must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    """Serve's autoscaling: replicas between min and max, aiming at ``target_ongoing_requests`` each."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling.max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})")
+        return self
+
+
+class StageResources(_Strict):
+    """Replicas and resources of one deployment (stage) of a graph."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Optional[Autoscaling] = None
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    # Requests waiting for a replica beyond this are answered 503 (overloaded); -1 = unbounded.
+    max_queued_requests: int = Field(-1, ge=-1)
+
+    def deployment_options(self) -> dict:
+        """The keyword arguments for ``Deployment.options``."""
+        opts = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.model_dump()
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class Batching(_Strict):
+    """Dynamic batching of the model deployment (``@serve.batch``)."""
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class NmsSettings(_Strict):
+    """Defaults of the NMS stage; requests may override the thresholds with query parameters."""
+
+    iou_threshold: float = Field(0.5, ge=0, le=1)
+    score_threshold: float = Field(0.05, ge=0, le=1)
+    max_detections: int = Field(100, ge=1, le=1000)
+
+
+class ModelSpec(_Strict):
+    """One served model.
+
+    ``checkpoint`` is a run directory, a checkpoint directory, a ``.pt`` file or a storage URI
+    (``s3://...``, ``gs://...``) of one of those; the task, architecture, classes and image size
+    then come from the checkpoint's config. ``random_weights`` serves an untrained ``arch`` (tests,
+    smoke runs) and needs ``task``, ``arch`` and ``num_classes``.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    task: Optional[Task] = None
+    checkpoint: Optional[str] = None
+    random_weights: bool = False
+    arch: Optional[str] = None
+    num_classes: Optional[int] = Field(None, ge=1)
+    # Longest side fed to a detector / square side fed to a classifier; from the checkpoint when unset.
+    image_size: Optional[int] = Field(None, ge=16, le=4096)
+    batching: Batching = Field(default_factory=Batching)
+    model: StageResources = Field(default_factory=lambda: StageResources(num_cpus=1.0, max_ongoing_requests=16))
+    top_k: int = Field(5, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.checkpoint and self.random_weights:
+            raise ValueError(f"model {self.name!r}: give either checkpoint or random_weights, not both")
+        if self.random_weights and not (self.task and self.arch and self.num_classes):
+            raise ValueError(f"model {self.name!r}: random_weights needs task, arch and num_classes")
+        if self.model.max_ongoing_requests < self.batching.max_batch_size:
+            # Serve can only fill a batch with requests the replica has accepted.
+            raise ValueError(
+                f"model {self.name!r}: model.max_ongoing_requests ({self.model.max_ongoing_requests}) must be "
+                f">= batching.max_batch_size ({self.batching.max_batch_size})")
+        return self
+
+
+class Limits(_Strict):
+    """What a request may carry. Bigger bodies or images are answered 413."""
+
+    max_body_bytes: int = Field(10 * 2**20, ge=1)
+    # Width x height read from the header before decoding: a decompression bomb never gets decoded.
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+
+
+class ServeArgs(_Strict):
+    """The ``args`` of the Serve application (``pipelines.serve.app:build_app``)."""
+
+    models: list[ModelSpec] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    nms: NmsSettings = Field(default_factory=NmsSettings)
+    # The NMS stage's own deployment: set num_gpus: 1 (or a fraction) to run batched_nms on a GPU.
+    nms_stage: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.25))
+    nms_batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32, batch_wait_timeout_s=0.002))
+    preprocess: StageResources = Field(default_factory=StageResources)
+    postprocess: StageResources = Field(default_factory=StageResources)
+    ingress: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.25, max_ongoing_requests=256))
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models):
+        names = [m.name for m in models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}")
+        return models
+
+    def missing_weights(self) -> list[str]:
+        """Names of models with neither a checkpoint nor an explicit ``random_weights``."""
+        return [m.name for m in self.models if not m.checkpoint and not m.random_weights]
+
+
+class HttpOptions(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class ServeFile(BaseModel):
+    """A Serve YAML as ``serve run``/``serve deploy`` read it, restricted to what visionflow uses."""
+
+    model_config = ConfigDict(extra="allow")
+    http_options: HttpOptions = Field(default_factory=HttpOptions)
+    applications: list[dict] = Field(default_factory=list)
+
+
+def load_serve_file(path: str | Path) -> tuple[HttpOptions, dict, ServeArgs]:
+    """Read a Serve YAML. Returns ``(http options, the application entry, its validated args)``.
+
+    The file must hold exactly one application whose ``import_path`` is ``pipelines.serve.app:build_app``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"serve config {path} does not exist; expected a YAML like cluster/serve/detection.yaml")
+    raw = yaml.safe_load(path.read_text()) or {}
+    sf = ServeFile.model_validate(raw)
+    apps = [a for a in sf.applications if str(a.get("import_path", "")).startswith("pipelines.serve.app:")]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected one application with import_path pipelines.serve.app:build_app, "
+                         f"found {len(apps)}")
+    return sf.http_options, apps[0], ServeArgs.model_validate(apps[0].get("args") or {})

@@ -1,0 +1,75 @@
+"""Model deployments with dynamic batching: a detector (pre-NMS candidates) and a classifier."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from ray import serve
+
+from pipelines.serve.config import ModelSpec
+from pipelines.serve.models import load_served_model, run_candidates, run_classifier
+
+
+def _device() -> torch.device:
+    # A replica given num_gpus sees its GPU; otherwise the CPU.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _BatchedModel:
+    def __init__(self, spec: dict):
+        self.spec = ModelSpec.model_validate(spec)
+        self.device = _device()
+        model, self.info = load_served_model(self.spec)
+        self.model = model.to(self.device)
+        # Batch settings come from the config, not from the decorator defaults.
+        self.__call__.set_max_batch_size(self.spec.batching.max_batch_size)
+        self.__call__.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    def describe(self) -> dict:
+        return {**self.info.describe(), "device": str(self.device),
+                "max_batch_size": self.spec.batching.max_batch_size}
+
+    def recent_batch_sizes(self) -> list[int]:
+        """Sizes of the last batches run (at most 1000): shows that dynamic batching happens."""
+        return list(self.batch_sizes)
+
+    def _record(self, n: int) -> None:
+        self.batch_sizes = (self.batch_sizes + [n])[-1000:]
+
+
+@serve.deployment
+class Detector(_BatchedModel):
+    """A detection or instance-segmentation model: ``__call__(uint8 3xhxw)`` -> pre-NMS candidates
+    ``{"boxes", "scores", "labels"[, "masks"], "ms", "batch"}`` in the pixels of the tensor given."""
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        self._record(len(images))
+        # In a thread: the replica keeps accepting requests (the next batch) while this one runs.
+        return await asyncio.to_thread(self._run, images)
+
+    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+        t0 = time.perf_counter()
+        batch = [im.to(self.device, non_blocking=True).float().div_(255) for im in images]
+        outs = run_candidates(self.model, batch)
+        ms = (time.perf_counter() - t0) * 1e3
+        return [{**o, "ms": ms, "batch": len(images)} for o in outs]
+
+
+@serve.deployment
+class Classifier(_BatchedModel):
+    """A registry classifier: ``__call__(uint8 3xSxS)`` -> ``{"probs": float K, "ms", "batch"}``."""
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        self._record(len(images))
+        return await asyncio.to_thread(self._run, images)
+
+    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+        t0 = time.perf_counter()
+        x = torch.stack(images).to(self.device).float().div_(255)
+        probs = run_classifier(self.model, x).cpu()
+        ms = (time.perf_counter() - t0) * 1e3
+        return [{"probs": p, "ms": ms, "batch": len(images)} for p in probs]

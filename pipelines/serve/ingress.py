@@ -1,0 +1,209 @@
+"""Ingress deployment: the FastAPI app of DESIGN.md's HTTP contract, orchestrating the stages.
+
+POST /v1/detect|segment|classify -> Preprocess -> model (batched) -> NMS stage -> Postprocess.
+Every refusal is ``{"error": {"code", "message"}}`` with 400/413/415/422/503, never a 500 for bad input.
+"""
+# No `from __future__ import annotations`: FastAPI must see real types on the route signatures.
+
+import time
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from pipelines.serve.config import ENDPOINT_TASK, ServeArgs
+from pipelines.serve.errors import ApiError, bad_parameter, not_an_image, overloaded, too_large
+from pipelines.serve.images import check_content_type
+
+app = FastAPI(title="visionflow", version="0.1.0",
+              description="Detection, instance segmentation and classification of the visionflow models.")
+
+
+def _error(e: ApiError, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, e: ApiError):
+    return _error(e)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError):
+    # FastAPI's own 422 in the API's one error shape.
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body"))
+        parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
+    return _error(bad_parameter("; ".join(parts) or "invalid request parameters"))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return _error(ApiError(e.status_code, code, str(e.detail)))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_: Request, e: Exception):
+    # A fault of the service (not of the request): still the one JSON shape, and the replica lives on.
+    return _error(ApiError(500, "internal", f"{type(e).__name__}: {str(e)[:300]}"))
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it grows past ``limit`` bytes."""
+    chunks, n = [], 0
+    async for chunk in stream:
+        n += len(chunk)
+        if n > limit:
+            raise too_large(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
+    """The image bytes of a request: the raw body, or the multipart field ``file``.
+
+    Raises 413 (too many bytes), 415 (content type not JPEG/PNG/octet-stream/multipart), 400 (no file field).
+    """
+    ctype = request.headers.get("content-type", "")
+    declared = request.headers.get("content-length")
+    slack = 64 * 1024 if ctype.startswith("multipart/") else 0  # multipart framing around the file
+    if declared and declared.isdigit() and int(declared) > max_bytes + slack:
+        raise too_large(f"request body is {declared} bytes; the limit is {max_bytes} bytes")
+    if not ctype.lower().startswith("multipart/form-data"):
+        check_content_type(ctype)
+        return await _limited(request.stream(), max_bytes)
+    body = await _limited(request.stream(), max_bytes + slack)
+
+    async def replay():
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(raw=request.headers.raw), replay(), max_files=1, max_fields=16,
+                                     max_part_size=max_bytes).parse()
+    except MultiPartException as e:
+        raise not_an_image(f"malformed multipart body: {e.message}") from None
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise not_an_image("multipart body has no file field named 'file'; send the image as field 'file'")
+    check_content_type(upload.content_type)
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise too_large(f"file is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def _timing(**ms: float) -> dict:
+    return {"Server-Timing": ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())}
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """The HTTP front. ``models``: name -> handle of its model deployment; the stage handles are shared."""
+
+    def __init__(self, args: dict, models: dict, preprocess, nms, postprocess):
+        self.args = ServeArgs.model_validate(args)
+        self.models = models
+        self.preprocess, self.nms, self.postprocess = preprocess, nms, postprocess
+        self.tasks = {m.name: m.task for m in self.args.models}
+        self._info: dict[str, dict] = {}
+
+    async def _describe(self, name: str) -> dict:
+        if name not in self._info:
+            self._info[name] = await self.models[name].describe.remote()
+        return self._info[name]
+
+    def _pick(self, task: str, model: Optional[str]) -> str:
+        names = [n for n, t in self.tasks.items() if t == task]
+        if model is None:
+            if not names:
+                raise ApiError(404, "no_model", f"no {task} model is deployed; deployed: {sorted(self.tasks)}")
+            return names[0]
+        if model not in names:
+            raise bad_parameter(f"model: unknown {task} model {model!r}; expected one of {names}")
+        return model
+
+    async def _call(self, handle, *a, **kw):
+        try:
+            return await handle.remote(*a, **kw)
+        except BackPressureError as e:
+            raise overloaded(f"the service is overloaded ({e}); retry later") from None
+
+    async def _prepare(self, request: Request, name: str, square: bool):
+        info = await self._describe(name)
+        data = await read_image_bytes(request, self.args.limits.max_body_bytes)
+        prep = await self._call(self.preprocess, data, info["image_size"], square)
+        if isinstance(prep, ApiError):
+            raise prep
+        return info, prep
+
+    async def _detect(self, request: Request, task: str, model, score_threshold, iou_threshold, max_detections):
+        t0 = time.perf_counter()
+        name = self._pick(task, model)
+        info, prep = await self._prepare(request, name, square=False)
+        cands = await self._call(self.models[name], prep["image"])
+        nms = self.args.nms
+        kept = await self._call(self.nms, {
+            "dets": {k: v for k, v in cands.items() if k not in ("ms", "batch")},
+            "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
+            "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
+            "max_detections": nms.max_detections if max_detections is None else max_detections})
+        dets = {k: v for k, v in kept.items() if k not in ("ms", "device")}
+        post = await self._call(self.postprocess.detections, dets, prep["scale"], prep["size"], info["categories"])
+        w, h = prep["size"]
+        body = {"model": name, "task": task, "image": {"width": w, "height": h}, "detections": post["items"]}
+        total = (time.perf_counter() - t0) * 1e3
+        return JSONResponse(body, headers=_timing(preprocess=prep["ms"], model=cands["ms"], nms=kept["ms"],
+                                                  postprocess=post["ms"], total=total))
+
+    @app.post("/v1/detect", summary="Detect objects in a JPEG/PNG (raw body or multipart field `file`)")
+    async def detect(self, request: Request,
+                     score_threshold: Optional[float] = Query(None, ge=0, le=1),
+                     iou_threshold: Optional[float] = Query(None, ge=0, le=1),
+                     max_detections: Optional[int] = Query(None, ge=1, le=1000),
+                     model: Optional[str] = Query(None, max_length=64)):
+        return await self._detect(request, "detection", model, score_threshold, iou_threshold, max_detections)
+
+    @app.post("/v1/segment", summary="Instance masks (COCO RLE) of a JPEG/PNG")
+    async def segment(self, request: Request,
+                      score_threshold: Optional[float] = Query(None, ge=0, le=1),
+                      iou_threshold: Optional[float] = Query(None, ge=0, le=1),
+                      max_detections: Optional[int] = Query(None, ge=1, le=1000),
+                      model: Optional[str] = Query(None, max_length=64)):
+        return await self._detect(request, "segmentation", model, score_threshold, iou_threshold, max_detections)
+
+    @app.post("/v1/classify", summary="Top-k classes of a JPEG/PNG")
+    async def classify(self, request: Request,
+                       top_k: Optional[int] = Query(None, ge=1, le=1000),
+                       score_threshold: Optional[float] = Query(None, ge=0, le=1),
+                       max_detections: Optional[int] = Query(None, ge=1, le=1000, description="alias of top_k"),
+                       model: Optional[str] = Query(None, max_length=64)):
+        t0 = time.perf_counter()
+        name = self._pick("classification", model)
+        info, prep = await self._prepare(request, name, square=True)
+        out = await self._call(self.models[name], prep["image"])
+        spec = next(m for m in self.args.models if m.name == name)
+        k = top_k or max_detections or spec.top_k
+        post = await self._call(self.postprocess.classes, out["probs"], k, info["categories"])
+        items = [p for p in post["items"] if score_threshold is None or p["score"] >= score_threshold]
+        w, h = prep["size"]
+        total = (time.perf_counter() - t0) * 1e3
+        return JSONResponse({"model": name, "task": "classification", "image": {"width": w, "height": h},
+                             "predictions": items},
+                            headers=_timing(preprocess=prep["ms"], model=out["ms"], postprocess=post["ms"], total=total))
+
+    @app.get("/v1/models", summary="The deployed models")
+    async def list_models(self):
+        return {"models": [await self._describe(n) for n in self.tasks]}
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz(self):
+        return {"status": "ok", "models": sorted(self.tasks)}
