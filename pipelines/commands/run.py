@@ -16,10 +16,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-png", help="where --plan writes the picture (default: RUN_DIR/plan.png, "
                         "or ./plan.png when the run dir is remote)")
     parser.add_argument("--no-deploy", action="store_true", help="stop after the comparison (no Serve, no smoke test)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field, VALUE read as YAML, e.g. --set data.synth.images=16 "
+                             "--set train.defaults.epochs=1 (repeatable)")
 
 
 def _overrides(args) -> dict:
+    import yaml
+
     o = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.defaults.epochs=1")
+        o[key.strip()] = yaml.safe_load(value)
     if args.run_dir:
         o["run_dir"] = args.run_dir
     if args.archs:

@@ -1,0 +1,79 @@
+"""The run config: composed stage sections, strict keys, errors that name the bad field."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipelines.dag.config import load_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, doc) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "coco.yaml"])
+def test_packaged_configs_load_and_name_known_architectures(name):
+    from vision.models import list_models
+
+    cfg = load_config(ROOT / "pipelines" / "configs" / name)
+    archs = cfg.archs()
+    assert archs and set(archs) <= set(list_models())
+    for arch in archs:
+        settings = cfg.train_settings(arch)
+        assert settings["arch"] == arch and settings["task"]
+
+
+def test_quickstart_trains_every_registered_architecture_on_synth_data():
+    from vision.models import list_models
+
+    cfg = load_config(None)  # the default is the packaged quickstart
+    assert cfg.data.source == "synth"
+    assert cfg.archs() == list_models()
+
+
+def test_settings_compose_defaults_then_task_then_arch(tmp_path):
+    cfg = load_config(_write(tmp_path, {"train": {
+        "archs": ["resnet18", "vgg11"], "defaults": {"epochs": 1, "batch_size": 8},
+        "per_task": {"classification": {"epochs": 2}}, "per_arch": {"vgg11": {"epochs": 3}}}}))
+    assert cfg.train_settings("resnet18") == {"epochs": 2, "batch_size": 8, "task": "classification", "arch": "resnet18"}
+    assert cfg.train_settings("vgg11")["epochs"] == 3
+
+
+def test_overrides_and_exclude(tmp_path):
+    path = _write(tmp_path, {"train": {"archs": ["resnet18", "vgg11", "zfnet"], "exclude": ["vgg11"]}})
+    assert load_config(path).archs() == ["resnet18", "zfnet"]
+    cfg = load_config(path, {"run_dir": str(tmp_path / "r"), "train.archs": ["zfnet"]})
+    assert cfg.run_dir == str(tmp_path / "r") and cfg.archs() == ["zfnet"]
+
+
+@pytest.mark.parametrize("doc, needle", [
+    ({"trian": {}}, "trian"),                                            # misspelt section
+    ({"train": {"max_parallel": 0}}, "train.max_parallel"),
+    ({"data": {"source": "coco"}}, "data.train and data.val"),
+    ({"data": {"source": "imagenet"}}, "data.source"),
+    ({"train": {"per_task": {"detektion": {}}}}, "detektion"),
+    ({"smoke": {"images": 0}}, "smoke.images"),
+])
+def test_bad_config_names_the_field(tmp_path, doc, needle):
+    with pytest.raises(ValueError, match="invalid run config|expected") as e:
+        load_config(_write(tmp_path, doc))
+    assert needle in str(e.value)
+
+
+def test_unknown_architecture_lists_the_known_ones(tmp_path):
+    cfg = load_config(_write(tmp_path, {"train": {"archs": ["resnet18", "resnet9000"]}}))
+    with pytest.raises(ValueError, match=r"resnet9000.*known.*resnet18"):
+        cfg.archs()
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,68 @@
+"""Stage records and the run directory: what makes a rerun skip finished work."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.dag.records import Stage, stage_key
+from pipelines.dag.storage import RunDir
+
+
+@pytest.fixture(params=["path", "file-uri"])
+def run(request, tmp_path):
+    """The same run directory addressed as a plain path and as a pyarrow URI."""
+    return RunDir(str(tmp_path / "run") if request.param == "path" else f"file://{tmp_path}/run")
+
+
+def test_key_depends_on_config_and_inputs_only():
+    a = stage_key("train", {"epochs": 1, "lr": 0.1}, {"data": "k1"})
+    assert a == stage_key("train", {"lr": 0.1, "epochs": 1}, {"data": "k1"})  # order does not matter
+    assert a != stage_key("train", {"epochs": 2, "lr": 0.1}, {"data": "k1"})
+    assert a != stage_key("train", {"epochs": 1, "lr": 0.1}, {"data": "k2"})  # upstream changed
+    assert a != stage_key("eval", {"epochs": 1, "lr": 0.1}, {"data": "k1"})
+
+
+def test_finished_record_is_found_only_with_the_same_key(run):
+    stage = Stage(run, "archs/resnet18/train", "k1")
+    assert stage.finished() is None
+    stage.begin(resumable=True)
+    assert stage.finished() is None  # started is not finished
+    stage.done({"epochs": 1}, {"data": "d"}, {"run_dir": "x"}, 1.5)
+    assert stage.finished()["outputs"] == {"run_dir": "x"}
+    assert Stage(run, "archs/resnet18/train", "k2").finished() is None
+
+
+def test_begin_keeps_an_interrupted_resumable_stage_and_clears_everything_else(run):
+    stage = Stage(run, "archs/resnet18/train", "k1")
+    stage.begin(resumable=True)
+    run.write_json("archs/resnet18/train/checkpoint_000/meta.json", {"epoch": 0})
+    # Same key, resumable: the trainer's checkpoints stay for it to resume from.
+    assert Stage(run, "archs/resnet18/train", "k1").begin(resumable=True) is True
+    assert run.exists("archs/resnet18/train/checkpoint_000/meta.json")
+    # Another key (the config changed): the old checkpoints must not be resumed.
+    assert Stage(run, "archs/resnet18/train", "k2").begin(resumable=True) is False
+    assert not run.exists("archs/resnet18/train/checkpoint_000")
+    # Not resumable (data): always from an empty directory.
+    run.write_json("data/shards/train/part-0.json", {})
+    Stage(run, "data", "d1").begin(resumable=False)
+    run.write_json("data/shards/train/part-0.json", {})
+    Stage(run, "data", "d1").begin(resumable=False)
+    assert not run.exists("data/shards")
+
+
+def test_run_dir_json_roundtrip_and_paths(run, tmp_path):
+    path = run.write_json("a/b.json", {"x": 1})
+    assert run.read_json("a/b.json") == {"x": 1}
+    assert run.read_json("a/missing.json") is None
+    assert path.endswith("/run/a/b.json") and not run.remote
+    assert run.local("a") == tmp_path / "run" / "a"
+    run.remove("a")
+    assert not run.exists("a/b.json")
+
+
+def test_remote_uri_is_not_mistaken_for_a_local_path():
+    from pipelines.dag.storage import is_remote
+
+    assert is_remote("s3://bucket/prefix") and is_remote("gs://b/p")
+    assert not is_remote("/tmp/x") and not is_remote("file:///tmp/x") and not is_remote("runs/q")
+    with pytest.raises(ValueError, match="run_dir is empty"):
+        RunDir("")
