@@ -1,0 +1,94 @@
+"""The trainer's one config schema: what `visionflow train` flags, the DAG's YAML and a checkpoint's
+``config`` all hold. Unknown fields are an error that names them."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TASKS = ("classification", "localization", "detection", "segmentation")
+
+
+class Chaos(BaseModel):
+    """Fault injection to check fault tolerance: the rank-``rank`` worker kills its own process with SIGKILL
+    at the start of epoch ``kill_at_epoch``, once (the ``marker`` file records that it happened)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kill_at_epoch: int = Field(ge=0)
+    marker: str
+    rank: int = Field(0, ge=0)
+
+
+class TrainConfig(BaseModel):
+    """One training run. ``data`` is a data directory (``DIR/train``, ``DIR/val`` from `visionflow ingest`),
+    ``out`` the run directory (local path or ``s3://...``): checkpoints, ``metrics.jsonl``, ``config.json``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # what
+    task: Optional[Literal["classification", "localization", "detection", "segmentation"]] = None  # None: the arch's
+    arch: str
+    model_kwargs: dict = Field(default_factory=dict)  # extra builder arguments, e.g. {"backbone": "resnet34"}
+    num_classes: Optional[int] = Field(None, ge=1)  # None: the categories of the data's manifest
+    categories: list[dict] = Field(default_factory=list)  # filled from the manifest
+    # where
+    data: str
+    out: str
+    # resources
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    augment_cpus: float = Field(0.5, gt=0)  # Ray Data CPUs per augmentation task
+    # optimisation
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)  # per worker; the global batch is workers x batch_size
+    image_size: int = Field(64, ge=8)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Optional[float] = Field(None, gt=0)  # None: 0.05 for SGD, 1e-3 for AdamW
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(30, ge=1)  # epochs between decays of the step schedule
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    aux_weight: float = Field(0.3, ge=0)  # GoogLeNet's auxiliary classifier losses
+    amp: bool = True  # mixed precision; only where a GPU runs the step
+    seed: int = 0
+    # robustness and bookkeeping
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    checkpoints_to_keep: int = Field(2, ge=1)
+    chaos: Optional[Chaos] = None
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        from vision.models import get_entry
+
+        entry = get_entry(self.arch)  # KeyError naming the known models
+        if self.task is None:
+            self.task = entry.task
+        if self.task in ("detection", "segmentation") and entry.task != self.task:
+            raise ValueError(f"arch {self.arch!r} is a {entry.task} model; task {self.task!r} needs one of "
+                             f"its own (visionflow models)")
+        if self.task in ("classification",) and entry.task != "classification":
+            raise ValueError(f"arch {self.arch!r} is a {entry.task} model; classification needs a classifier")
+        if self.task == "localization" and entry.task not in ("localization", "classification"):
+            raise ValueError(f"arch {self.arch!r} is a {entry.task} model; localization takes a localizer "
+                             "or a classifier as backbone")
+        return self
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.optimizer == "sgd" else 1e-3)
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of the base learning rate during ``epoch`` (0-based): linear warmup, then the schedule."""
+        import math
+
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        e, span = epoch - self.warmup_epochs, max(1, self.epochs - self.warmup_epochs)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * e / span))
+        if self.schedule == "step":
+            return self.gamma ** (e // self.step_size)
+        return 1.0

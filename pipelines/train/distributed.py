@@ -1,0 +1,21 @@
+"""Small torch.distributed helpers that also work in a single process (no process group)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sums(sums: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Element-wise sum (or max) of a dict of numbers over all workers; unchanged without a process group."""
+    if not is_distributed():
+        return dict(sums)
+    keys = sorted(sums)
+    # gloo reduces CPU tensors, NCCL needs them on the GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))

@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint on a data directory's val split (what `visionflow eval` and the DAG run)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipelines.train import storage
+
+
+def _inference_rate(model, batches: list, repeats: int = 2) -> float | None:
+    """Images/s of the model's forward pass alone on already collated batches (after one warm-up pass)."""
+    if not batches:
+        return None
+    with torch.no_grad():
+        model(batches[0][0])
+        n, t0 = 0, time.perf_counter()
+        for _ in range(repeats):
+            for b in batches:
+                model(b[0])
+                n += len(b[0])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return n / max(time.perf_counter() - t0, 1e-9)
+
+
+def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", batch_size: int = 32,
+                        device: str | None = None) -> dict:
+    """Metrics of ``checkpoint`` (run dir, checkpoint dir or ``.pt``) on ``data_dir/split``: the task's
+    metrics (top-1/top-5, localization accuracy, COCO AP) plus ``inference_images_per_s``, ``images``,
+    ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given."""
+    from pipelines.data import load_split
+    from pipelines.train.checkpoint import load_checkpoint
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.tasks import get_task
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_checkpoint(checkpoint, device=device)
+    cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
+    task = get_task(cfg.task)
+    ds, _ = load_split(data_dir, split)
+    view = task.view(ds, cfg, train=False, epoch=0)
+    batches = (task.collate(b, device) for b in view.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    first = []
+    for b in batches:  # keep a few for the timing; then evaluate all of them
+        first.append(b)
+        if len(first) == 3:
+            break
+    rate = _inference_rate(model, first)
+
+    def all_batches():
+        yield from first
+        yield from batches
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        metrics = task.evaluate(model, all_batches(), cfg)
+    result = {"arch": cfg.arch, "task": cfg.task, "epoch": config["epoch"], "checkpoint": str(checkpoint),
+              "data": str(data_dir), "split": split, **{k: v for k, v in metrics.items()},
+              "inference_images_per_s": rate, "eval_seconds": time.perf_counter() - t0}
+    if out is not None:
+        result["metrics_path"] = storage.write_json(str(out), "metrics.json", result)
+    return result

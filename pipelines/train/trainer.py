@@ -1,0 +1,239 @@
+"""The one Ray Train loop: workers, DDP, AMP, checkpoints, resume, fault tolerance and progress.
+
+Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<task>.py``):
+
+- ``build_model(cfg)``; the loop moves it to the worker's device unless it has a ``devices`` attribute
+  (a model that placed its own parts, like the two-tower AlexNet on two GPUs).
+- ``view(ds, cfg, train=, epoch=)``: the training view is built once per epoch (``train_<epoch>``), so each
+  epoch gets its own augmentation draws; Ray Train splits every dataset equally over the workers
+  (``get_dataset_shard``), so every worker runs the same number of steps.
+- ``collate(numpy_batch, device)`` -> whatever ``train_step`` and ``evaluate`` take. Numpy batches come from
+  ``iter_batches`` (not ``iter_torch_batches``), so ragged detection rows are the task's to collate.
+- ``train_step(model, batch, cfg) -> (loss, stats)``: ``stats`` are batch means (floats); an ``"n"`` entry
+  (images in the batch) weights them, otherwise the numpy batch's length does.
+- ``evaluate(model, batches, cfg) -> dict``: called on every worker with its val shard's collated batches
+  (``model`` unwrapped, in eval mode, under no_grad); the task reduces over workers itself.
+
+Each epoch: one progress line (images/s, metrics), one ``metrics.jsonl`` record and one checkpoint
+``RUN_DIR/checkpoints/epoch_NNNN/checkpoint.pt`` = {"model", "optimizer", "epoch", "config"}.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pipelines.train import storage
+from pipelines.train.config import TrainConfig
+from pipelines.train.devices import is_multi_device
+from pipelines.train.distributed import all_reduce_sums
+from pipelines.train.tasks import get_task
+
+CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/epoch_NNNN/
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov-free, as the canon trained) or AdamW over the trainable parameters;
+    biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr = cfg.learning_rate()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
+    lr = cfg.learning_rate() * cfg.lr_factor(epoch)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    single_gpu = device.type == "cuda" and not is_multi_device(model)
+    return DistributedDataParallel(model, device_ids=[device] if single_gpu else None,
+                                   find_unused_parameters=getattr(task, "FIND_UNUSED_PARAMETERS", False))
+
+
+def _chaos(cfg: TrainConfig, epoch: int, rank: int) -> None:
+    """Fault injection for tests: SIGKILL this worker process once, at the configured epoch."""
+    c = cfg.chaos
+    if c and epoch == c.kill_at_epoch and rank == c.rank and not os.path.exists(c.marker):
+        Path(c.marker).write_text(f"killed rank {rank} at epoch {epoch}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_payload(checkpoint, device) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+
+
+def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(record)  # a barrier: every worker reports every epoch
+        return
+    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(payload, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+    storage.append_metrics(cfg.out, record)
+
+
+def format_progress(record: dict, epochs: int) -> str:
+    """One progress line: epoch, images/s, losses and metrics."""
+    skip = {"epoch", "train_images", "val_images", "train_seconds", "val_seconds", "lr"}
+    parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"{record['train_images_per_s']:.1f} img/s"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k not in skip and k != "train_images_per_s"
+              and isinstance(v, float)]
+    return "  ".join(parts)
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``); ``config = {"cfg": TrainConfig dict}``."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    task = get_task(cfg.task)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
+
+    model = task.build_model(cfg)
+    if not is_multi_device(model):
+        model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a rerun of the same command, or a restart after a worker failure
+        payload = _load_payload(checkpoint, device)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        start = payload["epoch"] + 1
+        if rank == 0:
+            print(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}", flush=True)
+    net = _wrap_ddp(model, device, task) if world > 1 else model
+
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+
+    for epoch in range(start, cfg.epochs):
+        _chaos(cfg, epoch, rank)
+        lr = _set_lr(optimizer, cfg, epoch)
+        net.train()
+        sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
+        shard = ray.train.get_dataset_shard(f"train_{epoch}")
+        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2):
+            n = len(next(iter(raw.values())))
+            if n < 2:  # batch norm needs two samples; equal shards make every worker skip the same step
+                continue
+            batch = task.collate(raw, device)
+            with autocast():
+                loss, stats = task.train_step(net, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            w = float(stats.get("n", n))
+            sums["loss"] += float(loss.detach()) * w
+            for k, v in stats.items():
+                if k != "n":
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
+            images += int(w)
+        seconds = time.perf_counter() - t0
+
+        net.eval()
+        t1 = time.perf_counter()
+        val_shard = ray.train.get_dataset_shard("val")
+        val_batches = (task.collate(b, device)
+                       for b in val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"))
+        with torch.no_grad(), autocast():
+            val = task.evaluate(model, val_batches, cfg)
+        val_seconds = time.perf_counter() - t1
+
+        total = all_reduce_sums({"images": float(images), **sums})
+        slowest = all_reduce_sums({"seconds": seconds, "val_seconds": val_seconds}, op="max")
+        n_all = max(total.pop("images"), 1.0)
+        record = {"epoch": epoch, "lr": lr, "train_images": int(n_all), "train_seconds": slowest["seconds"],
+                  "train_images_per_s": n_all / max(slowest["seconds"], 1e-9),
+                  **{f"train_{k}": v / n_all for k, v in sorted(total.items())},
+                  **{f"val_{k}": float(v) for k, v in val.items()},
+                  "val_seconds": slowest["val_seconds"]}
+        if "val_images" in record:
+            record["val_images_per_s"] = record["val_images"] / max(slowest["val_seconds"], 1e-9)
+        _save_and_report(record, model, optimizer, cfg, epoch, rank)
+        if rank == 0:
+            print(format_progress(record, cfg.epochs), flush=True)
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill in what the data decides (number of classes, categories) from the train split's manifest."""
+    from pipelines.data import read_manifest
+
+    manifest = read_manifest(storage.join(str(cfg.data), "train"))
+    categories = sorted(manifest.get("categories", []), key=lambda c: c["label"])
+    if not categories:
+        raise ValueError(f"{cfg.data}/train/_manifest.json lists no categories; expected an ingested split")
+    update = {"categories": categories}
+    if cfg.num_classes is None:
+        update["num_classes"] = len(categories)
+    return cfg.model_copy(update=update)
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` on Ray Train; rerunning the same config on the same ``out`` resumes from its last
+    checkpoint. Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
+    Raises ValueError for bad input (data directory, architecture) and RuntimeError if training fails."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data import load_split
+
+    cfg = resolve_config(cfg)
+    task = get_task(cfg.task)
+    train_ds, _ = load_split(cfg.data, "train")
+    val_ds, _ = load_split(cfg.data, "val")
+    # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
+    datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}
+    datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
+
+    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
+    storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=CHECKPOINTS, storage_path=out,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training {cfg.arch} failed: {result.error}") from result.error
+    records = storage.read_metrics(out)
+    return {"run_dir": out, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "metrics": records[-1] if records else {}, "epochs_run": len(records),
+            "seconds": time.perf_counter() - started}
