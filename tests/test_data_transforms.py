@@ -1,0 +1,100 @@
+"""vision.transforms as properties on real data (the ingested shapes set): boxes move with masks."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from vision import transforms as T
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir):
+    return [r for r in pq.read_table(data_dir / "train").to_pylist() if r["boxes"]]
+
+
+def _decoded(row):
+    image = T.decode_image(row["image"])
+    masks = T.decode_masks(row["segmentation"], row["height"], row["width"])
+    return image, np.asarray(row["boxes"], np.float32), masks
+
+
+def test_box_is_the_bbox_of_its_transformed_mask(rows):
+    checked = 0
+    for row in rows:
+        image, boxes, masks = _decoded(row)
+        for seed in range(4):
+            img, t = T.transform_detection(image, boxes, row["labels"], iscrowd=row["iscrowd"], masks=masks,
+                                           size=64, train=True, seed=seed)
+            assert len(t["boxes"]) == len(t["labels"]) == len(t["iscrowd"]) == len(t["masks"])
+            assert t["masks"].shape[-2:] == img.shape[-2:]
+            s = img.shape[-1] / image.shape[-1]
+            # 1 px of polygon rasterisation in the source, scaled; one output pixel of nearest-neighbour
+            # rounding; and the half-pixel alignment of torch's "nearest", which grows with |1 - scale|.
+            tol = 1.05 * s + 1.0 + 0.5 * abs(1.0 - s)
+            keep = t["masks"].flatten(1).bool().any(1)
+            assert keep.float().mean() > 0.9
+            err = (T.boxes_from_masks(t["masks"][keep]) - t["boxes"][keep]).abs().max().item()
+            assert err <= tol, (row["image_id"], seed, err, tol)
+            checked += int(keep.sum())
+    assert checked > 100
+
+
+def test_flip_twice_is_the_original(rows):
+    flip = v2.RandomHorizontalFlip(p=1.0)
+    for row in rows[:10]:
+        image, boxes, masks = _decoded(row)
+        img, target = T.to_tv(image, boxes, row["labels"], row["iscrowd"], masks)
+        once = flip(img, target)
+        twice = flip(*once)
+        assert torch.equal(twice[0], img) and not torch.equal(once[0], img)
+        assert torch.allclose(twice[1]["boxes"], target["boxes"])
+        assert torch.equal(twice[1]["masks"], target["masks"])
+        w = image.shape[-1]
+        np.testing.assert_allclose(once[1]["boxes"][:, [0, 2]].numpy(), w - boxes[:, [2, 0]], atol=1e-4)
+
+
+def test_seeded_draws_repeat_and_differ(rows):
+    image, boxes, masks = _decoded(rows[0])
+    run = lambda seed: T.transform_detection(image, boxes, rows[0]["labels"], size=64, train=True, seed=seed)
+    a, b = run(T.seed_for(0, 0, 1)), run(T.seed_for(0, 0, 1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+    shapes = {tuple(run(T.seed_for(0, epoch, 1))[0].shape) for epoch in range(6)}
+    assert len(shapes) > 1  # scale jitter differs across epochs
+    assert T.seed_for(0, 0, 1) != T.seed_for(0, 1, 1) != T.seed_for(1, 0, 1)
+
+
+def test_eval_transform_is_identity_and_sanitize_drops_empty():
+    image = torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)
+    boxes = np.array([[0, 0, 10, 10], [20, 20, 20.5, 30]], np.float32)  # the second is thinner than 1 px
+    img, t = T.transform_detection(image, boxes, [1, 2], iscrowd=[0, 0], size=32, train=False)
+    assert torch.equal(img, image) and len(t["boxes"]) == 2
+    img, t = T.transform_detection(image, boxes, [1, 2], iscrowd=[0, 1], size=40, train=True, seed=0,
+                                   scale_range=(1.0, 1.0))
+    assert t["labels"].tolist() == [1] and t["iscrowd"].tolist() == [0]
+
+
+def test_crops_and_localization_shapes():
+    image = torch.randint(0, 255, (3, 60, 80), dtype=torch.uint8)
+    crop = T.classification_crop(image, [10, 10, 30, 40], size=24, train=True, seed=5)
+    assert crop.shape == (3, 24, 24) and crop.dtype == torch.uint8
+    assert torch.equal(crop, T.classification_crop(image, [10, 10, 30, 40], size=24, train=True, seed=5))
+    top, left, h, w = T.crop_box([10, 10, 30, 40], 60, 80, train=False)
+    assert (top, left, h, w) == (7, 8, 36, 24)
+    img, box = T.transform_localization(image, [40, 30, 80, 60], 2, size=32, train=False)
+    assert img.shape == (3, 32, 32)
+    np.testing.assert_allclose(box.numpy(), [16, 16, 32, 32], atol=1e-4)
+    for seed in range(10):
+        img, box = T.transform_localization(image, [40, 30, 80, 60], 2, size=32, train=True, seed=seed)
+        assert img.shape == (3, 32, 32) and (box[2:] > box[:2]).all() and (box >= 0).all() and (box <= 32).all()
+
+
+def test_rle_round_trip():
+    m = np.zeros((7, 9), np.uint8)
+    m[2:5, 3:8] = 1
+    rle = T.encode_mask(m)
+    assert isinstance(rle["counts"], str) and rle["size"] == [7, 9]
+    assert torch.equal(T.decode_masks([rle], 7, 9)[0], torch.from_numpy(m))
+    assert T.decode_masks([], 7, 9).shape == (0, 7, 9)
