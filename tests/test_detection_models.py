@@ -1,0 +1,108 @@
+"""Every detector of the registry: losses in training, torchvision's output format in eval, and
+NMS on ``candidates`` equal to the in-model results."""
+import pytest
+import torch
+
+from vision.models import create_model, list_models
+from vision.ops import batched_nms
+from vision.structures import Detections
+
+K = 3
+FEW = dict(rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=20)
+# Small settings so each model runs in seconds on CPU.
+SMALL = {
+    "fasterrcnn_resnet18_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "fasterrcnn_mobilenet_v3_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "maskrcnn_resnet18_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "ssdlite_mobilenet_v3": dict(candidates_per_img=100000, topk_candidates=20),
+    "yolo_v1": dict(image_size=64),
+    "sliding_window_resnet18": dict(scales=(1.0,)),
+    "rcnn_resnet18": dict(max_proposals=20, rois_per_image=8),
+}
+DETECTORS = list_models("detection") + ["maskrcnn_resnet18_fpn"]
+
+
+def images_and_targets(masks=False):
+    torch.manual_seed(0)
+    imgs = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 44.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.tensor([[4.0, 30.0, 30.0, 60.0], [36.0, 4.0, 60.0, 28.0]]), "labels": torch.tensor([1, 3])}]
+    if masks:
+        for img, t in zip(imgs, targets):
+            m = torch.zeros(len(t["boxes"]), 64, 64, dtype=torch.uint8)
+            for k, b in enumerate(t["boxes"].long()):
+                m[k, b[1]:b[3], b[0]:b[2]] = 1
+            t["masks"] = m
+    return imgs, targets
+
+
+def test_registry_holds_every_detector():
+    names = set(list_models("detection"))
+    assert {"fasterrcnn_resnet18_fpn", "ssdlite_mobilenet_v3", "yolo_v1", "sliding_window_resnet18",
+            "rcnn_resnet18"} <= names
+    assert "maskrcnn_resnet18_fpn" in list_models("segmentation")
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_detector_contract(name):
+    model = create_model(name, num_classes=K, **SMALL.get(name, {}))
+    has_masks = name.startswith("maskrcnn")
+    imgs, targets = images_and_targets(masks=has_masks)
+    model.train()
+    losses = model(imgs, targets)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        outs = model(imgs)
+    cands = model.candidates(imgs)
+    assert len(outs) == len(cands) == 2
+    for img, out, cand in zip(imgs, outs, cands):
+        assert isinstance(cand, Detections)
+        assert set(out) >= {"boxes", "scores", "labels"} and ("masks" in out) == has_masks
+        if len(out["labels"]):
+            assert out["labels"].min() >= 1 and out["labels"].max() <= K
+            assert out["boxes"][:, 2].max() <= img.shape[-1] + 1e-3 and out["boxes"][:, 3].max() <= img.shape[-2] + 1e-3
+        # NMS as its own stage on the candidates gives the in-model result.
+        keep = batched_nms(cand.boxes, cand.scores, cand.labels, model.nms_thresh)[: model.detections_per_img]
+        torch.testing.assert_close(cand.boxes[keep], out["boxes"])
+        torch.testing.assert_close(cand.scores[keep], out["scores"])
+        assert torch.equal(cand.labels[keep], out["labels"])
+        if has_masks:
+            torch.testing.assert_close(cand.masks[keep], out["masks"])
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet18_fpn", "maskrcnn_resnet18_fpn", "ssdlite_mobilenet_v3"])
+def test_candidates_path_equals_torchvision_postprocessing(name):
+    """With no resize, NMS on our candidates equals torchvision's own in-model NMS."""
+    model = create_model(name, num_classes=K, **SMALL[name]).eval()
+    imgs, _ = images_and_targets()
+    if name.startswith("ssd"):
+        imgs = [torch.rand(3, 320, 320)]  # SSDlite resizes to 320 x 320
+    with torch.no_grad():
+        native = model.net(imgs)
+        ours = model(imgs)
+    for a, b in zip(native, ours):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+        assert torch.equal(a["labels"], b["labels"])
+        if "masks" in a:
+            torch.testing.assert_close(a["masks"][:, 0], b["masks"])
+
+
+def test_faster_rcnn_reports_four_losses():
+    model = create_model("fasterrcnn_resnet18_fpn", num_classes=K, **SMALL["fasterrcnn_resnet18_fpn"]).train()
+    imgs, targets = images_and_targets()
+    assert set(model(imgs, targets)) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+
+
+def test_bad_inputs_are_named():
+    model = create_model("yolo_v1", num_classes=K, image_size=64)
+    with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
+        model([torch.rand(1, 64, 64)])
+    with pytest.raises(ValueError, match="one target dict per image"):
+        model.train()([torch.rand(3, 64, 64)], None)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        create_model("yolo_v1", num_classes=K, image_size=70)
