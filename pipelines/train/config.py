@@ -26,37 +26,38 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # what
-    task: Optional[Literal["classification", "localization", "detection", "segmentation"]] = None  # None: the arch's
-    arch: str
-    model_kwargs: dict = Field(default_factory=dict)  # extra builder arguments, e.g. {"backbone": "resnet34"}
-    num_classes: Optional[int] = Field(None, ge=1)  # None: the categories of the data's manifest
+    task: Optional[Literal["classification", "localization", "detection", "segmentation"]] = Field(
+        None, description="what to train; None: the architecture's task in the registry")
+    arch: str = Field(description="registered model name (visionflow models)")
+    model_kwargs: dict = Field(default_factory=dict, description='extra builder arguments as JSON, e.g. {"backbone": "resnet34"}')
+    num_classes: Optional[int] = Field(None, ge=1, description="None: the categories of the data's manifest")
     categories: list[dict] = Field(default_factory=list)  # filled from the manifest
     # where
-    data: str
-    out: str
+    data: str = Field(description="data directory with train/ and val/ from visionflow ingest")
+    out: str = Field(description="run directory (local or s3://): checkpoints, metrics.jsonl, config.json")
     # resources
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
-    augment_cpus: float = Field(0.5, gt=0)  # Ray Data CPUs per augmentation task
+    augment_cpus: float = Field(0.5, gt=0, description="Ray Data CPUs per augmentation task")
     # optimisation
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)  # per worker; the global batch is workers x batch_size
+    batch_size: int = Field(32, ge=1, description="per worker; the global batch is workers x batch size")
     image_size: int = Field(64, ge=8)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: Optional[float] = Field(None, gt=0)  # None: 0.05 for SGD, 1e-3 for AdamW
+    lr: Optional[float] = Field(None, gt=0, description="base learning rate; None: 0.05 for SGD, 1e-3 for AdamW")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    step_size: int = Field(30, ge=1)  # epochs between decays of the step schedule
+    step_size: int = Field(30, ge=1, description="epochs between decays of the step schedule")
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    aux_weight: float = Field(0.3, ge=0)  # GoogLeNet's auxiliary classifier losses
-    amp: bool = True  # mixed precision; only where a GPU runs the step
+    aux_weight: float = Field(0.3, ge=0, description="weight of GoogLeNet's auxiliary classifier losses")
+    amp: bool = Field(True, description="mixed precision (only where a GPU runs the step)")
     seed: int = 0
     # robustness and bookkeeping
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: unlimited")
     checkpoints_to_keep: int = Field(2, ge=1)
     chaos: Optional[Chaos] = None
 

@@ -1,0 +1,19 @@
+"""`visionflow compare RUN_DIR...`: the overall comparison (Markdown table + PNG chart) of training runs."""
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories of `visionflow train` (or holding failed.json)")
+    parser.add_argument("--out", default="comparison", help="where comparison.{md,png,json} go (default ./comparison)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.compare import compare
+
+    result = compare(args.run_dirs, args.out)
+    print(result["markdown"])
+    print(f"table: {result['table']}\nchart: {result['chart']}")
+    return 0 if all(r["status"] == "done" for r in result["rows"]) else 1

@@ -1,0 +1,37 @@
+"""`visionflow eval`: metrics of a checkpoint on a data directory's val split, written as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or checkpoint.pt")
+    parser.add_argument("--data", required=True, help="data directory (DIR/val from `visionflow ingest`)")
+    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument("--out", default=None, help="directory for metrics.json (default: CHECKPOINT/eval for a "
+                                                    "run directory, else the current directory)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.train import evaluate_checkpoint
+
+    out = args.out
+    if out is None:
+        out = os.path.join(args.checkpoint, "eval") if os.path.isdir(args.checkpoint) else "."
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
+                                      batch_size=args.batch_size, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"visionflow eval: {e}")
+        return 2
+    print(json.dumps(metrics, default=str))
+    return 0

@@ -1,0 +1,35 @@
+"""`visionflow models`: the registry with parameters and GFLOPs measured by torch's FLOP counter."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default=None, choices=["classification", "localization", "detection",
+                                                         "segmentation"], help="only this task's models")
+    parser.add_argument("--image-size", type=int, default=224, help="input side for the FLOP count (default 224)")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+
+
+def format_table(rows: list[dict], image_size: int) -> str:
+    """Markdown table of ``vision.models.flops.profile_all`` rows."""
+    lines = [f"| name | task | params (M) | GFLOPs @{image_size} |", "| --- | --- | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['task']} | error | {r['error']} |")
+        else:
+            lines.append(f"| {r['name']} | {r['task']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from vision.models.flops import profile_all
+
+    rows = profile_all(args.task, image_size=args.image_size)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table(rows, args.image_size))
+        print("\nFLOPs count a multiply-add as 2 (torch.utils.flop_counter); params: layers used at inference.")
+    return 0
