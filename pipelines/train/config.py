@@ -56,6 +56,13 @@ class TrainConfig(BaseModel):
     aux_weight: float = Field(0.3, ge=0, description="weight of GoogLeNet's auxiliary classifier losses")
     amp: bool = Field(True, description="mixed precision (only where a GPU runs the step)")
     seed: int = 0
+    # adversarial defenses (classification; pipelines/adversarial_training.py)
+    adversarial: Literal["none", "fgsm", "pgd"] = Field("none", description="adversarial training attack")
+    adv_eps: float = Field(8 / 255, ge=0, le=1, description="adversarial training epsilon (L-infinity, pixels in [0, 1])")
+    adv_ratio: float = Field(0.5, ge=0, le=1, description="share of each batch replaced by adversarial images")
+    adv_steps: int = Field(7, ge=1, description="PGD steps of adversarial training")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the training loss (distillation)")
+    distill_from: Optional[str] = Field(None, description="teacher checkpoint: train on its soft labels at --temperature")
     # robustness and bookkeeping
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: unlimited")
     checkpoints_to_keep: int = Field(2, ge=1)
@@ -73,6 +80,9 @@ class TrainConfig(BaseModel):
                              f"its own (visionflow models)")
         if self.task in ("classification",) and entry.task != "classification":
             raise ValueError(f"arch {self.arch!r} is a {entry.task} model; classification needs a classifier")
+        if self.task != "classification" and (self.adversarial != "none" or self.distill_from or self.temperature != 1):
+            raise ValueError("adversarial training and distillation (adversarial, distill_from, temperature) "
+                             f"are classification options; task is {self.task!r}")
         if self.task == "localization" and entry.task not in ("localization", "classification"):
             raise ValueError(f"arch {self.arch!r} is a {entry.task} model; localization takes a localizer "
                              "or a classifier as backbone")

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipelines.adversarial_training import adversarial_images, tempered_loss, uses_temperature
 from pipelines.train.devices import tower_devices, wants_devices
 from pipelines.train.distributed import all_reduce_sums
 
@@ -53,7 +54,12 @@ def classification_loss(outputs, labels: torch.Tensor, cfg) -> tuple[torch.Tenso
 def train_step(model, batch, cfg) -> tuple[torch.Tensor, dict]:
     """One forward pass: (loss, {"top1": batch accuracy, "n": images})."""
     images, labels = batch
-    loss, logits = classification_loss(model(images), labels, cfg)
+    if cfg.adversarial != "none":  # adversarial training: part of the batch attacked
+        images = adversarial_images(model, images, labels, cfg)
+    outputs = model(images)
+    loss, logits = classification_loss(outputs, labels, cfg)
+    if uses_temperature(cfg):  # defensive distillation: teacher at T, or student on its soft labels
+        loss = tempered_loss(outputs, images, labels, cfg)
     top1 = (logits.detach().argmax(1) == labels.to(logits.device)).float().mean()
     return loss, {"top1": float(top1), "n": len(labels)}
 
