@@ -36,7 +36,7 @@ def resolve_args(config: str | Path | dict | ServeArgs | None = None, *, checkpo
     elif random_weights:
         if not args.models:
             args = args.model_copy(update={"models": [ModelSpec(
-                name="detector", task="detection", arch="fasterrcnn_mobilenet_v3_large_320_fpn",
+                name="detector", task="detection", arch="fasterrcnn_mobilenet_v3_fpn",
                 num_classes=3, random_weights=True)]})
         args = args.model_copy(update={"models": [
             m if m.random_weights else ModelSpec.model_validate({**m.model_dump(), "checkpoint": None,
@@ -63,11 +63,29 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     application = build_app(args)  # validates before touching the cluster
     if not ray.is_initialized():
         ray.init()
-    serve.start(http_options={"host": http.host, "port": http.port})
+    _start_serve(http)
     serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
     _wait_healthy(url, timeout_s)
     return url
+
+
+def _start_serve(http: HttpOptions) -> None:
+    """Start Serve on ``http``; a Serve already running elsewhere is restarted (its options are fixed)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        running = _get_global_client(raise_if_no_controller_running=True)
+    except RayServeException:
+        running = None
+    if running is not None:
+        cur = running.http_config
+        if (cur.host, cur.port) == (http.host, http.port):
+            return
+        serve.shutdown()
+    serve.start(http_options={"host": http.host, "port": http.port})
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:

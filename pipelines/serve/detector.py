@@ -41,8 +41,8 @@ class _BatchedModel:
 
 @serve.deployment
 class Detector(_BatchedModel):
-    """A detection or instance-segmentation model: ``__call__(uint8 3xhxw)`` -> pre-NMS candidates
-    ``{"boxes", "scores", "labels"[, "masks"], "ms", "batch"}`` in the pixels of the tensor given."""
+    """A detection or instance-segmentation model: ``__call__(uint8 3xhxw)`` -> ``{"dets": Detections,
+    "ms", "batch"}``, the pre-NMS candidates in the pixels of the tensor given."""
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
@@ -55,7 +55,7 @@ class Detector(_BatchedModel):
         batch = [im.to(self.device, non_blocking=True).float().div_(255) for im in images]
         outs = run_candidates(self.model, batch)
         ms = (time.perf_counter() - t0) * 1e3
-        return [{**o, "ms": ms, "batch": len(images)} for o in outs]
+        return [{"dets": o, "ms": ms, "batch": len(images)} for o in outs]
 
 
 @serve.deployment

@@ -152,12 +152,12 @@ class Ingress:
         cands = await self._call(self.models[name], prep["image"])
         nms = self.args.nms
         kept = await self._call(self.nms, {
-            "dets": {k: v for k, v in cands.items() if k not in ("ms", "batch")},
+            "dets": cands["dets"],
             "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
             "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
             "max_detections": nms.max_detections if max_detections is None else max_detections})
-        dets = {k: v for k, v in kept.items() if k not in ("ms", "device")}
-        post = await self._call(self.postprocess.detections, dets, prep["scale"], prep["size"], info["categories"])
+        post = await self._call(self.postprocess.detections, kept["dets"], tuple(prep["image"].shape[-2:]),
+                                prep["size"], info["categories"])
         w, h = prep["size"]
         body = {"model": name, "task": task, "image": {"width": w, "height": h}, "detections": post["items"]}
         total = (time.perf_counter() - t0) * 1e3

@@ -12,14 +12,8 @@ from pathlib import Path
 import torch
 
 from pipelines.serve.config import ModelSpec
+from vision.structures import Detections
 
-# Used only when an architecture is not in the registry (yet): torchvision's builders, weights=None.
-_TORCHVISION_DETECTORS = {
-    "fasterrcnn_mobilenet_v3_large_320_fpn": "detection",
-    "fasterrcnn_mobilenet_v3_large_fpn": "detection",
-    "fasterrcnn_resnet50_fpn": "detection",
-    "maskrcnn_resnet50_fpn": "segmentation",
-}
 DEFAULT_IMAGE_SIZE = {"detection": 320, "segmentation": 320, "classification": 64}
 
 
@@ -69,20 +63,15 @@ def default_categories(num_classes: int) -> list[dict]:
 
 
 def _random_model(spec: ModelSpec) -> torch.nn.Module:
-    from vision.models import create_model, list_models
+    from vision.models import create_model, list_models, model_task
 
-    if spec.arch in list_models():
-        return create_model(spec.arch, spec.num_classes)
-    if spec.arch in _TORCHVISION_DETECTORS:
-        import torchvision.models.detection as tvdet
-
-        size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.task]
-        model = getattr(tvdet, spec.arch)(weights=None, weights_backbone=None, num_classes=spec.num_classes + 1,
-                                          min_size=size, max_size=size)
-        model.visionflow_name, model.visionflow_task = spec.arch, _TORCHVISION_DETECTORS[spec.arch]
-        return model
-    raise ValueError(f"model {spec.name!r}: unknown arch {spec.arch!r}; expected a registered model "
-                     f"(visionflow models) or one of {sorted(_TORCHVISION_DETECTORS)}")
+    if spec.arch not in list_models():
+        raise ValueError(f"model {spec.name!r}: unknown arch {spec.arch!r}; expected one of "
+                         f"{list_models(spec.task)} (visionflow models)")
+    if model_task(spec.arch) != spec.task:
+        raise ValueError(f"model {spec.name!r}: arch {spec.arch!r} is a {model_task(spec.arch)} model, "
+                         f"not {spec.task}")
+    return create_model(spec.arch, spec.num_classes)
 
 
 def load_served_model(spec: ModelSpec) -> tuple[torch.nn.Module, ServedModel]:
@@ -114,38 +103,16 @@ def load_served_model(spec: ModelSpec) -> tuple[torch.nn.Module, ServedModel]:
                          f"(a run directory, checkpoint directory or .pt file) or set `checkpoint:` in the config; "
                          f"`--random-weights` serves untrained weights (tests only)")
     if info.task != "classification" and not hasattr(model, "candidates"):
-        _disable_builtin_nms(model)
+        raise TypeError(f"model {spec.name!r} ({info.arch}) has no candidates() method; "
+                        f"the NMS stage needs the detector's outputs before NMS")
     return model.eval(), info
 
 
-def _disable_builtin_nms(model: torch.nn.Module) -> None:
-    """A torchvision detector without ``candidates``: make its forward return the pre-NMS boxes."""
-    heads = getattr(model, "roi_heads", None)
-    if heads is None:
-        raise TypeError(f"{type(model).__name__} has no candidates() method; the NMS stage needs pre-NMS outputs")
-    heads.nms_thresh = 1.0  # IoU never exceeds 1: nothing is suppressed, NMS moves to its own stage
-    heads.detections_per_img = 1000
-
-
-def _fields(d) -> dict:
-    """``Detections`` (or a torchvision output dict) as plain CPU tensors: the wire format between stages."""
-    get = (lambda k: d.get(k)) if isinstance(d, dict) else (lambda k: getattr(d, k, None))
-    out = {k: get(k).detach().cpu() for k in ("boxes", "scores", "labels")}
-    masks = get("masks")
-    if masks is not None:
-        out["masks"] = masks.detach().cpu()
-    return out
-
-
 @torch.inference_mode()
-def run_candidates(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
-    """Pre-NMS detections of each image: dicts of ``boxes`` (N,4 xyxy in input pixels), ``scores``,
-    ``labels`` (1..K) and, for instance segmentation, ``masks``."""
-    if hasattr(model, "candidates"):
-        outs = model.candidates(images)
-    else:
-        outs = model(images)
-    return [_fields(o) for o in outs]
+def run_candidates(model: torch.nn.Module, images: list[torch.Tensor]) -> list[Detections]:
+    """Pre-NMS :class:`Detections` of each image on the CPU: boxes (N,4 xyxy in input pixels), scores,
+    labels (1..K) and, for instance segmentation, whole-image mask probabilities."""
+    return [o.to("cpu") for o in model.candidates(images)]
 
 
 @torch.inference_mode()

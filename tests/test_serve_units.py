@@ -1,0 +1,152 @@
+"""Serving pieces without Ray: config schema, safe decoding, the NMS stage's batched suppression,
+mapping back to the image as sent."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from pipelines.serve.config import ModelSpec, ServeArgs, load_serve_file
+from pipelines.serve.errors import ApiError
+from pipelines.serve.images import check_content_type, decode_image, to_tensor
+from pipelines.serve.nms_stage import suppress
+from pipelines.serve.postprocess import to_sent_image, top_k_items
+from vision.ops import batched_nms
+from vision.structures import Detections
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_decode_png_and_jpeg_to_rgb():
+    arr = np.zeros((30, 40, 3), np.uint8)
+    arr[:, :20] = 255
+    for fmt in ("PNG", "JPEG"):
+        out = decode_image(_encode(arr, fmt), max_pixels=10_000)
+        assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+        assert out[:, :15].mean() > 240 and out[:, 25:].mean() < 15
+    gray = decode_image(_encode(np.full((8, 9), 7, np.uint8), "PNG"), max_pixels=100)
+    assert gray.shape == (8, 9, 3)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello", b"\x89PNG\r\n\x1a\n-truncated", b"GIF89a" + b"\0" * 40])
+def test_decode_refuses_non_images_with_400(data):
+    with pytest.raises(ApiError) as e:
+        decode_image(data, max_pixels=10_000)
+    assert e.value.status == 400 and e.value.code == "not_an_image"
+
+
+def test_decode_refuses_other_formats_even_if_pillow_reads_them():
+    with pytest.raises(ApiError) as e:
+        decode_image(_encode(np.zeros((4, 4, 3), np.uint8), "BMP"), max_pixels=100)
+    assert e.value.status == 400
+
+
+def test_decompression_bomb_refused_from_the_header():
+    # 6000 x 6000 one-bit PNG: a few KB on the wire, 36 M pixels once decoded.
+    buf = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ApiError) as e:
+        decode_image(buf.getvalue(), max_pixels=4096 * 4096)
+    assert e.value.status == 413 and "6000x6000" in e.value.message
+
+
+def test_content_types():
+    for ok in ("image/jpeg", "image/png", "application/octet-stream", "IMAGE/PNG; charset=x", None):
+        check_content_type(ok)
+    for bad in ("text/plain", "application/json", "application/x-python-pickle", "image/gif"):
+        with pytest.raises(ApiError) as e:
+            check_content_type(bad)
+        assert e.value.status == 415
+
+
+def test_to_tensor_keeps_aspect_or_squares():
+    rgb = np.full((50, 100, 3), 255, np.uint8)
+    t, (sx, sy) = to_tensor(rgb, 40, square=False)
+    assert t.shape == (3, 20, 40) and t.dtype == torch.float32 and float(t.max()) == 1.0
+    assert (sx, sy) == (0.4, 0.4)
+    t, (sx, sy) = to_tensor(rgb, 32, square=True)
+    assert t.shape == (3, 32, 32) and (sx, sy) == (0.32, 0.64)
+
+
+def _random_dets(n: int, labels: int, seed: int) -> Detections:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 80
+    wh = torch.rand(n, 2, generator=g) * 30 + 5
+    return Detections(torch.cat([xy, xy + wh], 1), torch.rand(n, generator=g),
+                      torch.randint(1, labels + 1, (n,), generator=g))
+
+
+def test_suppress_batched_across_requests_equals_per_image_nms():
+    items = [{"dets": _random_dets(n, 3, seed), "iou_threshold": iou, "score_threshold": st, "max_detections": md}
+             for n, seed, iou, st, md in [(60, 0, 0.5, 0.0, 100), (40, 1, 0.5, 0.3, 100), (0, 2, 0.5, 0.0, 10),
+                                          (50, 3, 0.3, 0.1, 5), (30, 4, 0.5, 0.0, 3)]]
+    outs = suppress(items, torch.device("cpu"))
+    assert len(outs) == len(items)
+    for it, out in zip(items, outs):
+        d = it["dets"][it["dets"].scores >= it["score_threshold"]]
+        keep = batched_nms(d.boxes, d.scores, d.labels, it["iou_threshold"])[: it["max_detections"]]
+        assert torch.equal(out.boxes, d.boxes[keep]) and torch.equal(out.labels, d.labels[keep])
+        assert len(out) <= it["max_detections"]
+        assert torch.all(out.scores[:-1] >= out.scores[1:])
+
+
+def test_suppress_never_mixes_images():
+    # The same box in two requests: each request keeps its own.
+    box = torch.tensor([[10.0, 10, 50, 50]])
+    one = Detections(box, torch.tensor([0.9]), torch.tensor([1]))
+    items = [{"dets": one, "iou_threshold": 0.5, "score_threshold": 0.0, "max_detections": 10}] * 2
+    assert [len(o) for o in suppress(items, torch.device("cpu"))] == [1, 1]
+
+
+def test_to_sent_image_scales_and_clips_boxes_and_masks():
+    masks = torch.zeros(1, 20, 40)
+    masks[0, :10, :20] = 1.0
+    d = Detections(torch.tensor([[4.0, 2, 20, 10], [30, 15, 45, 25]])[:1], torch.tensor([0.8]),
+                   torch.tensor([2]), masks)
+    out = to_sent_image(d, input_hw=(20, 40), sent_wh=(100, 50))
+    assert torch.allclose(out.boxes, torch.tensor([[10.0, 5, 50, 25]]))
+    assert out.masks.shape == (1, 50, 100)
+    wide = Detections(torch.tensor([[-5.0, -5, 45, 30]]), torch.tensor([0.5]), torch.tensor([1]))
+    assert to_sent_image(wide, (20, 40), (100, 50)).boxes.tolist() == [[0.0, 0.0, 100.0, 50.0]]
+    items = out.to_items([{"id": 7, "name": "disk", "label": 1}, {"id": 9, "name": "square", "label": 2}])
+    assert items[0]["category_id"] == 9 and items[0]["label"] == "square"
+    assert items[0]["mask"]["size"] == [50, 100]
+
+
+def test_top_k_items_maps_indices_to_categories():
+    cats = [{"id": 11, "name": "a", "label": 1}, {"id": 12, "name": "b", "label": 2}, {"id": 13, "name": "c", "label": 3}]
+    items = top_k_items(torch.tensor([0.2, 0.7, 0.1]), 2, cats)
+    assert [i["category_id"] for i in items] == [12, 11] and items[0]["label"] == "b"
+    assert len(top_k_items(torch.tensor([0.2, 0.7, 0.1]), 50, cats)) == 3
+
+
+def test_config_refuses_bad_specs():
+    with pytest.raises(ValidationError, match="random_weights needs"):
+        ModelSpec(name="m", random_weights=True)
+    with pytest.raises(ValidationError, match="either checkpoint or random_weights"):
+        ModelSpec(name="m", checkpoint="x", random_weights=True, task="detection", arch="a", num_classes=2)
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        ModelSpec(name="m", checkpoint="x", batching={"max_batch_size": 32}, model={"max_ongoing_requests": 4})
+    with pytest.raises(ValidationError, match="unique"):
+        ServeArgs(models=[{"name": "m", "checkpoint": "a"}, {"name": "m", "checkpoint": "b"}])
+    with pytest.raises(ValidationError, match="extra"):
+        ServeArgs(nms={"iou": 0.5})
+    assert ServeArgs(models=[{"name": "m"}]).missing_weights() == ["m"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "cluster" / "serve").glob("*.yaml")), ids=lambda p: p.name)
+def test_cluster_serve_yamls_validate(path):
+    http, app, args = load_serve_file(path)
+    assert app["import_path"] == "pipelines.serve.app:build_app"
+    assert http.host == "127.0.0.1"
+    assert args.models, f"{path} serves no model"
