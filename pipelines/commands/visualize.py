@@ -1,0 +1,46 @@
+"""`visionflow visualize`: what a classifier's layers learned, as PNG grids (ZFNet's deconvnet on
+ZFNet/AlexNet, guided backpropagation on the others): the strongest feature maps, the projections of
+their top-9 activations and the image patches that caused them."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or checkpoint.pt")
+    parser.add_argument("--data", required=True, help="data directory (DIR/val from `visionflow ingest`)")
+    parser.add_argument("--layer", required=True, action="append",
+                        help="layer to show: convK (K-th convolution) or a module name; repeat for several")
+    parser.add_argument("--out", default="visualizations", help="directory for the grids (default: ./visualizations)")
+    parser.add_argument("--images", type=int, default=128, help="crops searched for top activations (default: 128)")
+    parser.add_argument("--maps", type=int, default=9, help="strongest feature maps per layer (default: 9)")
+    parser.add_argument("--top", type=int, default=9, help="top activating crops per map (default: 9)")
+    parser.add_argument("--method", default="auto", choices=["auto", "deconvnet", "guided", "gradient"],
+                        help="auto: deconvnet for ZFNet/AlexNet, guided backpropagation otherwise")
+    parser.add_argument("--split", default="val", help="split of the data directory (default: val)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.visualization import visualize_checkpoint
+
+    for name in ("images", "maps", "top"):
+        if getattr(args, name) < 1:
+            print(f"visionflow visualize: --{name} must be >= 1, got {getattr(args, name)}")
+            return 2
+    if not ray.is_initialized():
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, **({} if address else {"num_cpus": 2}))
+    try:
+        result = visualize_checkpoint(args.checkpoint, args.data, args.out, args.layer, images=args.images,
+                                      maps=args.maps, top=args.top, method=args.method, split=args.split,
+                                      device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"visionflow visualize: {e}")
+        return 2
+    print(f"{result['method']}: " + ", ".join(v["png"] for v in result["layers"].values()))
+    return 0
