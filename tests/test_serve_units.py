@@ -150,3 +150,7 @@ def test_cluster_serve_yamls_validate(path):
     assert app["import_path"] == "pipelines.serve.app:build_app"
     assert http.host == "127.0.0.1"
     assert args.models, f"{path} serves no model"
+    # Ray's own schema (what `serve run` / `serve deploy` read) accepts the same file.
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(__import__("yaml").safe_load(path.read_text()))

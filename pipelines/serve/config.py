@@ -145,8 +145,15 @@ class ServeArgs(_Strict):
 
 
 class HttpOptions(_Strict):
+    """Serve's ``http_options`` that visionflow sets; loopback unless configured otherwise."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: Optional[float] = Field(None, gt=0)
+    keep_alive_timeout_s: Optional[float] = Field(None, gt=0)
+
+    def serve_options(self) -> dict:
+        return self.model_dump(exclude_none=True)
 
 
 class ServeFile(BaseModel):

@@ -85,7 +85,7 @@ def _start_serve(http: HttpOptions) -> None:
         if (cur.host, cur.port) == (http.host, http.port):
             return
         serve.shutdown()
-    serve.start(http_options={"host": http.host, "port": http.port})
+    serve.start(http_options=http.serve_options())
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:

@@ -1,13 +1,11 @@
 """Loading a served model (checkpoint or explicit random weights) and running its candidates.
 
 Checkpoints load through ``pipelines.train.load_checkpoint`` (run directory, checkpoint directory or
-``.pt``); a storage URI is first copied to a local directory with pyarrow's filesystems.
+``.pt``, on a local path or a storage URI such as ``s3://``).
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -35,29 +33,6 @@ class ServedModel:
                 "categories": [{"id": c["id"], "name": c["name"], "label": c["label"]} for c in self.categories]}
 
 
-def local_checkpoint(uri: str) -> str:
-    """A local path for ``uri``: itself when local, else a copy of the remote file or directory."""
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri.removeprefix("file://")
-        if not Path(path).exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist; expected a run directory, "
-                                    f"a checkpoint directory or a .pt file")
-        return path
-    import pyarrow.fs as pafs
-
-    fs, remote = pafs.FileSystem.from_uri(uri)
-    dest = Path(tempfile.mkdtemp(prefix="visionflow-ckpt-"))
-    info = fs.get_file_info(remote)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"checkpoint {uri} does not exist")
-    if info.type == pafs.FileType.File:
-        target = dest / Path(remote).name
-        pafs.copy_files(remote, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return str(target)
-    pafs.copy_files(remote, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return str(dest)
-
-
 def default_categories(num_classes: int) -> list[dict]:
     return [{"id": i, "name": f"class_{i}", "label": i} for i in range(1, num_classes + 1)]
 
@@ -82,7 +57,7 @@ def load_served_model(spec: ModelSpec) -> tuple[torch.nn.Module, ServedModel]:
     if spec.checkpoint:
         from pipelines.train import load_checkpoint
 
-        model, cfg = load_checkpoint(local_checkpoint(spec.checkpoint))
+        model, cfg = load_checkpoint(spec.checkpoint)  # local path or storage URI
         task = cfg.get("task") or spec.task
         if task == "localization":
             raise ValueError(f"model {spec.name!r}: localization checkpoints are not served "

@@ -1,0 +1,69 @@
+"""`visionflow serve`: deploy the Serve application over HTTP and stay up until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a Serve YAML (cluster/serve/*.yaml): models, replicas, batching, NMS, "
+                                         "HTTP options; the same file `serve run` / `serve deploy` take")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="serve this checkpoint: a run directory of `visionflow train`, a "
+                                          "checkpoint directory or a .pt file (local path or storage URI)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="serve untrained weights (tests and smoke runs only)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's http_options)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
+    parser.add_argument("--address", help="Ray cluster to use (default: a running one, else a local one)")
+
+
+def serve_until(stop: threading.Event, args: argparse.Namespace, out=sys.stdout) -> int:
+    """Deploy per ``args``, print the URL, wait for ``stop``, then shut Serve down. Returns the exit code."""
+    from pydantic import ValidationError
+
+    from pipelines.serve.deploy import deploy, resolve_args, shutdown
+
+    try:
+        # Everything a user can get wrong is checked before Ray or Serve start.
+        http, served = resolve_args(args.config, checkpoint=args.checkpoint, random_weights=args.random_weights)
+        missing = served.missing_weights()
+        if not served.models or missing:
+            what = f"models {missing} have" if missing else "the config has"
+            print(f"visionflow serve: {what} no checkpoint. Pass `visionflow serve --checkpoint RUN_DIR` "
+                  f"(a run directory of `visionflow train`, a checkpoint directory or a .pt file), set "
+                  f"`checkpoint:` for each model in --config, or --random-weights for untrained weights "
+                  f"(tests only).", file=out)
+            return 2
+    except (FileNotFoundError, ValueError, ValidationError) as e:
+        print(f"visionflow serve: {e}", file=out)
+        return 2
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address) if args.address else ray.init()
+    try:
+        url = deploy(served, host=args.host or http.host, port=args.port or http.port)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"visionflow serve: {e}", file=out)
+        shutdown()
+        return 2
+    print(f"visionflow serve: {', '.join(m.name for m in served.models)} at {url} "
+          f"(POST /v1/detect|segment|classify, GET /v1/models, /docs); Ctrl-C to stop", file=out, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        shutdown()
+        print("visionflow serve: stopped", file=out, flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    # Ctrl-C (or a SIGTERM from a job runner) ends the wait; Serve is then shut down cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return serve_until(stop, args)
