@@ -77,3 +77,19 @@ def test_missing_or_broken_file(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("train, needle", [
+    ({"archs": ["resnet18"], "per_arch": {"resnet18": {"epochs": 0}}}, "epochs"),
+    ({"archs": ["resnet18"], "defaults": {"learning_rate": 0.1}}, "learning_rate"),
+])
+def test_train_settings_are_checked_against_the_trainers_schema(tmp_path, train, needle):
+    cfg = load_config(_write(tmp_path, {"train": train}))
+    with pytest.raises(ValueError, match=r"train settings of resnet18") as e:
+        cfg.check_train_settings()
+    assert needle in str(e.value)
+
+
+def test_packaged_train_settings_are_valid():
+    for name in ("quickstart.yaml", "coco.yaml"):
+        load_config(ROOT / "pipelines" / "configs" / name).check_train_settings()

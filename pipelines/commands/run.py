@@ -45,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, _overrides(args))
         archs = cfg.archs()
+        cfg.check_train_settings()
     except ValueError as e:
         print(f"visionflow run: {e}", file=sys.stderr)
         return 2

@@ -161,6 +161,19 @@ class RunConfig(_Strict):
         return {**self.train.defaults, **self.train.per_task.get(task, {}), **self.train.per_arch.get(arch, {}),
                 "task": task, "arch": arch}
 
+    def check_train_settings(self) -> None:
+        """Validate every architecture's settings against the trainer's schema before anything runs;
+        raises ValueError naming the architecture and the field."""
+        from pipelines.train.config import TrainConfig
+
+        for arch in self.archs():
+            try:
+                TrainConfig.model_validate({**self.train_settings(arch), "data": "-", "out": "-"})
+            except ValidationError as e:
+                lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+                raise ValueError(f"train settings of {arch} (train.defaults / per_task / per_arch):\n"
+                                 + "\n".join(lines)) from None
+
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """Read a run YAML (None: the packaged quickstart) and apply ``overrides`` (dotted keys, e.g.

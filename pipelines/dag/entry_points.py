@@ -7,13 +7,12 @@ from __future__ import annotations
 
 def train(settings: dict, data_dir: str, out_dir: str) -> dict:
     """Train one architecture (``settings``: TrainConfig fields incl. task and arch) on ``data_dir``,
-    keeping the run under ``out_dir`` (rerun = resume). Returns ``{"run_dir", "final": metrics}``."""
-    from pipelines.train import fit
-    from pipelines.train.config import TrainConfig
+    keeping the run under ``out_dir`` (rerun = resume). Returns ``{"run_dir", "checkpoint", "final", "epochs_run"}``."""
+    from pipelines.train import TrainConfig, fit
 
-    cfg = TrainConfig.model_validate({**settings, "data": data_dir, "out": out_dir})
-    result = fit(cfg)
-    return {"run_dir": out_dir, "final": _plain(result)}
+    result = fit(TrainConfig.model_validate({**settings, "data": data_dir, "out": out_dir}))
+    return _plain({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], "final": result["metrics"],
+                   "epochs_run": result["epochs_run"]})
 
 
 def evaluate(train_dir: str, data_dir: str, out_dir: str) -> dict:

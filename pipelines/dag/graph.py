@@ -11,13 +11,15 @@ from pipelines.dag import stages
 from pipelines.dag.config import RunConfig
 
 
-def _remote(fn, name: str, **options):
-    """A stage function as a Ray remote function named after its stage (the dashboard shows the names)."""
-    return ray.remote(fn).options(name=name, **options)
+def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None) -> DAGNode:
+    """Bind every stage of ``cfg`` into one DAG whose output is the run's summary dict. ``runtime_env``
+    is given to every stage task (and so to the Ray Train and Ray Data work it starts)."""
+    def _remote(fn, name: str, **options):
+        # Named after its stage, so the dashboard and the plan show stage names.
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        return ray.remote(fn).options(name=name, **options)
 
-
-def build_dag(cfg: RunConfig, board=None) -> DAGNode:
-    """Bind every stage of ``cfg`` into one DAG whose output is the run's summary dict."""
     run = cfg.run_dir
     archs = cfg.archs()
     data = _remote(stages.data_stage, "data", num_cpus=1).bind(run, cfg.data.model_dump(), board)
@@ -34,7 +36,7 @@ def build_dag(cfg: RunConfig, board=None) -> DAGNode:
         evals.append(train)
     # Branches go in a list: Ray does not resolve nested refs, so one crashed branch cannot fail the gather.
     compare = _remote(stages.compare_stage, "compare", num_cpus=0.5 if cfg.compare.enabled else 0).bind(
-        run, evals, archs, board)
+        run, evals, archs, cfg.compare.enabled, board)
     robustness = None
     if cfg.robustness.enabled:
         robustness = _remote(stages.robustness_stage, "robustness", num_cpus=1).bind(

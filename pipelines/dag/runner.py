@@ -42,7 +42,9 @@ def run(cfg: RunConfig, out=sys.stdout) -> dict:
     summary dict; ``summary["failed"]`` lists what failed."""
     RunDir(cfg.run_dir).makedirs("")
     board = RunBoard.remote(cfg.train.max_parallel)
-    dag = build_dag(cfg, board)
+    # Stages (and the Train/Data actors they start) name this cluster explicitly: Ray's "auto" address
+    # lookup refuses to choose when several clusters run on one machine.
+    dag = build_dag(cfg, board, {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}})
     t0 = time.perf_counter()
     print(f"visionflow run: {len(cfg.archs())} architectures, run dir {RunDir(cfg.run_dir).uri}", file=out, flush=True)
     with warnings.catch_warnings():

@@ -102,6 +102,12 @@ def _branch_failed(run: RunDir, arch: str, step: str, error: str, board, task: s
     return {"arch": arch, "task": task, "status": "failed", "stage": step, "error": error}
 
 
+def _branch(arch: str, settings: dict, rec: dict) -> dict:
+    """A training record with the fields every later stage of the branch reads."""
+    return {**rec, "arch": arch, "task": settings["task"], "train_dir": rec["outputs"]["run_dir"],
+            "train_seconds": rec.get("seconds"), "metrics": rec["outputs"].get("final", {})}
+
+
 def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=None) -> dict:
     """Train ``arch`` with ``settings`` (TrainConfig fields) on the run's data. Never raises: a failure
     is recorded in ``archs/<arch>/failed.json`` and returned as ``{"status": "failed", "error"}``."""
@@ -110,7 +116,7 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
     stage = Stage(run, name, stage_key("train", settings, {"data": data_rec["key"]}))
     if rec := stage.finished():
         run.remove(f"archs/{arch}/failed.json")
-        return _skipped(board, f"train/{arch}", rec)
+        return _branch(arch, settings, _skipped(board, f"train/{arch}", rec))
     _report(board, f"train/{arch}", "waiting")
     if board is not None:
         ray.get(board.acquire_slot.remote())
@@ -125,7 +131,7 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
         outputs["resumed"] = resumed
         rec = stage.done(settings, {"data": data_rec["key"]}, outputs, time.perf_counter() - t0)
         _report(board, f"train/{arch}", "done", seconds=rec["seconds"])
-        return rec
+        return _branch(arch, settings, rec)
     except Exception as e:
         traceback.print_exc()
         return _branch_failed(run, arch, "train", _error_text(e), board, settings.get("task"))
@@ -142,10 +148,10 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
     run = RunDir(run_uri)
     name = f"archs/{arch}/eval"
     stage = Stage(run, name, stage_key("eval", eval_cfg, {"train": train_rec["key"]}))
-    base = {"arch": arch, "task": train_rec["config"]["task"], "train_dir": train_rec["outputs"]["run_dir"],
-            "train_seconds": train_rec.get("seconds")}
+    base = {k: train_rec[k] for k in ("arch", "task", "train_dir", "train_seconds")}
     if rec := stage.finished():
-        return {**base, **_skipped(board, f"eval/{arch}", rec)}
+        rec = _skipped(board, f"eval/{arch}", rec)
+        return {**base, **rec, "metrics": rec["outputs"]["metrics"]}
     try:
         _report(board, f"eval/{arch}", "running")
         t0 = time.perf_counter()
@@ -159,7 +165,7 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
                                                                 "metrics_path": run.path(f"{name}/metrics.json")},
                          time.perf_counter() - t0)
         _report(board, f"eval/{arch}", "done", seconds=rec["seconds"])
-        return {**base, **rec}
+        return {**base, **rec, "metrics": metrics}
     except Exception as e:
         traceback.print_exc()
         return _branch_failed(run, arch, "eval", _error_text(e), board, base["task"])
@@ -179,7 +185,7 @@ def resolve_branches(results: list) -> list[dict]:
     return out
 
 
-def compare_stage(run_uri: str, branches: list, archs: list[str], board=None) -> dict:
+def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = True, board=None) -> dict:
     """The comparison of every architecture of the run (table + chart), failed ones listed with their
     error. Returns ``{"branches": [...], "report": path, "chart": path, "table": path}``."""
     run = RunDir(run_uri)
@@ -191,14 +197,15 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], board=None) ->
             r.update(_branch_failed(run, arch, r.get("stage", "train"), r["error"], board, model_task(arch)))
     ok = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
-    stage = Stage(run, "compare", stage_key("compare", {}, {r["arch"]: r.get("key", r.get("error")) for r in results}))
+    stage = Stage(run, "compare", stage_key("compare", {"chart": chart},
+                                            {r["arch"]: r.get("key", r.get("error")) for r in results}))
     if rec := stage.finished():
         return {**_skipped(board, "compare", rec)["outputs"], "branches": results}
     _report(board, "compare", "running")
     t0 = time.perf_counter()
     stage.begin(resumable=False)
     outputs = {}
-    if ok:
+    if ok and chart:
         from pipelines.dag import entry_points
 
         try:
@@ -208,15 +215,15 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], board=None) ->
             outputs = {"compare_error": _error_text(e)}
     report = _report_markdown(results, outputs)
     outputs["report"] = run.write_bytes("compare/report.md", report.encode())
-    rec = stage.done({}, {r["arch"]: r.get("key") for r in results}, outputs, time.perf_counter() - t0)
+    rec = stage.done({"chart": chart}, {r["arch"]: r.get("key") for r in results}, outputs,
+                     time.perf_counter() - t0)
     _report(board, "compare", "done", seconds=rec["seconds"])
     return {**outputs, "branches": results}
 
 
 def _headline(metrics: dict) -> tuple[str, float | None]:
     """The metric a branch is ranked by: COCO AP for detectors, top-1 / accuracy for the rest."""
-    for k in ("segm_AP50", "bbox_AP50", "segm_AP", "bbox_AP", "top1", "accuracy", "loc_accuracy",
-              "miou", "mIoU", "pixel_accuracy"):
+    for k in ("segm/AP50", "bbox/AP50", "segm/AP", "bbox/AP", "loc_acc", "top1", "miou", "pixel_acc"):
         if isinstance(metrics.get(k), (int, float)):
             return k, float(metrics[k])
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -231,7 +238,7 @@ def _report_markdown(results: list[dict], outputs: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted(results, key=lambda r: (r.get("task") or "", r["arch"])):
         if r.get("status") == "done":
-            k, v = _headline(r["outputs"]["metrics"])
+            k, v = _headline(r["metrics"])
             lines.append(f"| {r['arch']} | {r.get('task', '')} | done | {k} | "
                          f"{'' if v is None else f'{v:.4f}'} | {r.get('train_seconds') or ''} |")
         else:
@@ -247,7 +254,7 @@ def _report_markdown(results: list[dict], outputs: dict) -> str:
 
 def best_arch(branches: list[dict], task: str) -> dict | None:
     """The finished branch of ``task`` with the highest headline metric, or None."""
-    cands = [(r, _headline(r["outputs"]["metrics"])[1]) for r in branches
+    cands = [(r, _headline(r["metrics"])[1]) for r in branches
              if r.get("status") == "done" and r.get("task") == task]
     cands = [(r, v) for r, v in cands if v is not None]
     return max(cands, key=lambda rv: rv[1])[0] if cands else None
@@ -387,7 +394,7 @@ def finish_stage(run_uri: str, compared: dict, smoke: dict, deployed: dict, robu
     summary = {
         "run_dir": run.uri,
         "archs": [{"arch": r["arch"], "task": r.get("task"), "status": r.get("status"),
-                   "metric": _headline(r["outputs"]["metrics"]) if r.get("status") == "done" else None,
+                   "metric": _headline(r["metrics"]) if r.get("status") == "done" else None,
                    "error": r.get("error"), "train_dir": r.get("train_dir")} for r in branches],
         "report": compared.get("report"), "table": compared.get("table"), "chart": compared.get("chart"),
         "deploy": deployed, "smoke": smoke, "robustness": robustness,

@@ -1,0 +1,107 @@
+"""`visionflow run` for real on tiny data: resume after a killed driver, skip what finished, isolate failures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny everything: 12 synth images of 48 px, 32 px crops, one Ray Train worker on half a CPU.
+TINY_TRAIN = {"epochs": 1, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5, "augment_cpus": 0.25}
+
+
+def _config(tmp_path, **sections) -> Path:
+    doc = {"run_dir": str(tmp_path / "run"), "data": {"synth": {"images": 12, "size": 48}},
+           "deploy": {"enabled": False}, **sections}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _record(run_dir: Path, stage: str) -> dict | None:
+    path = run_dir / stage / "_stage.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _epochs(run_dir: Path, arch: str) -> list[int]:
+    path = run_dir / "archs" / arch / "train" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ray_cluster, tmp_path, capsys):
+    from pipelines.cli import main
+
+    cfg = _config(tmp_path, train={"archs": ["squeezenet1_1"], "defaults": TINY_TRAIN})
+    run_dir = tmp_path / "run"
+    assert main(["run", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "squeezenet1_1" in out and "everything finished" in out
+    data, train = _record(run_dir, "data"), _record(run_dir, "archs/squeezenet1_1/train")
+    metrics = json.loads((run_dir / "archs/squeezenet1_1/eval/metrics.json").read_text())
+    assert 0.0 <= metrics["top1"] <= 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] == [] and Path(summary["report"]).is_file()
+
+    # Add an architecture whose build fails for real (an argument its builder does not take): only its
+    # branch fails, the finished data and training are not redone, and the exit code says it failed.
+    assert main(["run", "--config", str(cfg), "--archs", "squeezenet1_1,resnet18",
+                 "--set", "train.per_arch={resnet18: {model_kwargs: {no_such_argument: 1}}}"]) == 1
+    out = capsys.readouterr().out
+    assert _record(run_dir, "data")["finished"] == data["finished"]
+    assert _record(run_dir, "archs/squeezenet1_1/train")["finished"] == train["finished"]
+    assert "data: skipped" in out and "train/squeezenet1_1: skipped" in out
+    failed = json.loads((run_dir / "archs/resnet18/failed.json").read_text())
+    assert failed["stage"] == "train" and "no_such_argument" in failed["error"]
+    report = (run_dir / "compare/report.md").read_text()
+    assert "| resnet18 | classification | failed (train)" in report and "| squeezenet1_1 | classification | done" in report
+    assert "FAILED" in out and "1 failed: resnet18" in out
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_reingesting_or_retraining(ray_cluster, tmp_path):
+    """Kill the driver while the second architecture trains; the rerun keeps the data and the finished
+    architecture and continues the interrupted one from its checkpoint."""
+    archs = ["squeezenet1_1", "resnet18"]
+    cfg = _config(tmp_path, train={"archs": archs, "max_parallel": 1, "defaults": {**TINY_TRAIN, "epochs": 2}},
+                  eval={"enabled": False})
+    run_dir = tmp_path / "run"
+    address = ray_cluster.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "pipelines", "run", "--config", str(cfg), "--set", f"ray_address={address}"]
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            done = [a for a in archs if _record(run_dir, f"archs/{a}/train")]
+            midway = [a for a in archs if a not in done and _epochs(run_dir, a)]
+            if done and midway:
+                break
+            assert driver.poll() is None, "the driver ended before it could be killed mid-training"
+            time.sleep(0.2)
+        else:
+            pytest.fail("training did not reach the point to kill the driver")
+        driver.kill()  # SIGKILL: no cleanup, as a crash or a lost laptop
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    (finished,), (interrupted,) = done, midway
+    data, before = _record(run_dir, "data"), _record(run_dir, f"archs/{finished}/train")
+    assert _record(run_dir, f"archs/{interrupted}/train") is None
+
+    from pipelines.cli import main
+
+    assert main(["run", "--config", str(cfg)]) == 0
+    assert _record(run_dir, "data")["finished"] == data["finished"], "the data was ingested again"
+    assert _record(run_dir, f"archs/{finished}/train")["finished"] == before["finished"], "retrained"
+    resumed = _record(run_dir, f"archs/{interrupted}/train")
+    assert resumed["outputs"]["resumed"] is True
+    assert _epochs(run_dir, interrupted) == [0, 1], "epoch 0 was trained twice"
