@@ -1,0 +1,144 @@
+"""`visionflow serve` end to end: a checkpoint written like the trainer's, a Serve YAML, the command
+deploying it on the test cluster; dynamic batching at work, 503 JSON when the queue is full, and a
+clean shutdown when the command is told to stop (its Ctrl-C)."""
+from __future__ import annotations
+
+import argparse
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from pipelines.commands import serve as serve_cmd
+
+PORT = 8462
+CATEGORIES = [{"id": 11, "name": "disk", "label": 1}, {"id": 22, "name": "square", "label": 2},
+              {"id": 33, "name": "triangle", "label": 3}]
+
+
+def _write_checkpoint(run_dir):
+    """A run directory as `visionflow train` leaves it: checkpoints/epoch_0000/checkpoint.pt."""
+    from vision.models import create_model
+
+    model = create_model("ssdlite_mobilenet_v3", 3)
+    config = {"task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3, "categories": CATEGORIES,
+              "data": "unused", "out": str(run_dir), "image_size": 64}
+    path = run_dir / "checkpoints" / "epoch_0000" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "config": config}, path)
+    return run_dir
+
+
+def _config(path, checkpoint):
+    # The detector holds at most 8 requests (one batch, waiting up to 2 s to fill) and queues 2 more.
+    doc = {"http_options": {"host": "127.0.0.1", "port": PORT},
+           "applications": [{"name": "visionflow", "route_prefix": "/", "import_path": "pipelines.serve.app:build_app",
+                             "args": {"models": [{
+                                 "name": "det", "checkpoint": str(checkpoint), "image_size": 64,
+                                 "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 2.0},
+                                 "model": {"num_cpus": 0.2, "max_ongoing_requests": 8, "max_queued_requests": 2}}],
+                                 "nms": {"score_threshold": 0.0},
+                                 "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.1},
+                                 "nms_stage": {"num_cpus": 0.1}, "ingress": {"num_cpus": 0.1}}}]}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _args(**kw):
+    base = {"config": None, "checkpoint": None, "random_weights": False, "host": None, "port": None, "address": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+class _Lines(io.StringIO):
+    pass
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve_cli")
+    run_dir = _write_checkpoint(tmp / "run")
+    cfg = _config(tmp / "serve.yaml", tmp / "missing-run")  # --checkpoint replaces it
+    stop, out, rc = threading.Event(), _Lines(), {}
+    t = threading.Thread(target=lambda: rc.setdefault("rc", serve_cmd.serve_until(
+        stop, _args(config=str(cfg), checkpoint=str(run_dir)), out)), daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{PORT}"
+    for _ in range(600):
+        if "Ctrl-C" in out.getvalue() or not t.is_alive():
+            break
+        t.join(0.5)
+    assert "Ctrl-C" in out.getvalue(), out.getvalue()
+    yield {"url": url, "stop": stop, "thread": t, "out": out, "rc": rc}
+    stop.set()
+    t.join(120)
+
+
+def _jpeg(seed=0) -> bytes:
+    arr = (np.random.default_rng(seed).random((48, 64, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_refuses_to_start_without_a_checkpoint(tmp_path):
+    out = io.StringIO()
+    assert serve_cmd.serve_until(threading.Event(), _args(), out) == 2
+    assert "--checkpoint" in out.getvalue() and "--random-weights" in out.getvalue()
+    doc = {"applications": [{"name": "v", "import_path": "pipelines.serve.app:build_app",
+                             "args": {"models": [{"name": "m", "task": "detection"}]}}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    out = io.StringIO()
+    assert serve_cmd.serve_until(threading.Event(), _args(config=str(tmp_path / "c.yaml")), out) == 2
+    assert "['m']" in out.getvalue() and "--checkpoint" in out.getvalue()
+    out = io.StringIO()
+    assert serve_cmd.serve_until(threading.Event(), _args(checkpoint=str(tmp_path / "nope")), out) == 2
+    assert "nope" in out.getvalue()
+
+
+def test_serves_the_checkpoint_with_its_categories(served):
+    models = requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]
+    assert [(m["name"], m["task"], m["arch"]) for m in models] == [("det", "detection", "ssdlite_mobilenet_v3")]
+    assert models[0]["source"].endswith("run")
+    r = requests.post(f"{served['url']}/v1/detect", data=_jpeg(), headers={"content-type": "image/jpeg"},
+                      params={"max_detections": 10}, timeout=60)
+    assert r.status_code == 200, r.text
+    dets = r.json()["detections"]
+    assert dets and {d["category_id"] for d in dets} <= {11, 22, 33}
+    assert {d["label"] for d in dets} <= {"disk", "square", "triangle"}
+
+
+def test_batches_form_and_a_full_queue_answers_503_json(served):
+    from ray import serve
+
+    url = served["url"]
+
+    def post(i):
+        return requests.post(f"{url}/v1/detect", data=_jpeg(i), headers={"content-type": "image/jpeg"}, timeout=120)
+
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(post, range(24)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 8, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded"
+    sizes = serve.get_deployment_handle("Detector_det", app_name="visionflow").recent_batch_sizes.remote().result()
+    assert max(sizes) > 1, sizes  # concurrent requests were run as one batch
+    # Still serving right after.
+    assert post(99).status_code == 200
+
+
+def test_stop_shuts_serve_down(served):
+    served["stop"].set()
+    served["thread"].join(120)
+    assert not served["thread"].is_alive() and served["rc"]["rc"] == 0
+    assert "stopped" in served["out"].getvalue()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{served['url']}/healthz", timeout=5)
