@@ -29,11 +29,13 @@ def compare(train_dirs: list[str], out_dir: str) -> dict:
     return _plain(build_comparison(train_dirs, out_dir))
 
 
-def robustness(train_dir: str, data_dir: str, out_dir: str, cfg: dict) -> dict:
-    """Robustness report (+ layer visualizations) of one classifier; returns the paths it wrote."""
-    from pipelines.commands.attack import robustness_report
+def robustness(train_dirs: list[str], data_dir: str, out_dir: str, cfg: dict) -> dict:
+    """Robustness report (+ layer visualizations) of the given classifiers side by side, written to the
+    local ``out_dir``; returns the paths it wrote."""
+    from pipelines.robustness import robustness_report
 
-    return _plain(robustness_report(train_dir, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"]))
+    return _plain(robustness_report(train_dirs, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"],
+                                    visualize=cfg["visualize"]))
 
 
 def _plain(obj):

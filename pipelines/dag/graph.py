@@ -1,5 +1,5 @@
-"""The run as a Ray DAG (``.bind()`` / ``execute()``): data -> train x N -> eval x N -> compare
-[-> robustness] -> deploy -> smoke -> finish. Building it runs nothing; ``plan_lines`` and
+"""The run as a Ray DAG (``.bind()`` / ``execute()``): data -> train x N -> eval x N [-> robustness]
+-> compare -> deploy -> smoke -> finish. Building it runs nothing; ``plan_lines`` and
 ``plot_plan`` describe a built DAG (``visionflow run --plan``).
 """
 from __future__ import annotations
@@ -35,12 +35,12 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None) -> DA
                 run, arch, cfg.eval.model_dump(), train, data, board)
         evals.append(train)
     # Branches go in a list: Ray does not resolve nested refs, so one crashed branch cannot fail the gather.
-    compare = _remote(stages.compare_stage, "compare", num_cpus=0.5 if cfg.compare.enabled else 0).bind(
-        run, evals, archs, cfg.compare.enabled, board)
     robustness = None
     if cfg.robustness.enabled:
         robustness = _remote(stages.robustness_stage, "robustness", num_cpus=1).bind(
-            run, cfg.robustness.model_dump(), evals, archs, data, board)
+            run, cfg.robustness.model_dump(), evals, data, board)
+    compare = _remote(stages.compare_stage, "compare", num_cpus=0.5 if cfg.compare.enabled else 0).bind(
+        run, evals, archs, cfg.compare.enabled, robustness, board)
     deployed, smoke = {"status": "disabled"}, {"status": "disabled"}
     if cfg.deploy.enabled:
         deployed = _remote(stages.deploy_stage, "deploy", num_cpus=0).bind(run, cfg.deploy.model_dump(), compare, board)

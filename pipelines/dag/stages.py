@@ -150,6 +150,7 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
     stage = Stage(run, name, stage_key("eval", eval_cfg, {"train": train_rec["key"]}))
     base = {k: train_rec[k] for k in ("arch", "task", "train_dir", "train_seconds")}
     if rec := stage.finished():
+        run.remove(f"archs/{arch}/failed.json")
         rec = _skipped(board, f"eval/{arch}", rec)
         return {**base, **rec, "metrics": rec["outputs"]["metrics"]}
     try:
@@ -161,6 +162,7 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
         metrics = entry_points.evaluate(train_rec["outputs"]["run_dir"], data_rec["outputs"]["data_dir"],
                                         run.path(name))
         run.write_json(f"{name}/metrics.json", metrics)
+        run.remove(f"archs/{arch}/failed.json")
         rec = stage.done(eval_cfg, {"train": train_rec["key"]}, {"metrics": metrics,
                                                                 "metrics_path": run.path(f"{name}/metrics.json")},
                          time.perf_counter() - t0)
@@ -185,7 +187,8 @@ def resolve_branches(results: list) -> list[dict]:
     return out
 
 
-def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = True, board=None) -> dict:
+def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = True, robustness: dict | None = None,
+                  board=None) -> dict:
     """The comparison of every architecture of the run (table + chart), failed ones listed with their
     error. Returns ``{"branches": [...], "report": path, "chart": path, "table": path}``."""
     run = RunDir(run_uri)
@@ -197,8 +200,8 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
             r.update(_branch_failed(run, arch, r.get("stage", "train"), r["error"], board, model_task(arch)))
     ok = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
-    stage = Stage(run, "compare", stage_key("compare", {"chart": chart},
-                                            {r["arch"]: r.get("key", r.get("error")) for r in results}))
+    inputs = {r["arch"]: r.get("key", r.get("error")) for r in results}
+    stage = Stage(run, "compare", stage_key("compare", {"chart": chart, "robustness": robustness}, inputs))
     if rec := stage.finished():
         return {**_skipped(board, "compare", rec)["outputs"], "branches": results}
     _report(board, "compare", "running")
@@ -209,14 +212,17 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
         from pipelines.dag import entry_points
 
         try:
-            outputs = entry_points.compare([r["train_dir"] for r in ok], run.path("compare"))
+            # Every branch directory, failed ones included: the table lists them with their error.
+            outputs = entry_points.compare([run.path(f"archs/{a}") for a in archs], run.path("compare"))
+            outputs = {k: outputs[k] for k in ("table", "chart", "json") if k in outputs}
         except Exception as e:  # the run's own report below still lists every branch
             traceback.print_exc()
             outputs = {"compare_error": _error_text(e)}
+    if robustness:
+        outputs["robustness"] = robustness
     report = _report_markdown(results, outputs)
     outputs["report"] = run.write_bytes("compare/report.md", report.encode())
-    rec = stage.done({"chart": chart}, {r["arch"]: r.get("key") for r in results}, outputs,
-                     time.perf_counter() - t0)
+    rec = stage.done({"chart": chart, "robustness": robustness}, inputs, outputs, time.perf_counter() - t0)
     _report(board, "compare", "done", seconds=rec["seconds"])
     return {**outputs, "branches": results}
 
@@ -244,9 +250,18 @@ def _report_markdown(results: list[dict], outputs: dict) -> str:
         else:
             err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160]
             lines.append(f"| {r['arch']} | {r.get('task', '')} | failed ({r.get('stage', '?')}) | | {err} | |")
-    for key in ("table", "chart", "robustness"):
-        if outputs.get(key):
-            lines += ["", f"- {key}: {outputs[key]}"]
+    links = [(k, outputs[k]) for k in ("table", "chart", "json") if outputs.get(k)]
+    rob = outputs.get("robustness") or {}
+    if rob.get("error"):
+        links.append(("robustness", f"failed: {rob['error']}"))
+    for k in ("markdown", "curves", "json"):
+        if rob.get(k):
+            links.append((f"robustness {k}", rob[k]))
+    links += [("robustness examples", p) for p in rob.get("examples", [])]
+    for model, vis in (rob.get("visualizations") or {}).items():
+        links.append((f"visualizations {model}", vis if isinstance(vis, str) else json.dumps(vis)[:300]))
+    if links:
+        lines += ["", "## Outputs", ""] + [f"- {k}: {v}" for k, v in links]
     if outputs.get("compare_error"):
         lines += ["", f"The comparison chart failed: {outputs['compare_error']}"]
     return "\n".join(lines) + "\n"
@@ -260,29 +275,41 @@ def best_arch(branches: list[dict], task: str) -> dict | None:
     return max(cands, key=lambda rv: rv[1])[0] if cands else None
 
 
-def robustness_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], data_rec: dict, board=None) -> dict:
-    """Robustness curves and visualizations for the run's classifiers (the optional stage)."""
+def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, board=None) -> dict:
+    """Robustness curves (accuracy against epsilon per attack) of the run's classifiers, side by side, and
+    their layer visualizations (the optional stage). Returns the report's paths, or {"error"}."""
     run = RunDir(run_uri)
     results = [r for r in resolve_branches(branches) if r.get("status") == "done" and r.get("task") == "classification"]
     wanted = cfg.get("archs")
     results = [r for r in results if wanted is None or r["arch"] in wanted]
-    stage = Stage(run, "robustness", stage_key("robustness", cfg, {r["arch"]: r["key"] for r in results}))
+    inputs = {r["arch"]: r["key"] for r in results}
+    stage = Stage(run, "robustness", stage_key("robustness", cfg, inputs))
     if rec := stage.finished():
         return _skipped(board, "robustness", rec)["outputs"]
+    if not results:
+        _report(board, "robustness", "skipped")
+        return {"error": "no classifier finished training"}
     _report(board, "robustness", "running")
     t0 = time.perf_counter()
     stage.begin(resumable=False)
     from pipelines.dag import entry_points
 
-    outputs = {}
-    for r in results:
-        try:
-            outputs[r["arch"]] = entry_points.robustness(r["train_dir"], data_rec["outputs"]["data_dir"],
-                                                         run.path(f"robustness/{r['arch']}"), cfg)
-        except Exception as e:
-            traceback.print_exc()
-            outputs[r["arch"]] = {"error": _error_text(e)}
-    rec = stage.done(cfg, {r["arch"]: r["key"] for r in results}, outputs, time.perf_counter() - t0)
+    try:
+        if run.remote:  # the report is written locally, then uploaded next to the rest of the run
+            with tempfile.TemporaryDirectory() as tmp:
+                local = entry_points.robustness([r["train_dir"] for r in results], data_rec["outputs"]["data_dir"],
+                                                tmp, cfg)
+                run.upload_dir(tmp, "robustness")
+                outputs = {k: v.replace(tmp, run.path("robustness")) if isinstance(v, str) else v
+                           for k, v in local.items()}
+        else:
+            outputs = entry_points.robustness([r["train_dir"] for r in results], data_rec["outputs"]["data_dir"],
+                                              str(run.local("robustness")), cfg)
+    except Exception as e:
+        traceback.print_exc()
+        _report(board, "robustness", "failed", error=_error_text(e))
+        return {"error": _error_text(e)}
+    rec = stage.done(cfg, inputs, outputs, time.perf_counter() - t0)
     _report(board, "robustness", "done", seconds=rec["seconds"])
     return outputs
 
