@@ -154,3 +154,14 @@ def test_cluster_serve_yamls_validate(path):
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(__import__("yaml").safe_load(path.read_text()))
+    # What `serve run` does with import_path + args (untrained weights: the run dirs need not exist).
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from pipelines.serve.app import build_app
+
+    untrained = {**app["args"], "models": [{**m, "checkpoint": None, "random_weights": True}
+                                           for m in app["args"]["models"]]}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, untrained), Application)
+    with pytest.raises(ValueError, match="--checkpoint"):
+        build_app({**app["args"], "models": [{**m, "checkpoint": None} for m in app["args"]["models"]]})
