@@ -11,9 +11,16 @@ from pipelines.dag import stages
 from pipelines.dag.config import RunConfig
 
 
-def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None) -> DAGNode:
+def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, driver_node: str | None = None) -> DAGNode:
     """Bind every stage of ``cfg`` into one DAG whose output is the run's summary dict. ``runtime_env``
-    is given to every stage task (and so to the Ray Train and Ray Data work it starts)."""
+    is given to every stage task (and so to the Ray Train and Ray Data work it starts); ``driver_node``
+    (a node id) is where deploy and smoke run: the node whose HTTP proxy the printed URL names."""
+    on_driver = {}
+    if driver_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        on_driver = {"scheduling_strategy": NodeAffinitySchedulingStrategy(driver_node, soft=False)}
+
     def _remote(fn, name: str, **options):
         # Named after its stage, so the dashboard and the plan show stage names.
         if runtime_env:
@@ -43,9 +50,10 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None) -> DA
         run, evals, archs, cfg.compare.enabled, robustness, board)
     deployed, smoke = {"status": "disabled"}, {"status": "disabled"}
     if cfg.deploy.enabled:
-        deployed = _remote(stages.deploy_stage, "deploy", num_cpus=0).bind(run, cfg.deploy.model_dump(), compare, board)
+        deployed = _remote(stages.deploy_stage, "deploy", num_cpus=0, **on_driver).bind(
+            run, cfg.deploy.model_dump(), compare, board)
         if cfg.smoke.enabled:
-            smoke = _remote(stages.smoke_stage, "smoke", num_cpus=0).bind(
+            smoke = _remote(stages.smoke_stage, "smoke", num_cpus=0, **on_driver).bind(
                 run, cfg.smoke.model_dump(), deployed, data, board)
     return _remote(stages.finish_stage, "finish", num_cpus=0).bind(run, compare, smoke, deployed, robustness)
 

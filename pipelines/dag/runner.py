@@ -44,7 +44,8 @@ def run(cfg: RunConfig, out=sys.stdout) -> dict:
     board = RunBoard.remote(cfg.train.max_parallel)
     # Stages (and the Train/Data actors they start) name this cluster explicitly: Ray's "auto" address
     # lookup refuses to choose when several clusters run on one machine.
-    dag = build_dag(cfg, board, {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}})
+    ctx = ray.get_runtime_context()
+    dag = build_dag(cfg, board, {"env_vars": {"RAY_ADDRESS": ctx.gcs_address}}, driver_node=ctx.get_node_id())
     t0 = time.perf_counter()
     print(f"visionflow run: {len(cfg.archs())} architectures, run dir {RunDir(cfg.run_dir).uri}", file=out, flush=True)
     with warnings.catch_warnings():

@@ -1,0 +1,115 @@
+"""`ray job submit --working-dir . -- visionflow run` against a real head started with `ray start --head`.
+
+The head is its own cluster (own ports, own temp dir, own token), independent of the test session's
+in-process `ray_cluster`; the fixture stops exactly the processes it started (their process group).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start --head exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the head's dashboard did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def ray_head():
+    """A head node with token auth, as a user starts one: `RAY_AUTH_MODE=token ray start --head`."""
+    tmp = Path(tempfile.mkdtemp(prefix="vfhead-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    token = uuid.uuid4().hex
+    (tmp / "token").write_text(token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not the session cluster's
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"), PATH=f"{BIN}:{env.get('PATH', '')}",
+               PYTHONUNBUFFERED="1")
+    dashboard = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
+             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--dashboard-host", "127.0.0.1",
+           "--temp-dir", str(tmp / "r"), "--disable-usage-stats"]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    log = tmp / "head.log"
+    # Its own session: stopping it kills this process group, never other Ray clusters on the machine
+    # (`ray stop` would stop every one of them).
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_dashboard(url, token, proc, log)
+        yield SimpleNamespace(url=url, env=env, token=token, log=log)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers the raylet started share the group
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_job_submit_without_the_token_is_refused(ray_head):
+    env = {**ray_head.env, "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}
+    r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head.url], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+
+
+def test_job_submit_runs_the_quickstart_at_a_tiny_scale(ray_head, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
+           "visionflow", "run", "--config", "pipelines/configs/quickstart.yaml", "--run-dir", str(run_dir),
+           "--archs", "squeezenet1_1", "--no-deploy",
+           "--set", "data.synth={images: 12, size: 48}",
+           "--set", "train.defaults={epochs: 1, batch_size: 8, cpus_per_worker: 0.5, augment_cpus: 0.25}",
+           "--set", "train.per_task={classification: {image_size: 32}}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "succeeded" in out and "everything finished" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] == []
+    (arch,) = summary["archs"]
+    assert arch["arch"] == "squeezenet1_1" and arch["status"] == "done"
+    assert (run_dir / "archs/squeezenet1_1/eval/metrics.json").is_file()
+    assert (run_dir / "compare/report.md").is_file()
+    assert "Uploading package gcs://_ray_pkg_" in out  # the job ran from the uploaded working dir
