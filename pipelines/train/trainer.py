@@ -68,12 +68,27 @@ def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
                                    find_unused_parameters=getattr(task, "FIND_UNUSED_PARAMETERS", False))
 
 
-def _chaos(cfg: TrainConfig, epoch: int, rank: int) -> None:
-    """Fault injection for tests: SIGKILL this worker process once, at the configured epoch."""
+def _checkpoint_registered(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage)."""
+    snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json") or {}
+    names = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
+    return f"epoch_{epoch:04d}" in names
+
+
+def _chaos(cfg: TrainConfig, epoch: int, rank: int, wait_s: float = 600.0) -> None:
+    """Fault injection for tests: SIGKILL this worker process once, at the configured epoch.
+
+    It first waits until the controller has registered the previous epoch's checkpoint: Ray Train collects
+    reports when it polls the workers, so a worker dying right after ``report`` can take that epoch's
+    checkpoint with it (training would then resume from the one before, which is not what is tested)."""
     c = cfg.chaos
-    if c and epoch == c.kill_at_epoch and rank == c.rank and not os.path.exists(c.marker):
-        Path(c.marker).write_text(f"killed rank {rank} at epoch {epoch}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not (c and epoch == c.kill_at_epoch and rank == c.rank and not os.path.exists(c.marker)):
+        return
+    deadline = time.monotonic() + wait_s
+    while epoch > 0 and not _checkpoint_registered(cfg, epoch - 1) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    Path(c.marker).write_text(f"killed rank {rank} at epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _load_payload(checkpoint, device) -> dict:
@@ -96,9 +111,19 @@ def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig
     storage.append_metrics(cfg.out, record)
 
 
+def _release(shard) -> None:
+    """End the finished epoch's split coordinator (one actor process per epoch's view); ``report`` was a
+    barrier, so no worker reads that shard any more."""
+    import ray
+
+    coordinator = getattr(shard, "_coord_actor", None)  # StreamSplitDataIterator's actor; absent otherwise
+    if coordinator is not None:
+        ray.kill(coordinator, no_restart=True)
+
+
 def format_progress(record: dict, epochs: int) -> str:
     """One progress line: epoch, images/s, losses and metrics."""
-    skip = {"epoch", "train_images", "val_images", "train_seconds", "val_seconds", "lr"}
+    skip = {"epoch", "start_epoch", "train_images", "val_images", "train_seconds", "val_seconds", "lr"}
     parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"{record['train_images_per_s']:.1f} img/s"]
     parts += [f"{k} {v:.4f}" for k, v in record.items() if k not in skip and k != "train_images_per_s"
               and isinstance(v, float)]
@@ -173,7 +198,7 @@ def train_loop(config: dict) -> None:
         total = all_reduce_sums({"images": float(images), **sums})
         slowest = all_reduce_sums({"seconds": seconds, "val_seconds": val_seconds}, op="max")
         n_all = max(total.pop("images"), 1.0)
-        record = {"epoch": epoch, "lr": lr, "train_images": int(n_all), "train_seconds": slowest["seconds"],
+        record = {"epoch": epoch, "start_epoch": start, "lr": lr, "train_images": int(n_all), "train_seconds": slowest["seconds"],
                   "train_images_per_s": n_all / max(slowest["seconds"], 1e-9),
                   **{f"train_{k}": v / n_all for k, v in sorted(total.items())},
                   **{f"val_{k}": float(v) for k, v in val.items()},
@@ -183,6 +208,7 @@ def train_loop(config: dict) -> None:
         _save_and_report(record, model, optimizer, cfg, epoch, rank)
         if rank == 0:
             print(format_progress(record, cfg.epochs), flush=True)
+            _release(shard)
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:

@@ -1,0 +1,155 @@
+"""What Ray Train costs: 2 Ray Train workers (DDP over gloo) against a plain single-process PyTorch loop,
+same data, same model, same global batch, in one run.
+
+The data are the synth classification crops (written, ingested and cropped once, then held in memory),
+so both sides time the same thing: the training steps (collate, forward, backward, optimizer) over the
+same images. The baseline uses all the process's threads; each Ray worker gets its share. The first
+epoch of each side is a warm-up and is not timed. Writes ``benchmarks/results/train_overhead.json``.
+
+    .venv/bin/python -m benchmarks.train_overhead [--arch resnet18] [--size 64] [--batch 32] [--epochs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def crops(images: int, size: int, seed: int = 0) -> dict:
+    """Synth classification crops as numpy: {"image": uint8 N,size,size,3, "label": int64 N}."""
+    from pipelines.data import augment, ingest, load_split
+    from vision.data.synth import write_synth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synth(Path(tmp) / "coco", images=images, size=128, seed=seed, val_fraction=0.01)
+        ingest(Path(tmp) / "coco/annotations/instances_train.json", Path(tmp) / "coco/train", Path(tmp) / "train")
+        ds, _ = load_split(tmp, "train")
+        rows = augment(ds, task="classification", size=size, train=False).take_all()
+    return {"image": np.stack([r["image"] for r in rows]), "label": np.array([r["label"] for r in rows])}
+
+
+def _steps(cfg, model, optimizer, batches, device) -> int:
+    """One epoch of training steps over numpy batches; returns the images seen."""
+    from pipelines.train.tasks import classification as task
+
+    seen = 0
+    for raw in batches:
+        loss, _ = task.train_step(model, task.collate(raw, device), cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(raw["label"])
+    return seen
+
+
+def _batches(data: dict, batch: int, rank: int = 0, world: int = 1):
+    n = len(data["label"]) // (batch * world) * (batch * world)  # whole global batches only, as DDP needs
+    for start in range(0, n, batch * world):
+        s = slice(start + rank * batch, start + (rank + 1) * batch)
+        yield {"image": data["image"][s], "label": data["label"][s]}
+
+
+def plain(data: dict, cfg, epochs: int, threads: int) -> float:
+    """Images/s of a single-process loop with the global batch."""
+    from pipelines.train.tasks import classification as task
+    from pipelines.train.trainer import make_optimizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = task.build_model(cfg).train()
+    optimizer = make_optimizer(model, cfg)
+    _steps(cfg, model, optimizer, _batches(data, cfg.batch_size * 2), "cpu")  # warm-up epoch
+    t0, seen = time.perf_counter(), 0
+    for _ in range(epochs - 1):
+        seen += _steps(cfg, model, optimizer, _batches(data, cfg.batch_size * 2), "cpu")
+    return seen / (time.perf_counter() - t0)
+
+
+def _ray_loop(config: dict) -> None:
+    import ray.train
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.distributed import all_reduce_sums
+    from pipelines.train.tasks import classification as task
+    from pipelines.train.trainer import make_optimizer
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(0)
+    ctx = ray.train.get_context()
+    shard = ray.train.get_dataset_shard("train")
+    data = {k: np.concatenate([b[k] for b in shard.iter_batches(batch_size=None, batch_format="numpy")])
+            for k in ("image", "label")}  # this worker's half, in memory like the baseline's
+    model = DistributedDataParallel(task.build_model(cfg).train())
+    optimizer = make_optimizer(model, cfg)
+    _steps(cfg, model, optimizer, _batches(data, cfg.batch_size), "cpu")  # warm-up epoch
+    t0, seen = time.perf_counter(), 0
+    for _ in range(config["epochs"] - 1):
+        seen += _steps(cfg, model, optimizer, _batches(data, cfg.batch_size), "cpu")
+    total = all_reduce_sums({"seen": seen})["seen"]
+    seconds = all_reduce_sums({"s": time.perf_counter() - t0}, op="max")["s"]
+    ray.train.report({"images_per_s": total / seconds, "rank": ctx.get_world_rank()})
+
+
+def ray_train(data: dict, cfg, epochs: int, threads: int) -> float:
+    """Images/s of 2 Ray Train workers (DDP, gloo), each with half the global batch."""
+    import ray.data
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ds = ray.data.from_numpy(data["image"]).rename_columns({"data": "image"})
+    ds = ds.zip(ray.data.from_numpy(data["label"]).rename_columns({"data": "label"}))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = TorchTrainer(_ray_loop, train_loop_config={"cfg": cfg.model_dump(mode="json"), "epochs": epochs,
+                                                             "threads": threads},
+                               scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                               run_config=RunConfig(name="overhead", storage_path=tmp), datasets={"train": ds})
+        return trainer.fit().metrics["images_per_s"]
+
+
+def main() -> None:
+    import os
+
+    import ray
+
+    from pipelines.train.config import TrainConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32, help="per Ray worker; the baseline's batch is twice this")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per side, the first one untimed")
+    p.add_argument("--images", type=int, default=120, help="synth images (about 2-3 crops each)")
+    args = p.parse_args()
+
+    cores = os.cpu_count() or 2
+    ray.init(num_cpus=max(4, cores), include_dashboard=False, log_to_driver=False)
+    try:
+        data = crops(args.images, args.size)
+        cfg = TrainConfig(arch=args.arch, data="-", out="-", image_size=args.size, batch_size=args.batch,
+                          num_classes=int(data["label"].max()) + 1, optimizer="sgd", lr=0.01)
+        base = plain(data, cfg, args.epochs, threads=cores)
+        dist = ray_train(data, cfg, args.epochs, threads=max(1, cores // 2))
+    finally:
+        ray.shutdown()
+    result = {"arch": args.arch, "size": args.size, "global_batch": 2 * args.batch, "images": len(data["label"]),
+              "timed_epochs": args.epochs - 1, "cores": cores, "plain_images_per_s": base,
+              "ray_train_2_workers_images_per_s": dist, "ratio": dist / base}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_overhead.json").write_text(json.dumps(result, indent=2))
+    print(f"| loop | images/s | ratio |\n| --- | ---: | ---: |\n| plain PyTorch, 1 process | {base:.1f} | 1.00 |\n"
+          f"| Ray Train, 2 workers (DDP, gloo) | {dist:.1f} | {dist / base:.2f} |")
+    print(f"{args.arch} at {args.size}px, global batch {2 * args.batch}, {len(data['label'])} crops, "
+          f"{args.epochs - 1} timed epochs, {cores} cores")
+
+
+if __name__ == "__main__":
+    main()
