@@ -1,0 +1,65 @@
+"""`visionflow train/eval/compare/models` from the command line: a localization run, its evaluation, and the
+comparison table + chart with a failed run listed as failed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.cli import main as cli
+from pipelines.compare import compare
+
+
+@pytest.fixture(scope="module")
+def loc_run(ray_cluster, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loc") / "run"
+    rc = cli(["train", "--task", "localization", "--arch", "resnet18", "--data", str(data_dir), "--out", str(out),
+              "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--cpus-per-worker", "0.5",
+              "--augment-cpus", "0.25", "--optimizer", "adamw"])
+    assert rc == 0
+    return out
+
+
+def test_localization_trains_from_the_cli_and_eval_writes_metrics(loc_run, data_dir, capsys):
+    record = json.loads((loc_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_loc_acc", "train_cls_loss", "train_box_loss", "val_loc_acc", "val_iou"} <= set(record)
+    config = json.loads((loc_run / "config.json").read_text())
+    assert config["task"] == "localization" and config["arch"] == "resnet18" and config["optimizer"] == "adamw"
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(loc_run), "--data", str(data_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads((loc_run / "eval" / "metrics.json").read_text())
+    assert written["loc_acc"] == printed["loc_acc"] and 0.0 <= written["loc_acc"] <= written["top1"] <= 1.0
+    assert written["images"] == record["val_images"]  # one worker: every val image counted once
+
+
+def test_compare_lists_runs_and_failed_runs(loc_run, tmp_path, capsys):
+    failed = tmp_path / "archs" / "vgg16"
+    failed.mkdir(parents=True)
+    (failed / "failed.json").write_text(json.dumps({"arch": "vgg16", "task": "classification",
+                                                    "error": "worker died: out of memory"}))
+    rc = cli(["compare", str(loc_run), str(failed), "--out", str(tmp_path / "cmp")])
+    assert rc == 1  # not every run finished
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert table in capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| resnet18 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "localization" and float(cells[2]) == pytest.approx(11.2, abs=0.2)  # params (M)
+    assert float(cells[3]) == pytest.approx(3.6, abs=0.1) and cells[4] == "loc. acc."  # GFLOPs @224
+    assert float(cells[6]) > 0 and float(cells[7]) > 0  # train / inference images/s
+    assert "| vgg16 | classification | | | failed | worker died: out of memory |" in table
+    png = (tmp_path / "cmp" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compare_needs_runs(tmp_path):
+    with pytest.raises(ValueError, match="at least one run"):
+        compare([], tmp_path)
+
+
+def test_models_command_prints_measured_counts(capsys):
+    assert cli(["models", "--task", "localization", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| localizer "))
+    assert "| localization | 11.82 |" in row
+    assert float(row.strip("|").split("|")[3]) == pytest.approx(3.628 * (64 / 224) ** 2, rel=0.05)

@@ -1,0 +1,80 @@
+"""TrainConfig and the pieces of the loop that need no cluster: schedules, losses, optimizer groups."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from pipelines.train.config import TrainConfig
+from pipelines.train.tasks import get_task
+from pipelines.train.tasks.classification import classification_loss, topk_correct
+from pipelines.train.trainer import format_progress, make_optimizer
+
+BASE = {"arch": "resnet18", "data": "d", "out": "o"}
+
+
+def test_task_defaults_to_the_architectures_registry_task():
+    assert TrainConfig(**BASE).task == "classification"
+    assert TrainConfig(**{**BASE, "arch": "localizer"}).task == "localization"
+    assert TrainConfig(**{**BASE, "task": "localization"}).task == "localization"  # a classifier as backbone
+
+
+def test_bad_fields_are_named():
+    with pytest.raises(ValidationError, match="batch_sise"):
+        TrainConfig(**BASE, batch_sise=3)
+    with pytest.raises(ValidationError, match="optimizer"):
+        TrainConfig(**BASE, optimizer="rmsprop")
+    with pytest.raises(KeyError, match="unknown model 'resnet19'"):
+        TrainConfig(**{**BASE, "arch": "resnet19"})
+    with pytest.raises(ValidationError, match="classification needs a classifier"):
+        TrainConfig(**{**BASE, "arch": "localizer", "task": "classification"})
+
+
+def test_schedules():
+    cos = TrainConfig(**BASE, epochs=4, lr=0.1)
+    assert [round(cos.lr_factor(e), 4) for e in range(4)] == [1.0, 0.8536, 0.5, 0.1464]
+    step = TrainConfig(**BASE, epochs=6, schedule="step", step_size=2, gamma=0.5, warmup_epochs=1)
+    assert [step.lr_factor(e) for e in range(6)] == [0.5, 1.0, 1.0, 0.5, 0.5, 0.25]
+    assert TrainConfig(**BASE, optimizer="adamw").learning_rate() == 1e-3
+
+
+def test_googlenet_aux_losses_weigh_three_tenths():
+    cfg = TrainConfig(**BASE)
+    torch.manual_seed(0)
+    logits, aux1, aux2 = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    loss, main = classification_loss((logits, aux1, aux2), y, cfg)
+    expected = F.cross_entropy(logits, y) + 0.3 * (F.cross_entropy(aux1, y) + F.cross_entropy(aux2, y))
+    torch.testing.assert_close(loss, expected)
+    assert main is logits
+    torch.testing.assert_close(classification_loss(logits, y, cfg)[0], F.cross_entropy(logits, y))
+
+
+def test_topk_counts_and_caps_k_at_the_class_count():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert topk_correct(logits, torch.tensor([1, 2]), 1) == 1
+    assert topk_correct(logits, torch.tensor([1, 0]), 2) == 1
+    assert topk_correct(logits, torch.tensor([2, 0]), 5) == 2
+
+
+def test_optimizer_keeps_weight_decay_off_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = make_optimizer(model, TrainConfig(**BASE, weight_decay=0.01))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.01 and len(decay["params"]) == 1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_task_plugins_are_found_by_name():
+    for name in ("classification", "localization"):
+        module = get_task(name)
+        assert all(callable(getattr(module, f)) for f in ("build_model", "view", "collate", "train_step", "evaluate"))
+    with pytest.raises(ValueError, match="unknown task 'pose'"):
+        get_task("pose")
+
+
+def test_progress_line_has_throughput_and_metrics():
+    line = format_progress({"epoch": 0, "start_epoch": 0, "train_images_per_s": 12.5, "train_loss": 0.5,
+                            "val_top1": 0.75}, epochs=3)
+    assert line.startswith("epoch 1/3") and "12.5 img/s" in line and "val_top1 0.7500" in line

@@ -1,0 +1,83 @@
+"""Ray Train for classification and localization: DDP over two workers, a worker killed mid-run and
+replaced, resume by rerunning, the two-tower AlexNet, checkpoints loaded back, eval and compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipelines.train import TrainConfig, evaluate_checkpoint, fit, latest_checkpoint, load_checkpoint
+from pipelines.train.storage import read_metrics
+
+TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5, "augment_cpus": 0.25, "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_cluster, data_dir, tmp_path_factory):
+    """Two DDP workers, two epochs; rank 1 kills its own process at the start of epoch 1, once."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    marker = out.parent / "killed.marker"
+    cfg = TrainConfig(task="classification", arch="resnet18", data=str(data_dir), out=str(out), workers=2,
+                      max_failures=1, chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 1}, **TINY)
+    return cfg, fit(cfg), marker
+
+
+def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(killed_run):
+    cfg, result, marker = killed_run
+    assert marker.exists(), "the chaos hook never killed the worker"
+    records = read_metrics(cfg.out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["start_epoch"] == 0
+    assert records[1]["start_epoch"] == 1  # the new worker group started from epoch 0's checkpoint
+    assert result["epochs_run"] == 2 and result["metrics"]["epoch"] == 1
+    for r in records:  # both workers' images counted, metrics in range
+        assert r["train_images"] > 0 and r["train_images_per_s"] > 0
+        assert 0.0 <= r["val_top1"] <= 1.0 and r["val_top1"] <= r["val_top5"]
+        assert r["train_loss"] > 0 and torch.isfinite(torch.tensor(r["train_loss"]))
+
+
+def test_rerunning_the_same_command_continues_from_the_last_checkpoint(killed_run):
+    cfg, _, _ = killed_run
+    before = read_metrics(cfg.out)
+    result = fit(cfg.model_copy(update={"epochs": 3, "chaos": None}))
+    after = read_metrics(cfg.out)
+    assert [r["epoch"] for r in after] == [0, 1, 2]
+    assert after[:2] == before  # the finished epochs were not trained again
+    assert after[2]["start_epoch"] == 2
+    assert result["checkpoint"].endswith("epoch_0002")
+
+
+def test_checkpoint_payload_and_load_checkpoint(killed_run):
+    cfg, _, _ = killed_run
+    path = latest_checkpoint(cfg.out)
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"model", "optimizer", "epoch", "config"}
+    for key in ("task", "arch", "num_classes", "image_size", "categories"):
+        assert key in payload["config"]
+    assert [c["label"] for c in payload["config"]["categories"]] == list(range(1, payload["config"]["num_classes"] + 1))
+    for target in (cfg.out, path, path.rsplit("/", 1)[0]):  # run dir, checkpoint file, checkpoint dir
+        model, config = load_checkpoint(target)
+        assert not model.training and config["arch"] == "resnet18" and config["epoch"] == payload["epoch"]
+    torch.testing.assert_close(model.state_dict()["net.fc.weight"], payload["model"]["net.fc.weight"])
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, config["num_classes"])
+
+
+@pytest.mark.slow  # a 57M-parameter checkpoint per epoch; the towers themselves are checked in test_models_zoo
+def test_two_tower_alexnet_trains_on_ray_train_and_evaluates(ray_cluster, data_dir, tmp_path):
+    cfg = TrainConfig(task="classification", arch="alexnet2012", data=str(data_dir), out=str(tmp_path / "run"),
+                      workers=1, **{**TINY, "epochs": 1, "image_size": 64})
+    fit(cfg)
+    model, config = load_checkpoint(cfg.out)
+    assert type(model).__name__ == "AlexNet2012" and len(model.devices) == 2
+    metrics = evaluate_checkpoint(cfg.out, data_dir, tmp_path / "eval")
+    assert metrics["images"] > 0 and 0.0 <= metrics["top1"] <= 1.0
+    assert metrics["inference_images_per_s"] > 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == metrics["top1"]
+
+
+def test_bad_data_directory_is_named(ray_cluster, tmp_path):
+    cfg = TrainConfig(arch="resnet18", data=str(tmp_path / "nowhere"), out=str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        fit(cfg)
