@@ -9,6 +9,7 @@ Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<t
   (``get_dataset_shard``), so every worker runs the same number of steps.
 - ``collate(numpy_batch, device)`` -> whatever ``train_step`` and ``evaluate`` take. Numpy batches come from
   ``iter_batches`` (not ``iter_torch_batches``), so ragged detection rows are the task's to collate.
+- ``MIN_BATCH`` (optional, default 1): smaller batches are skipped (batch norm needs 2 samples).
 - ``train_step(model, batch, cfg) -> (loss, stats)``: ``stats`` are batch means (floats); an ``"n"`` entry
   (images in the batch) weights them, otherwise the numpy batch's length does.
 - ``evaluate(model, batches, cfg) -> dict``: called on every worker with its val shard's collated batches
@@ -161,6 +162,7 @@ def train_loop(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
 
+    min_batch = getattr(task, "MIN_BATCH", 1)
     for epoch in range(start, cfg.epochs):
         _chaos(cfg, epoch, rank)
         lr = _set_lr(optimizer, cfg, epoch)
@@ -169,7 +171,7 @@ def train_loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard(f"train_{epoch}")
         for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2):
             n = len(next(iter(raw.values())))
-            if n < 2:  # batch norm needs two samples; equal shards make every worker skip the same step
+            if n < min_batch:  # equal shards: every worker skips the same step, DDP stays in step
                 continue
             batch = task.collate(raw, device)
             with autocast():

@@ -10,6 +10,8 @@ from pipelines.adversarial_training import adversarial_images, tempered_loss, us
 from pipelines.train.devices import tower_devices, wants_devices
 from pipelines.train.distributed import all_reduce_sums
 
+MIN_BATCH = 2  # batch norm in training mode needs two samples: the loop skips smaller (last) batches
+
 
 def build_model(cfg) -> nn.Module:
     """The registry classifier ``cfg.arch`` with ``cfg.num_classes`` outputs (a two-tower model gets two devices)."""

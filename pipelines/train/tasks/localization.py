@@ -7,7 +7,7 @@ import torch.nn as nn
 from torchvision.ops import box_iou
 
 from pipelines.train.distributed import all_reduce_sums
-from pipelines.train.tasks.classification import images_to_tensor
+from pipelines.train.tasks.classification import MIN_BATCH, images_to_tensor  # noqa: F401  (the loop reads it)
 
 
 def build_model(cfg) -> nn.Module:
