@@ -142,3 +142,37 @@ def test_stop_shuts_serve_down(served):
     assert "stopped" in served["out"].getvalue()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{served['url']}/healthz", timeout=5)
+
+
+@pytest.mark.slow
+def test_the_command_stays_up_until_ctrl_c(tmp_path):
+    """The real `visionflow serve` process (its own local Ray): serves, then SIGINT shuts it down cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = PORT + 1
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", "--random-weights", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "RAY_DISABLE_DASHBOARD": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(2)
+            assert proc.poll() is None, proc.stdout.read()
+        r = requests.post(f"http://127.0.0.1:{port}/v1/detect", data=_jpeg(), headers={"content-type": "image/jpeg"},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0 and "stopped" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -92,10 +92,11 @@ def test_suppress_batched_across_requests_equals_per_image_nms():
                                           (50, 3, 0.3, 0.1, 5), (30, 4, 0.5, 0.0, 3)]]
     outs = suppress(items, torch.device("cpu"))
     assert len(outs) == len(items)
-    for it, out in zip(items, outs):
+    for it, (out, index) in zip(items, outs):
         d = it["dets"][it["dets"].scores >= it["score_threshold"]]
         keep = batched_nms(d.boxes, d.scores, d.labels, it["iou_threshold"])[: it["max_detections"]]
         assert torch.equal(out.boxes, d.boxes[keep]) and torch.equal(out.labels, d.labels[keep])
+        assert torch.equal(it["dets"].boxes[index], out.boxes)  # indices into the request's candidates
         assert len(out) <= it["max_detections"]
         assert torch.all(out.scores[:-1] >= out.scores[1:])
 
@@ -105,7 +106,7 @@ def test_suppress_never_mixes_images():
     box = torch.tensor([[10.0, 10, 50, 50]])
     one = Detections(box, torch.tensor([0.9]), torch.tensor([1]))
     items = [{"dets": one, "iou_threshold": 0.5, "score_threshold": 0.0, "max_detections": 10}] * 2
-    assert [len(o) for o in suppress(items, torch.device("cpu"))] == [1, 1]
+    assert [len(o) for o, _ in suppress(items, torch.device("cpu"))] == [1, 1]
 
 
 def test_to_sent_image_scales_and_clips_boxes_and_masks():

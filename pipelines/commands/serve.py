@@ -50,6 +50,10 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=sys.stdout)
         print(f"visionflow serve: {e}", file=out)
         shutdown()
         return 2
+    except Exception as e:  # a replica that failed to start (e.g. a corrupt checkpoint), a port in use
+        print(f"visionflow serve: deployment failed: {type(e).__name__}: {e}", file=out)
+        shutdown()
+        return 1
     print(f"visionflow serve: {', '.join(m.name for m in served.models)} at {url} "
           f"(POST /v1/detect|segment|classify, GET /v1/models, /docs); Ctrl-C to stop", file=out, flush=True)
     try:

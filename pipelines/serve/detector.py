@@ -9,11 +9,18 @@ from ray import serve
 
 from pipelines.serve.config import ModelSpec
 from pipelines.serve.models import load_served_model, run_candidates, run_classifier
+from vision.structures import Detections
 
 
 def _device() -> torch.device:
     # A replica given num_gpus sees its GPU; otherwise the CPU.
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _compact(d: Detections) -> Detections:
+    # Mask probabilities in half precision: half the bytes between stages, same 0.5 threshold.
+    return d if d.masks is None or not d.masks.is_floating_point() else \
+        Detections(d.boxes, d.scores, d.labels, d.masks.half())
 
 
 class _BatchedModel:
@@ -53,7 +60,7 @@ class Detector(_BatchedModel):
     def _run(self, images: list[torch.Tensor]) -> list[dict]:
         t0 = time.perf_counter()
         batch = [im.to(self.device, non_blocking=True).float().div_(255) for im in images]
-        outs = run_candidates(self.model, batch)
+        outs = [_compact(o) for o in run_candidates(self.model, batch)]
         ms = (time.perf_counter() - t0) * 1e3
         return [{"dets": o, "ms": ms, "batch": len(images)} for o in outs]
 

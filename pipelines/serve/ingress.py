@@ -20,6 +20,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from pipelines.serve.config import ENDPOINT_TASK, ServeArgs
 from pipelines.serve.errors import ApiError, bad_parameter, not_an_image, overloaded, too_large
 from pipelines.serve.images import check_content_type
+from vision.structures import Detections
 
 app = FastAPI(title="visionflow", version="0.1.0",
               description="Detection, instance segmentation and classification of the visionflow models.")
@@ -151,12 +152,17 @@ class Ingress:
         info, prep = await self._prepare(request, name, square=False)
         cands = await self._call(self.models[name], prep["image"])
         nms = self.args.nms
+        dets = cands["dets"]
+        # Masks skip the NMS stage (it needs boxes only); the kept ones rejoin their boxes here.
         kept = await self._call(self.nms, {
-            "dets": cands["dets"],
+            "dets": Detections(dets.boxes, dets.scores, dets.labels),
             "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
             "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
             "max_detections": nms.max_detections if max_detections is None else max_detections})
-        post = await self._call(self.postprocess.detections, kept["dets"], tuple(prep["image"].shape[-2:]),
+        out = kept["dets"]
+        if dets.masks is not None:
+            out = Detections(out.boxes, out.scores, out.labels, dets.masks[kept["keep"]])
+        post = await self._call(self.postprocess.detections, out, tuple(prep["image"].shape[-2:]),
                                 prep["size"], info["categories"])
         w, h = prep["size"]
         body = {"model": name, "task": task, "image": {"width": w, "height": h}, "detections": post["items"]}

@@ -15,18 +15,20 @@ from vision.ops import batched_nms
 from vision.structures import Detections
 
 
-def suppress(items: list[dict], device: torch.device) -> list[Detections]:
+def suppress(items: list[dict], device: torch.device) -> list[tuple[Detections, torch.Tensor]]:
     """NMS for each item ``{"dets": Detections, "iou_threshold", "score_threshold", "max_detections"}``.
 
-    Returns per item the kept :class:`Detections` on the CPU, best first, at most ``max_detections``.
+    Returns per item ``(kept Detections on the CPU, best first, at most max_detections; their indices
+    in the item's dets)``.
     """
-    results: list[Detections | None] = [None] * len(items)
+    results: list[tuple[Detections, torch.Tensor] | None] = [None] * len(items)
     by_iou: dict[float, list[int]] = {}
     for i, it in enumerate(items):
         by_iou.setdefault(float(it["iou_threshold"]), []).append(i)
     for iou, idx in by_iou.items():
         # Score filter first: it is per request and shrinks the kernel's input.
-        cands = [items[i]["dets"][items[i]["dets"].scores >= items[i]["score_threshold"]] for i in idx]
+        where = [(items[i]["dets"].scores >= items[i]["score_threshold"]).nonzero().flatten() for i in idx]
+        cands = [items[i]["dets"][w] for i, w in zip(idx, where)]
         sizes = [len(c) for c in cands]
         owner = torch.repeat_interleave(torch.arange(len(cands)), torch.tensor(sizes, dtype=torch.long))
         if not sum(sizes):
@@ -43,14 +45,14 @@ def suppress(items: list[dict], device: torch.device) -> list[Detections]:
         kept_owner = owner[kept]
         for k, i in enumerate(idx):
             mine = kept[kept_owner == k][: int(items[i]["max_detections"])] - starts[k]
-            results[i] = cands[k][mine]
+            results[i] = (cands[k][mine], where[k][mine])
     return results
 
 
 @serve.deployment
 class NmsStage:
-    """``__call__(item)`` -> ``{"dets": Detections, "ms", "device"}``: batched NMS on the GPU when the
-    replica has one (``num_gpus`` in the config), else on the CPU."""
+    """``__call__(item)`` -> ``{"dets": kept Detections, "keep": their indices in the item's dets, "ms",
+    "device"}``: batched NMS on the GPU when the replica has one (``num_gpus`` in the config), else the CPU."""
 
     def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,4 +69,4 @@ class NmsStage:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
-        return [{"dets": o, "ms": ms, "device": self.device.type} for o in outs]
+        return [{"dets": d, "keep": k, "ms": ms, "device": self.device.type} for d, k in outs]
