@@ -1,0 +1,223 @@
+"""Decode + flip + scale + batch throughput: Ray Data (``pipelines.data``) against a DataLoader baseline.
+
+One run measures, on the same images:
+- ``ray_data``: ``load_split`` -> ``augment(task="detection", train=True)`` -> ``iter_batches`` +
+  ``collate_detection`` (images from the Parquet shards);
+- ``dataloader``: ``torchvision.datasets.CocoDetection`` (wrapped for transforms v2) + ``DataLoader(num_workers=2)``
+  with the same transforms (flip, scale jitter, sanitize, to float), images from the JPEG files;
+- ``decode_ceiling``: JPEG decoding alone in a process pool over both cores (the limit either can reach).
+Reported as images/s and ratios against the DataLoader. Writes ``benchmarks/results/data_throughput.json``.
+
+``--ingest-memory N`` instead measures the peak memory of writing and ingesting an N-image synth set:
+the driver's peak RSS (``ru_maxrss``), the peak summed RSS of this cluster's Ray processes (raylet, GCS,
+workers; shared object-store pages count in each process that touches them, so it over-counts) and the
+peak object-store (plasma) use, sampled every 0.5 s.
+
+    .venv/bin/python -m benchmarks.data_throughput [--images 400] [--size 128] [--batch 16] [--repeat 2]
+    .venv/bin/python -m benchmarks.data_throughput --ingest-memory 10000
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import re
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _decode(data: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB").size[0]
+
+
+def decode_ceiling(files: list[Path], processes: int) -> float:
+    """Images/s of PIL decoding alone over ``processes`` processes (bytes read beforehand)."""
+    blobs = [f.read_bytes() for f in files]
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_decode, blobs[:processes * 2])  # warm the workers up
+        start = time.perf_counter()
+        pool.map(_decode, blobs, chunksize=16)
+        return len(blobs) / (time.perf_counter() - start)
+
+
+def _collate(batch):
+    return tuple(zip(*batch))
+
+
+def dataloader_throughput(root: Path, size: int, batch: int, workers: int) -> float:
+    """Images/s of CocoDetection + DataLoader(num_workers) with flip, scale jitter, sanitize, to float."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+    from torchvision.transforms import v2
+
+    from vision.transforms import SCALE_RANGE
+
+    tf = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(),
+                     v2.ScaleJitter(target_size=(size, size), scale_range=SCALE_RANGE, antialias=True),
+                     v2.SanitizeBoundingBoxes(), v2.ToDtype(torch.float32, scale=True)])
+    ds = wrap_dataset_for_transforms_v2(
+        CocoDetection(str(root / "train"), str(root / "annotations" / "instances_train.json"), transforms=tf),
+        target_keys=("image_id", "boxes", "labels"))
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False)
+    start, n = time.perf_counter(), 0
+    for images, _targets in loader:
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def ray_throughput(data_dir: Path, size: int, batch: int, epoch: int) -> float:
+    """Images/s of load_split -> augment(detection, train) -> iter_batches -> collate_detection."""
+    from pipelines.data import augment, collate_detection, load_split
+
+    start, n = time.perf_counter(), 0
+    ds, _ = load_split(data_dir, "train")
+    view = augment(ds, task="detection", size=size, train=True, seed=0, epoch=epoch)
+    for b in view.iter_batches(batch_size=batch, batch_format="numpy"):
+        images, _targets = collate_detection(b)
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+def throughput(args) -> dict:
+    import ray
+
+    from pipelines.data import ingest
+    from vision.data.synth import write_synth
+
+    work = Path(tempfile.mkdtemp(prefix="vf_bench_data_"))
+    write_synth(work / "coco", images=args.images, size=args.size, seed=0, val_fraction=0.0)
+    files = sorted((work / "coco" / "train").glob("*.jpg"))
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
+               work / "shards" / "train")
+        runs = {"ray_data": [], "dataloader": []}
+        for r in range(args.repeat):  # alternate, so background load hits both alike
+            runs["dataloader"].append(dataloader_throughput(work / "coco", args.size, args.batch, args.workers))
+            runs["ray_data"].append(ray_throughput(work / "shards", args.size, args.batch, epoch=r))
+            print(f"round {r + 1}: ray_data {runs['ray_data'][-1]:.1f} img/s, "
+                  f"dataloader {runs['dataloader'][-1]:.1f} img/s", flush=True)
+    finally:
+        ray.shutdown()
+    ceiling = {p: decode_ceiling(files, p) for p in (1, args.cpus)}
+    best = {k: max(v) for k, v in runs.items()}
+    return {
+        "benchmark": "data_throughput",
+        "config": {"images": len(files), "size": args.size, "batch": args.batch, "cpus": args.cpus,
+                   "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count()},
+        "images_per_s": {**best, "decode_ceiling_1proc": ceiling[1], f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
+        "all_runs": runs,
+        "ratio_ray_vs_dataloader": best["ray_data"] / best["dataloader"],
+        "ray_fraction_of_decode_ceiling": best["ray_data"] / ceiling[args.cpus],
+        "dataloader_fraction_of_decode_ceiling": best["dataloader"] / ceiling[args.cpus],
+    }
+
+
+def _plasma_mib(summary: str) -> float:
+    m = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", summary)
+    return float(m.group(1)) if m else 0.0
+
+
+def ingest_memory(args) -> dict:
+    """Peak memory of a synth + ingest of ``args.ingest_memory`` images (see the module docstring)."""
+    import psutil
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    from pipelines.data import ingest
+    from vision.data.synth import write_synth
+
+    work = Path(tempfile.mkdtemp(prefix="vf_bench_mem_"))
+    t0 = time.perf_counter()
+    write_synth(work / "coco", images=args.ingest_memory, size=args.size, seed=0, val_fraction=0.0)
+    synth_s = time.perf_counter() - t0
+    synth_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ctx = ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    peaks = {"plasma_mib": 0.0, "ray_rss_mib": 0.0}
+    stop = threading.Event()
+    me = os.getpid()
+
+    def sample():
+        while not stop.is_set():
+            try:
+                peaks["plasma_mib"] = max(peaks["plasma_mib"], _plasma_mib(
+                    memory_summary(ctx.address_info["address"], stats_only=True)))
+                # This cluster's processes only (raylet, GCS, workers descend from this driver), not
+                # those of other Ray clusters on the same machine.
+                rss = sum(p.memory_info().rss for p in psutil.Process(me).children(recursive=True))
+                peaks["ray_rss_mib"] = max(peaks["ray_rss_mib"], rss / 2**20)
+            except Exception:  # noqa: BLE001 -- a missed sample only lowers the resolution
+                pass
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        t0 = time.perf_counter()
+        manifest = ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
+                          work / "shards")
+        ingest_s = time.perf_counter() - t0
+    finally:
+        stop.set()
+        thread.join()
+        ray.shutdown()
+    image_bytes = sum(f.stat().st_size for f in (work / "coco" / "train").glob("*.jpg"))
+    return {
+        "benchmark": "data_ingest_memory",
+        "config": {"images": args.ingest_memory, "size": args.size, "cpus": args.cpus},
+        "synth_seconds": synth_s, "synth_peak_rss_mib": synth_rss,
+        "ingest_seconds": ingest_s, "num_images": manifest["num_images"],
+        "num_instances": manifest["num_instances"],
+        "jpeg_bytes_mib": image_bytes / 2**20,
+        "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ray_processes_peak_rss_mib": peaks["ray_rss_mib"],
+        "object_store_peak_mib": peaks["plasma_mib"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and decode-ceiling processes (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
+                   help="instead: measure the peak memory of synth + ingest of N images")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.ingest_memory:
+        result = ingest_memory(args)
+        (RESULTS / "data_ingest_memory.json").write_text(json.dumps(result, indent=1))
+        print(f"{'synth + ingest of':<28}{result['num_images']} images ({result['jpeg_bytes_mib']:.0f} MiB of JPEG)")
+        for k in ("synth_seconds", "synth_peak_rss_mib", "ingest_seconds", "driver_peak_rss_mib",
+                  "ray_processes_peak_rss_mib", "object_store_peak_mib"):
+            print(f"{k:<28}{result[k]:.1f}")
+        return result
+    result = throughput(args)
+    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
+    base = result["images_per_s"]["dataloader"]
+    for k, v in result["images_per_s"].items():
+        print(f"{k:<28}{v:>10.1f}{v / base:>8.2f}")
+    print(f"ray_data / dataloader = {result['ratio_ray_vs_dataloader']:.2f} "
+          f"({result['config']['images']} images of {args.size} px, shared {os.cpu_count()}-core box)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

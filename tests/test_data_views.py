@@ -1,0 +1,121 @@
+"""Task views from the shards (pipelines.data.augment) and collate_detection, on the real Ray cluster."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipelines.data import augment, collate_detection, load_split
+
+
+@pytest.fixture(scope="module")
+def split(data_dir):
+    ds, manifest = load_split(data_dir, "train")
+    table = pq.read_table(data_dir / "train")
+    return ds, manifest, table
+
+
+def _rows(ds):
+    return sorted(ds.take_all(), key=lambda r: (int(r.get("image_id", 0)), r.get("label", 0)))
+
+
+def test_classification_view(split):
+    ds, manifest, table = split
+    rows = augment(ds, task="classification", size=32, seed=0, epoch=0).take_all()
+    non_crowd = sum(len(c) - sum(c) for c in table["iscrowd"].to_pylist())
+    assert 0.9 * non_crowd <= len(rows) <= non_crowd  # one crop per non-crowd object (tiny ones skipped)
+    k = len(manifest["categories"])
+    labels = np.array([r["label"] for r in rows])
+    assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() <= k - 1
+    assert len(set(labels.tolist())) == k
+    assert all(r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8 for r in rows)
+
+
+def test_localization_view_picks_the_largest_object(split):
+    ds, manifest, table = split
+    rows = augment(ds, task="localization", size=40, train=False).take_all()
+    expected = []
+    for r in table.select(["image_id", "boxes", "labels", "iscrowd", "width", "height"]).to_pylist():
+        b = np.asarray(r["boxes"], np.float32).reshape(-1, 4)
+        area = np.where(np.asarray(r["iscrowd"]) == 0, (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), -1)
+        if len(b) and area.max() > 0:
+            i = int(np.argmax(area))
+            expected.append((b[i] * 40 / r["width"], r["labels"][i] - 1))
+    assert len(rows) == len(expected)
+    boxes = np.stack([e[0] for e in expected])
+    for r in rows:
+        assert r["image"].shape == (40, 40, 3) and r["box"].dtype == np.float32
+        j = int(np.abs(boxes - r["box"]).max(1).argmin())  # eval: the box just scales
+        assert np.abs(boxes[j] - r["box"]).max() < 1e-3 and expected[j][1] == r["label"]
+
+
+def test_detection_view_eval_and_train(split):
+    ds, manifest, table = split
+    originals = {r["image_id"]: r for r in table.select(["image_id", "boxes", "labels", "width"]).to_pylist()}
+    ev = augment(ds, task="detection", size=64, train=False)
+    count = 0
+    for batch in ev.iter_batches(batch_size=8, batch_format="numpy"):
+        images, targets = collate_detection(batch)
+        for img, t in zip(images, targets):
+            src = originals[t["image_id"]]
+            assert img.dtype == torch.float32 and img.shape == (3, 96, 96) and 0 <= img.min() and img.max() <= 1
+            assert t["labels"].tolist() == src["labels"]  # eval keeps every instance at the original size
+            assert torch.allclose(t["boxes"], torch.tensor(src["boxes"], dtype=torch.float32).reshape(-1, 4))
+            count += 1
+    assert count == manifest["num_images"]
+    sizes = set()
+    for batch in augment(ds, task="detection", size=64, train=True, seed=1).iter_batches(batch_size=8,
+                                                                                         batch_format="numpy"):
+        images, targets = collate_detection(batch)
+        for img, t in zip(images, targets):
+            sizes.add(img.shape[-1])
+            assert max(img.shape[-2:]) <= 64 * 1.25 + 1
+            b = t["boxes"]
+            assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+            assert (b[:, 2] <= img.shape[-1]).all() and (b[:, 3] <= img.shape[-2]).all()
+            assert t["labels"].min().item() >= 1 if len(t["labels"]) else True
+    assert len(sizes) > 3  # scale jitter
+
+
+def test_segmentation_view_masks_follow_boxes(split):
+    ds, _, _ = split
+    view = augment(ds, task="segmentation", size=64, train=True, seed=0, epoch=2)
+    batch = next(iter(view.iter_batches(batch_size=6, batch_format="numpy")))
+    images, targets = collate_detection(batch)
+    for img, t in zip(images, targets):
+        assert t["masks"].shape == (len(t["boxes"]), *img.shape[-2:]) and t["masks"].dtype == torch.uint8
+        for box, mask in zip(t["boxes"], t["masks"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(xs):
+                assert xs.min() >= box[0] - 2 and xs.max() + 1 <= box[2] + 2
+
+
+def test_views_reproducible_per_epoch_and_different_across_epochs(split):
+    """A row of the Ray view equals the same transform run here, seeded by (seed, epoch, image_id)."""
+    ds, _, table = split
+    from vision import transforms as T
+
+    sources = {r["image_id"]: r for r in table.to_pylist()}
+    ids = set(sorted(sources)[:12])
+    sub = ds.filter(lambda r: r["image_id"] in ids)
+    a = _rows(augment(sub, task="detection", size=48, seed=7, epoch=3))
+    c = _rows(augment(sub, task="detection", size=48, seed=7, epoch=4))
+    assert len(a) == len(c) == 12
+    for row in a:
+        src = sources[row["image_id"]]
+        img, t = T.transform_detection(T.decode_image(src["image"]), np.asarray(src["boxes"]).reshape(-1, 4),
+                                       src["labels"], iscrowd=src["iscrowd"], size=48, train=True,
+                                       seed=T.seed_for(7, 3, row["image_id"]))
+        assert np.array_equal(row["image"], img.permute(1, 2, 0).numpy())
+        assert np.array_equal(row["boxes"].reshape(-1, 4), t["boxes"].numpy().reshape(-1, 4))
+    assert any(x["image"].shape != z["image"].shape or not np.array_equal(x["image"], z["image"])
+               for x, z in zip(a, c))
+
+
+def test_bad_view_arguments(split):
+    ds, _, _ = split
+    with pytest.raises(ValueError, match="unknown task 'keypoints'"):
+        augment(ds, task="keypoints", size=32)
+    with pytest.raises(ValueError, match="size"):
+        augment(ds, task="detection", size=0)
