@@ -11,6 +11,8 @@ import torch.nn as nn
 
 # Some heads get no gradient in a step (e.g. the mask head of an image without objects).
 FIND_UNUSED_PARAMETERS = True
+# SSD's last feature maps and DeepLab's image pooling are 1x1: batch norm needs two images there.
+MIN_BATCH = 2
 IOU_TYPES = ("bbox",)
 
 

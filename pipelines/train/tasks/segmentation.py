@@ -13,6 +13,7 @@ from pipelines.train.distributed import all_reduce_sums
 from pipelines.train.tasks import detection as _det
 
 FIND_UNUSED_PARAMETERS = True
+MIN_BATCH = _det.MIN_BATCH
 IGNORE = 255  # crowd pixels: neither object nor background
 
 
