@@ -378,7 +378,8 @@ def _val_images(data_dir: str, n: int) -> list[tuple[str, bytes]]:
 
 
 def _post(url: str, body: bytes, timeout: float) -> dict:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
+    kind = "image/png" if body[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": kind}, method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
