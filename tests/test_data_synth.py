@@ -96,7 +96,9 @@ def test_synth_command(tmp_path, capsys):
     from pipelines.cli import main
 
     assert main(["synth", "--out", str(tmp_path), "--images", "5", "--size", "48", "--seed", "1"]) == 0
-    assert json.loads(capsys.readouterr().out.strip())["train"]["images"] == 4
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "synth: 1/5 images" and lines[-2] == "synth: 5/5 images"  # progress
+    assert json.loads(lines[-1])["train"]["images"] == 4
     assert len(list((tmp_path / "train").glob("*.jpg"))) == 4
     assert main(["synth", "--out", str(tmp_path), "--images", "0"]) == 2
 

@@ -16,9 +16,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from vision.data.synth import write_synth
 
+    step = max(args.images // 10, 1)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            print(f"synth: {done}/{total} images", flush=True)
+
     try:
         counts = write_synth(args.out, images=args.images, size=args.size, seed=args.seed,
-                             val_fraction=args.val_fraction)
+                             val_fraction=args.val_fraction, progress=progress)
     except ValueError as e:
         print(f"visionflow synth: {e}")
         return 2

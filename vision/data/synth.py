@@ -156,12 +156,14 @@ def _visible(polys: list[np.ndarray], occluders: list[np.ndarray], size: int) ->
     return pieces
 
 
-def write_synth(out, images: int = 200, size: int = 128, seed: int = 0, val_fraction: float = 0.2) -> dict:
+def write_synth(out, images: int = 200, size: int = 128, seed: int = 0, val_fraction: float = 0.2,
+                progress=None) -> dict:
     """Write the shapes dataset to ``out`` in COCO layout.
 
-    Takes the output directory, the number of images (train + val), their side in pixels, the seed and
-    the fraction of images that go to val. Writes ``out/annotations/instances_{train,val}.json`` and
-    ``out/{train,val}/<id>.jpg``. Returns ``{"train": {"images": n, "instances": m}, "val": {...}}``.
+    Takes the output directory, the number of images (train + val), their side in pixels, the seed,
+    the fraction of images that go to val, and an optional ``progress(done, total)`` callable.
+    Writes ``out/annotations/instances_{train,val}.json`` and ``out/{train,val}/<id>.jpg``.
+    Returns ``{"train": {"images": n, "instances": m}, "val": {...}}``.
     Deterministic for a given (images, size, seed, val_fraction).
     """
     if int(images) < 1:
@@ -202,6 +204,8 @@ def write_synth(out, images: int = 200, size: int = 128, seed: int = 0, val_frac
             for ann in anns:
                 ann_id += 1
                 coco["annotations"].append({"id": ann_id, "image_id": image_id, **ann})
+            if progress is not None:
+                progress(image_id, images)
         with open(out / "annotations" / f"instances_{split}.json", "w") as f:
             json.dump(coco, f)
         counts[split] = {"images": n, "instances": ann_id}
