@@ -141,7 +141,8 @@ def _render_image(rng, size: int, n_shapes: int, crowd: bool):
                 "category_id": CROWD_CATEGORY,
                 "segmentation": uncompressed_rle(mask),
                 "area": float(mask.sum()),
-                "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
+                "bbox": [float(xs.min()), float(ys.min()),
+                         float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
                 "iscrowd": 1,
             })
     return np.asarray(img), anns
