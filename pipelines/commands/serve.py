@@ -42,8 +42,12 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=sys.stdout)
         return 2
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.address) if args.address else ray.init()
+    try:
+        if not ray.is_initialized():
+            ray.init(address=args.address) if args.address else ray.init()
+    except Exception as e:
+        print(f"visionflow serve: could not start or reach Ray ({args.address or 'local'}): {e}", file=out)
+        return 1
     try:
         url = deploy(served, host=args.host or http.host, port=args.port or http.port)
     except (FileNotFoundError, ValueError) as e:
