@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -99,9 +100,10 @@ def throughput(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="vf_bench_data_"))
     write_synth(work / "coco", images=args.images, size=args.size, seed=0, val_fraction=0.0)
     files = sorted((work / "coco" / "train").glob("*.jpg"))
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ceiling = {p: decode_ceiling(files, p) for p in (1, args.cpus)}  # before Ray takes the cores
     try:
+        start_ray(args.cpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                work / "shards" / "train")
         runs = {"ray_data": [], "dataloader": []}
@@ -112,7 +114,7 @@ def throughput(args) -> dict:
                   f"dataloader {runs['dataloader'][-1]:.1f} img/s", flush=True)
     finally:
         ray.shutdown()
-    ceiling = {p: decode_ceiling(files, p) for p in (1, args.cpus)}
+        shutil.rmtree(work, ignore_errors=True)
     best = {k: max(v) for k, v in runs.items()}
     return {
         "benchmark": "data_throughput",
@@ -127,6 +129,44 @@ def throughput(args) -> dict:
     }
 
 
+def start_ray(cpus: int):
+    """``ray.init`` with a few retries: on a heavily loaded machine the raylet can give up waiting for
+    its dashboard agent (ray-project/ray#65983), and a second try usually starts."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            return ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception for this
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+
+
+def _descendants_rss(pid: int) -> int:
+    """Summed resident memory (bytes) of every process below ``pid``, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    total, stack = 0, list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        stack += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def _plasma_mib(summary: str) -> float:
     m = re.search(r"Plasma memory usage (\d+(?:\.\d+)?) MiB", summary)
     return float(m.group(1)) if m else 0.0
@@ -134,7 +174,6 @@ def _plasma_mib(summary: str) -> float:
 
 def ingest_memory(args) -> dict:
     """Peak memory of a synth + ingest of ``args.ingest_memory`` images (see the module docstring)."""
-    import psutil
     import ray
     from ray._private.internal_api import memory_summary
 
@@ -146,7 +185,7 @@ def ingest_memory(args) -> dict:
     write_synth(work / "coco", images=args.ingest_memory, size=args.size, seed=0, val_fraction=0.0)
     synth_s = time.perf_counter() - t0
     synth_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ctx = ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ctx = start_ray(args.cpus)
     peaks = {"plasma_mib": 0.0, "ray_rss_mib": 0.0}
     stop = threading.Event()
     me = os.getpid()
@@ -158,7 +197,7 @@ def ingest_memory(args) -> dict:
                     memory_summary(ctx.address_info["address"], stats_only=True)))
                 # This cluster's processes only (raylet, GCS, workers descend from this driver), not
                 # those of other Ray clusters on the same machine.
-                rss = sum(p.memory_info().rss for p in psutil.Process(me).children(recursive=True))
+                rss = _descendants_rss(me)
                 peaks["ray_rss_mib"] = max(peaks["ray_rss_mib"], rss / 2**20)
             except Exception:  # noqa: BLE001 -- a missed sample only lowers the resolution
                 pass
@@ -171,11 +210,12 @@ def ingest_memory(args) -> dict:
         manifest = ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                           work / "shards")
         ingest_s = time.perf_counter() - t0
+        image_bytes = sum(f.stat().st_size for f in (work / "coco" / "train").glob("*.jpg"))
     finally:
         stop.set()
         thread.join()
         ray.shutdown()
-    image_bytes = sum(f.stat().st_size for f in (work / "coco" / "train").glob("*.jpg"))
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": "data_ingest_memory",
         "config": {"images": args.ingest_memory, "size": args.size, "cpus": args.cpus},
