@@ -40,6 +40,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_pair(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, calls interleaved so that load drift hits both alike."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def python_soft_nms(boxes, scores, iou_threshold=0.3, sigma=0.5, score_threshold=0.001, method="gaussian"):
     """Soft-NMS one box at a time in plain Python (the reference the vectorized version replaces)."""
     b, s = boxes.tolist(), scores.tolist()
@@ -75,8 +89,9 @@ def main(argv=None) -> dict:
         ours = batched_nms(boxes, scores, labels, args.iou)
         ref = torchvision.ops.batched_nms(boxes, scores, labels, args.iou)
         assert torch.equal(ours, ref), f"kept indices differ at n={n}"
-        t_ours = timed(lambda: batched_nms(boxes, scores, labels, args.iou), args.repeats)
-        t_ref = timed(lambda: torchvision.ops.batched_nms(boxes, scores, labels, args.iou), args.repeats)
+        reps = max(args.repeats, 100_000 // n)  # small inputs are quick: more calls, steadier medians
+        t_ours, t_ref = timed_pair(lambda: batched_nms(boxes, scores, labels, args.iou),
+                                   lambda: torchvision.ops.batched_nms(boxes, scores, labels, args.iou), reps)
         rows.append({"op": "batched_nms", "boxes": n, "ours_ms": t_ours * 1e3, "baseline": "torchvision.ops.batched_nms",
                      "baseline_ms": t_ref * 1e3, "ratio": t_ours / t_ref, "kept": len(ours)})
     for n in args.soft_sizes:

@@ -166,8 +166,10 @@ class Detections:
         if self.masks is None:
             return None
         m = self.masks.detach().cpu()
-        m = m > 0.5 if m.is_floating_point() else m.bool()
-        return m.numpy()
+        if m.dtype in (torch.float16, torch.bfloat16):
+            m = m.float()
+        m = m.numpy()  # numpy: a tiny elementwise op, no intra-op thread pool to wake
+        return m > 0.5 if m.dtype.kind == "f" else m.astype(bool)
 
     def _category_ids(self, categories) -> tuple[list[int], list[str]]:
         to_id, to_name = label_maps(categories)
