@@ -51,8 +51,39 @@ def decode_ceiling(files: list[Path], processes: int) -> float:
         return len(blobs) / (time.perf_counter() - start)
 
 
+class _Transformed:
+    """A map-style dataset with a joint (image, target) transform applied on access."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.transform(*self.dataset[i])
+
+
 def _collate(batch):
     return tuple(zip(*batch))
+
+
+class _WithEmptyTargets:
+    """Background-only images come out of the v2 wrapper without boxes; give them empty ones."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, target):
+        import torch
+        from torchvision import tv_tensors
+
+        if "boxes" not in target:
+            w, h = image.size
+            target = {**target, "boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
+                                                                  canvas_size=(h, w)),
+                      "labels": torch.zeros((0,), dtype=torch.int64)}
+        return self.transform(image, target)
 
 
 def dataloader_throughput(root: Path, size: int, batch: int, workers: int) -> float:
@@ -68,8 +99,9 @@ def dataloader_throughput(root: Path, size: int, batch: int, workers: int) -> fl
                      v2.ScaleJitter(target_size=(size, size), scale_range=SCALE_RANGE, antialias=True),
                      v2.SanitizeBoundingBoxes(), v2.ToDtype(torch.float32, scale=True)])
     ds = wrap_dataset_for_transforms_v2(
-        CocoDetection(str(root / "train"), str(root / "annotations" / "instances_train.json"), transforms=tf),
+        CocoDetection(str(root / "train"), str(root / "annotations" / "instances_train.json")),
         target_keys=("image_id", "boxes", "labels"))
+    ds = _Transformed(ds, _WithEmptyTargets(tf))
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False)
     start, n = time.perf_counter(), 0
