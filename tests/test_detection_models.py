@@ -106,3 +106,15 @@ def test_bad_inputs_are_named():
         model.train()([torch.rand(3, 64, 64)], None)
     with pytest.raises(ValueError, match="multiple of 16"):
         create_model("yolo_v1", num_classes=K, image_size=70)
+
+
+def test_semantic_segmenters_predict_every_pixel():
+    model = create_model("deeplabv3_mobilenet_v3", num_classes=K).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 80))["out"]
+        assert out.shape == (2, K + 1, 64, 80)
+        assert model([torch.rand(3, 64, 80)])["out"].shape == (1, K + 1, 64, 80)
+    assert model.predict(torch.rand(1, 3, 64, 80)).max() <= K
+    with pytest.raises(ValueError, match="share one size"):
+        model([torch.rand(3, 64, 80), torch.rand(3, 32, 32)])
+    assert "fcn_resnet50" in list_models("segmentation")

@@ -30,7 +30,11 @@ class SemanticSegmenter(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Float RGB N,3,H,W in [0, 1] -> {"out": logits N,K+1,H,W} (plus "aux" if built with it)."""
+        """Float RGB N,3,H,W in [0, 1] (or a list of same-size CHW images) -> {"out": logits N,K+1,H,W}."""
+        if isinstance(x, (list, tuple)):
+            if len({tuple(i.shape) for i in x}) > 1:
+                raise ValueError(f"a list of images must share one size to batch, got {[tuple(i.shape) for i in x]}")
+            x = torch.stack(list(x))
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images N,3,H,W in [0, 1], got shape {tuple(x.shape)}")
         return self.net((x - self.mean) / self.std)
