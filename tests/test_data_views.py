@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.data import augment, collate_detection, load_split
+from pipelines.data import augment, collate_detection, load_split, save_preview
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,17 @@ def test_detection_view_eval_and_train(split):
     assert len(sizes) > 3  # scale jitter
 
 
-def test_segmentation_view_masks_follow_boxes(split):
-    ds, _, _ = split
+def test_segmentation_view_masks_follow_boxes(split, tmp_path):
+    ds, manifest, _ = split
     view = augment(ds, task="segmentation", size=64, train=True, seed=0, epoch=2)
     batch = next(iter(view.iter_batches(batch_size=6, batch_format="numpy")))
+    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["image"]))]
+    png = save_preview(rows, tmp_path / "preview.png", manifest["categories"], title="segmentation view")
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+        assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # not blank
     images, targets = collate_detection(batch)
     for img, t in zip(images, targets):
         assert t["masks"].shape == (len(t["boxes"]), *img.shape[-2:]) and t["masks"].dtype == torch.uint8
@@ -115,6 +122,8 @@ def test_views_reproducible_per_epoch_and_different_across_epochs(split):
 
 def test_bad_view_arguments(split):
     ds, _, _ = split
+    with pytest.raises(ValueError, match="at least one row"):
+        save_preview([], "unused.png")
     with pytest.raises(ValueError, match="unknown task 'keypoints'"):
         augment(ds, task="keypoints", size=32)
     with pytest.raises(ValueError, match="size"):
