@@ -2,7 +2,8 @@
 
 In one run:
 - ``in_process``: the detector's ``candidates`` + per-class NMS called directly on ready tensors at
-  batch sizes 1..16, same torch thread count as the Serve replica; the best rate is the limit;
+  batch sizes 1..16, with the Serve replica's torch thread count (read from it; the graph idles
+  meanwhile); the best rate is the limit;
 - ``serve``: the Serve graph (ingress -> preprocess -> batched detector -> NMS stage -> postprocess)
   on loopback, a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
   p50/p99 latency, the mean batch the detector ran, the ratio to the in-process limit;
@@ -107,10 +108,6 @@ def main() -> None:
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    print(f"in-process limit: {args.arch}, {args.size}px, {args.detector_cpus} thread(s)", flush=True)
-    rates = in_process(args.arch, args.size, args.detector_cpus, [1, 2, 4, 8, 16], images=32)
-    best_batch, limit = max(rates.items(), key=lambda kv: kv[1])
-
     import ray
 
     from pipelines.serve import deploy, shutdown
@@ -130,6 +127,11 @@ def main() -> None:
         from ray import serve
 
         detector = serve.get_deployment_handle("Detector_det", app_name="visionflow")
+        # The in-process limit runs with the replica's own torch thread count, while the graph is idle.
+        threads = detector.describe.remote().result()["torch_threads"]
+        print(f"in-process limit: {args.arch}, {args.size}px, {threads} thread(s) like the replica", flush=True)
+        rates = in_process(args.arch, args.size, threads, [1, 2, 4, 8, 16], images=32)
+        best_batch, limit = max(rates.items(), key=lambda kv: kv[1])
         bodies = _jpegs(16, args.size)
         asyncio.run(_load(url, bodies, 4, 8))  # warm-up: every stage has run once
         for c in levels:
@@ -147,7 +149,8 @@ def main() -> None:
 
     by_c = {r["concurrency"]: r for r in rows}
     summary = {
-        "arch": args.arch, "size": args.size, "detector_threads": args.detector_cpus, "max_batch_size": args.max_batch,
+        "arch": args.arch, "size": args.size, "detector_cpus": args.detector_cpus, "torch_threads": threads,
+        "max_batch_size": args.max_batch,
         "in_process_images_per_s": {str(k): v for k, v in rates.items()},
         "in_process_limit": limit, "in_process_best_batch": best_batch,
         "serve": rows,

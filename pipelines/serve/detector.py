@@ -35,7 +35,7 @@ class _BatchedModel:
         self.batch_sizes: list[int] = []
 
     def describe(self) -> dict:
-        return {**self.info.describe(), "device": str(self.device),
+        return {**self.info.describe(), "device": str(self.device), "torch_threads": torch.get_num_threads(),
                 "max_batch_size": self.spec.batching.max_batch_size}
 
     def recent_batch_sizes(self) -> list[int]:
