@@ -59,7 +59,7 @@ class RCNN(CandidateDetector):
 
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """Cross-entropy over K + background on sampled regions, smooth-L1 on the positives' deltas."""
-        cls_losses, reg_losses = [], []
+        cls_losses, reg_losses, sampled = [], [], 0
         for img, t in zip(images, targets):
             gt, gl = t["boxes"].to(img), t["labels"].to(img.device).long()
             props = torch.cat([self.proposals(img), gt])  # ground truth joins the regions, as in fine-tuning
@@ -75,15 +75,16 @@ class RCNN(CandidateDetector):
             pos = pos[torch.randperm(len(pos), device=pos.device)[:n_pos]]
             neg = neg[torch.randperm(len(neg), device=neg.device)[: self.rois_per_image - n_pos]]
             idx = torch.cat([pos, neg])
+            sampled += len(idx)
             logits, deltas = self._features(img, props[idx])
             cls_losses.append(F.cross_entropy(logits, labels[idx], reduction="sum"))
             if n_pos:
                 target = self.box_coder.encode_single(gt[match[pos]], props[pos])
                 d = deltas[:n_pos].view(n_pos, self.num_classes, 4)[torch.arange(n_pos), labels[pos] - 1]
                 reg_losses.append(F.smooth_l1_loss(d, target, beta=1 / 9, reduction="sum"))
-        n = sum(min(self.rois_per_image, 1 + len(t["boxes"]) + self.max_proposals) for t in targets)
-        zero = images[0].new_zeros(())
-        return {"loss_classifier": sum(cls_losses, zero) / max(n, 1), "loss_box_reg": sum(reg_losses, zero) / max(n, 1)}
+        zero = images[0].new_zeros(())  # both losses are means over the sampled regions
+        return {"loss_classifier": sum(cls_losses, zero) / max(sampled, 1),
+                "loss_box_reg": sum(reg_losses, zero) / max(sampled, 1)}
 
     @torch.no_grad()
     def candidates(self, images: Sequence[Tensor]) -> list[Detections]:
