@@ -62,8 +62,8 @@ def _stage_name(node: DAGNode) -> str:
     return node.get_options().get("name") or getattr(getattr(node, "_body", None), "__name__", "node")
 
 
-def dag_edges(dag: DAGNode) -> tuple[list[str], list[tuple[str, str]]]:
-    """The stage names in execution order (dependencies first) and the (upstream, downstream) edges."""
+def dag_nodes(dag: DAGNode) -> list[DAGNode]:
+    """Every node of the DAG, dependencies first."""
     order: list[DAGNode] = []
     seen: set[int] = set()
 
@@ -76,6 +76,18 @@ def dag_edges(dag: DAGNode) -> tuple[list[str], list[tuple[str, str]]]:
         order.append(node)
 
     visit(dag)
+    return order
+
+
+def stage_refs(dag: DAGNode) -> dict[str, "ray.ObjectRef"]:
+    """``{stage name: ObjectRef}`` of the last ``dag.execute(_ray_cache_refs=True)``."""
+    cache = getattr(dag, "cache_from_last_execute", {}) or {}
+    return {_stage_name(n): cache[n._stable_uuid] for n in dag_nodes(dag) if n._stable_uuid in cache}
+
+
+def dag_edges(dag: DAGNode) -> tuple[list[str], list[tuple[str, str]]]:
+    """The stage names in execution order (dependencies first) and the (upstream, downstream) edges."""
+    order = dag_nodes(dag)
     names = [_stage_name(n) for n in order]
     edges = [(_stage_name(c), _stage_name(n)) for n in order for c in n._get_all_child_nodes()]
     return names, edges

@@ -19,6 +19,7 @@ class RunBoard:
     def __init__(self, max_parallel_training: int):
         self._states: dict[str, dict] = {}
         self._slots = asyncio.Semaphore(max_parallel_training)
+        self._holders: set[str] = set()
 
     async def update(self, name: str, status: str, **info) -> None:
         self._states[name] = {"status": status, "time": time.time(), **info}
@@ -26,11 +27,18 @@ class RunBoard:
     async def snapshot(self) -> dict:
         return dict(self._states)
 
-    async def acquire_slot(self) -> None:
+    async def acquire_slot(self, holder: str) -> None:
+        """Wait for a training slot. A holder that asks again is a retry of a task that died while
+        holding its slot: it keeps that slot."""
+        if holder in self._holders:
+            return
         await self._slots.acquire()
+        self._holders.add(holder)
 
-    async def release_slot(self) -> None:
-        self._slots.release()
+    async def release_slot(self, holder: str) -> None:
+        if holder in self._holders:
+            self._holders.remove(holder)
+            self._slots.release()
 
 
 def format_line(states: dict) -> str:
@@ -58,13 +66,32 @@ def format_line(states: dict) -> str:
     return " | ".join(parts)
 
 
-def follow(ref, board, *, poll_s: float = 2.0, out=sys.stdout):
+def _reap(trainings: dict, board) -> None:
+    """Free the slot of every training task that ended by dying (its process killed: out of memory, a lost
+    node), since it could not release the slot itself; the stage functions never raise otherwise."""
+    if not trainings:
+        return
+    ready, _ = ray.wait(list(trainings.values()), num_returns=len(trainings), timeout=0)
+    for name in [n for n, r in trainings.items() if r in ready]:
+        ref = trainings.pop(name)
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001  the task's process is gone
+            arch = name.split("/", 1)[1]
+            board.release_slot.remote(arch)
+            board.update.remote(name, "failed", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, out=sys.stdout):
     """Wait for ``ref`` (the DAG's output), printing a progress line whenever the board changes and the
-    individual stage transitions as they happen. Returns ``ray.get(ref)``."""
+    individual stage transitions as they happen. ``trainings`` ({"train/<arch>": ObjectRef}) are watched
+    for tasks that died holding a training slot. Returns ``ray.get(ref)``."""
     seen: dict[str, str] = {}
     last_line = ""
+    trainings = dict(trainings or {})
     while True:
         ready, _ = ray.wait([ref], timeout=poll_s)
+        _reap(trainings, board)
         try:
             states = ray.get(board.snapshot.remote())
         except Exception:  # the board is gone only if the cluster is; the ref will say why

@@ -9,7 +9,7 @@ import warnings
 import ray
 
 from pipelines.dag.config import RunConfig
-from pipelines.dag.graph import build_dag, plan_lines, plot_plan
+from pipelines.dag.graph import build_dag, plan_lines, plot_plan, stage_refs
 from pipelines.dag.progress import RunBoard, follow
 from pipelines.dag.storage import RunDir
 
@@ -51,8 +51,9 @@ def run(cfg: RunConfig, out=sys.stdout) -> dict:
     with warnings.catch_warnings():
         # Ray 2.60 warns on every execute(); the DAG API is still the one that runs plain tasks like these.
         warnings.filterwarnings("ignore", message=".*execute.*deprecated")
-        ref = dag.execute()
-    summary = follow(ref, board, out=out)
+        ref = dag.execute(_ray_cache_refs=True)
+    trainings = {n: r for n, r in stage_refs(dag).items() if n.startswith("train/")}
+    summary = follow(ref, board, trainings=trainings, out=out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ray.kill(board)
     return summary

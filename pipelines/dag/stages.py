@@ -119,7 +119,7 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
         return _branch(arch, settings, _skipped(board, f"train/{arch}", rec))
     _report(board, f"train/{arch}", "waiting")
     if board is not None:
-        ray.get(board.acquire_slot.remote())
+        ray.get(board.acquire_slot.remote(arch))
     try:
         _report(board, f"train/{arch}", "running")
         t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
         return _branch_failed(run, arch, "train", _error_text(e), board, settings.get("task"))
     finally:
         if board is not None:
-            board.release_slot.remote()
+            board.release_slot.remote(arch)
 
 
 def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_rec: dict, board=None) -> dict:
