@@ -140,6 +140,7 @@ def chart(rows: list[dict], path: str) -> bytes:
     if ok:
         ax.set_xscale("log")
         ax.legend(loc="best", fontsize=8, markerscale=0.4)
+    ax.set_ylim(0, 1.05)  # accuracies and APs are fractions: a fixed axis keeps runs comparable
     ax.set_xlabel("GFLOPs per 224x224 image (log)")
     ax.set_ylabel("accuracy (the task's main metric)")
     ax.set_title("accuracy vs compute; marker area ~ parameters")
