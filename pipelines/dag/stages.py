@@ -118,9 +118,9 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
         run.remove(f"archs/{arch}/failed.json")
         return _branch(arch, settings, _skipped(board, f"train/{arch}", rec))
     _report(board, f"train/{arch}", "waiting")
-    if board is not None:
-        ray.get(board.acquire_slot.remote(arch))
     try:
+        if board is not None:
+            ray.get(board.acquire_slot.remote(arch))
         _report(board, f"train/{arch}", "running")
         t0 = time.perf_counter()
         resumed = stage.begin(resumable=True)
