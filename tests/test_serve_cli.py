@@ -111,6 +111,10 @@ def test_serves_the_checkpoint_with_its_categories(served):
     dets = r.json()["detections"]
     assert dets and {d["category_id"] for d in dets} <= {11, 22, 33}
     assert {d["label"] for d in dets} <= {"disk", "square", "triangle"}
+    # A detection-only deployment has no segmentation or classification model to offer.
+    for path in ("/v1/segment", "/v1/classify"):
+        r = requests.post(f"{served['url']}{path}", data=_jpeg(), headers={"content-type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_model", r.text
 
 
 def test_batches_form_and_a_full_queue_answers_503_json(served):
