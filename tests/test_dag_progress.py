@@ -1,4 +1,4 @@
-"""Progress a person can follow, and the training slots that bound parallel trainings."""
+"""Progress a person can follow, the training slots that bound parallel trainings, the deploy choice."""
 from __future__ import annotations
 
 import os
@@ -35,3 +35,19 @@ def test_a_training_that_dies_holding_its_slot_gives_it_back(ray_cluster):
     ray.get(waiting, timeout=30)  # the dead holder's slot was released
     assert ray.get(board.snapshot.remote())["train/resnet18"]["status"] == "failed"
     ray.kill(board)
+
+
+def test_deploy_picks_the_best_instance_model_of_each_task():
+    from pipelines.dag.stages import best_arch
+
+    def branch(arch, task, status="done", **metrics):
+        return {"arch": arch, "task": task, "status": status, "metrics": metrics}
+
+    branches = [branch("yolo_v1", "detection", **{"bbox/AP50": 0.4}),
+                branch("fasterrcnn_resnet18_fpn", "detection", **{"bbox/AP50": 0.7}),
+                branch("ssdlite_mobilenet_v3", "detection", status="failed"),
+                branch("maskrcnn_resnet18_fpn", "segmentation", **{"segm/AP50": 0.5, "bbox/AP50": 0.6}),
+                branch("fcn_resnet50", "segmentation", miou=0.9)]  # semantic: no instances to serve
+    assert best_arch(branches, "detection")["arch"] == "fasterrcnn_resnet18_fpn"
+    assert best_arch(branches, "segmentation")["arch"] == "maskrcnn_resnet18_fpn"
+    assert best_arch(branches[4:], "segmentation") is None

@@ -268,10 +268,12 @@ def _report_markdown(results: list[dict], outputs: dict) -> str:
 
 
 def best_arch(branches: list[dict], task: str) -> dict | None:
-    """The finished branch of ``task`` with the highest headline metric, or None."""
-    cands = [(r, _headline(r["metrics"])[1]) for r in branches
-             if r.get("status") == "done" and r.get("task") == task]
-    cands = [(r, v) for r, v in cands if v is not None]
+    """The finished branch of ``task`` with the highest COCO AP50 (box for detection, mask for
+    segmentation), or None. Semantic segmentation models (mIoU, no instances) are not candidates: the
+    HTTP contract answers instances."""
+    key = {"detection": "bbox/AP50", "segmentation": "segm/AP50"}[task]
+    cands = [(r, r["metrics"][key]) for r in branches
+             if r.get("status") == "done" and r.get("task") == task and isinstance(r["metrics"].get(key), (int, float))]
     return max(cands, key=lambda rv: rv[1])[0] if cands else None
 
 
