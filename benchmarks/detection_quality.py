@@ -61,6 +61,46 @@ def prepare(root: Path, images: int, size: int, seed: int) -> Path:
     return root / "data"
 
 
+def prepare_local(root: Path, images: int, size: int, seed: int) -> Path:
+    """Without Ray (for --engine local where a cluster cannot start): the synth set written as one
+    Parquet shard per split in the shard schema, with the manifest fields the trainer reads."""
+    import contextlib
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pycocotools.coco import COCO
+
+    from pipelines.data.schema import SHARD_SCHEMA
+    from vision.data.synth import write_synth
+
+    write_synth(root / "coco", images=images, size=size, seed=seed, val_fraction=0.2)
+    for split in ("train", "val"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(root / "coco" / "annotations" / f"instances_{split}.json"))
+        cats = sorted(coco.getCatIds())
+        label = {c: i + 1 for i, c in enumerate(cats)}
+        rows = []
+        for img in coco.dataset["images"]:
+            anns = coco.imgToAnns[img["id"]]
+            rles = [coco.annToRLE(a) for a in anns]
+            rows.append({"image_id": img["id"], "file_name": img["file_name"], "width": img["width"],
+                         "height": img["height"], "image": (root / "coco" / split / img["file_name"]).read_bytes(),
+                         "boxes": [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                                   for a in anns],
+                         "category_ids": [a["category_id"] for a in anns],
+                         "labels": [label[a["category_id"]] for a in anns], "iscrowd": [a["iscrowd"] for a in anns],
+                         "area": [a["area"] for a in anns],
+                         "segmentation": [{"size": list(r["size"]), "counts": r["counts"].decode()} for r in rles]})
+        out = root / "data" / split
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), out / "part-0.parquet")
+        manifest = {"num_images": len(rows), "shards": ["part-0.parquet"], "quarantined": [], "dropped": [],
+                    "categories": [{"id": c, "name": coco.cats[c]["name"], "label": label[c]} for c in cats]}
+        (out / "_manifest.json").write_text(json.dumps(manifest))
+    return root / "data"
+
+
 MODEL_KWARGS = {  # sized for the synth images and a CPU budget
     "fasterrcnn_resnet18_fpn": lambda s: {"min_size": s, "max_size": s},
     "maskrcnn_resnet18_fpn": lambda s: {"min_size": s, "max_size": s},
@@ -68,6 +108,60 @@ MODEL_KWARGS = {  # sized for the synth images and a CPU budget
     "yolo_v1": lambda s: {"image_size": max(64, s // 16 * 16)},
     "rcnn_resnet18": lambda s: {"max_proposals": 100},
 }
+
+
+def fit_local(cfg, log_every: int = 0) -> dict:
+    """The trainer's task plug-ins (view rows, collate, train_step, evaluate) in one process, without Ray:
+    same code path for the model and the metrics, none of the cluster start-up. Returns fit()'s shape."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data import read_manifest
+    from pipelines.data.views import _detection_rows
+    from pipelines.train.tasks import get_task
+    from pipelines.train.trainer import make_optimizer, resolve_config
+
+    cfg = resolve_config(cfg)
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(cfg)
+    optimizer = make_optimizer(model, cfg)
+    masks = cfg.task == "segmentation"
+
+    def table(split):
+        m = read_manifest(Path(cfg.data) / split)
+        return pq.read_table([str(Path(cfg.data) / split / sh) for sh in m["shards"]])
+
+    train, val = table("train"), table("val")
+    records = []
+    for epoch in range(cfg.epochs):
+        lr = cfg.learning_rate() * cfg.lr_factor(epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        model.train()
+        order = np.random.default_rng(cfg.seed + epoch).permutation(train.num_rows)
+        t0, seen, losses = time.perf_counter(), 0, []
+        for start in range(0, len(order) - getattr(task, "MIN_BATCH", 1) + 1, cfg.batch_size):
+            rows = train.take(order[start:start + cfg.batch_size])
+            raw = _detection_rows(rows, size=cfg.image_size, train=True, seed=cfg.seed, epoch=epoch, masks=masks)
+            loss, _ = task.train_step(model, task.collate(raw, "cpu"), cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(raw["image"])
+            losses.append(float(loss.detach()))
+        model.eval()
+        with torch.no_grad():
+            batches = (task.collate(_detection_rows(val.slice(i, cfg.batch_size), size=cfg.image_size, train=False,
+                                                    seed=cfg.seed, epoch=0, masks=masks), "cpu")
+                       for i in range(0, val.num_rows, cfg.batch_size))
+            metrics = task.evaluate(model, batches, cfg)
+        rec = {"epoch": epoch, "train_images": seen, "train_loss": float(np.mean(losses)),
+               "seconds": time.perf_counter() - t0, **{f"val_{k}": v for k, v in metrics.items()}}
+        records.append(rec)
+        key = "val_segm/AP50" if masks else "val_bbox/AP50"
+        print(f"  {cfg.arch} epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.3f}  {key} {rec[key]:.4f}  "
+              f"{rec['seconds']:.0f}s", flush=True)
+    return {"metrics": records[-1], "epochs_run": len(records)}
 
 
 def main(argv=None) -> dict:
@@ -81,6 +175,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=str, default=None, help="keep data and runs under this directory")
+    ap.add_argument("--engine", choices=("ray", "local"), default="ray",
+                    help="ray: visionflow's Ray Train fit(); local: the same task plug-ins in this process")
     args = ap.parse_args(argv)
 
     import ray
@@ -88,15 +184,25 @@ def main(argv=None) -> dict:
     from pipelines.train import TrainConfig, fit
     from vision.models import model_task
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    def start_ray():  # ingest runs on Ray Data; training on Ray Train unless --engine local
+        if not ray.is_initialized():
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
-    result = {"benchmark": "detection_quality", "images": args.images, "size": args.size, "epochs": args.epochs,
+    result = {"benchmark": "detection_quality", "engine": args.engine, "images": args.images, "size": args.size, "epochs": args.epochs,
               "batch": args.batch, "lr": args.lr, "workers": args.workers, "threads": torch.get_num_threads(),
               "note": "from scratch (weights=None), AdamW, cosine; shared 2-core machine", "models": []}
     try:
-        data = prepare(root, args.images, args.size, args.seed)
+        data = root / "data"
+        if not (data / "val" / "_manifest.json").exists():  # --keep reuses an ingested set
+            if args.engine == "local":
+                data = prepare_local(root, args.images, args.size, args.seed)
+            else:
+                start_ray()
+                data = prepare(root, args.images, args.size, args.seed)
+        if args.engine == "ray":
+            start_ray()
         base = chance(data, args.seed)
         result["chance"] = {"bbox/AP50": base["bbox/AP50"], "bbox/AP": base["bbox/AP"]}
         print(f"chance: bbox AP50 {base['bbox/AP50']:.4f}", flush=True)
@@ -107,7 +213,7 @@ def main(argv=None) -> dict:
                               optimizer="adamw", lr=args.lr, seed=args.seed, cpus_per_worker=1.0, augment_cpus=0.5,
                               model_kwargs=MODEL_KWARGS.get(arch, lambda s: {})(args.size))
             t = time.perf_counter()
-            out = fit(cfg)
+            out = fit(cfg) if args.engine == "ray" else fit_local(cfg)
             m = out["metrics"]
             row = {"arch": arch, "task": task, "metric": MAIN[task], "value": m.get(f"val_{MAIN[task]}"),
                    "bbox/AP50": m.get("val_bbox/AP50"), "bbox/AP": m.get("val_bbox/AP"),
@@ -119,7 +225,8 @@ def main(argv=None) -> dict:
                   f"({row['ratio_to_chance']:.0f}x chance)  {row['epochs']} epochs  {row['seconds']:.0f}s", flush=True)
             (RESULTS / "detection_quality.json").write_text(json.dumps(result, indent=2))
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
     (RESULTS / "detection_quality.json").write_text(json.dumps(result, indent=2))
