@@ -191,7 +191,7 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
                  "defense": {k: config.get(k) for k in ("adversarial", "adv_eps", "temperature", "distill_from")}}
         nonzero = [e for e in epsilons if e > 0]
         if detect and nonzero and len(y) >= 8:
-            eps = nonzero[len(nonzero) // 2]
+            eps = nonzero[(len(nonzero) - 1) // 2]
             entry["detection"] = detection_report(
                 model, x, y, {"fgsm": fgsm, "pgd": ATTACKS["pgd"]}, eps=eps, fpr=fpr)
             entry["detection"]["attacks"] = ["fgsm", "pgd"]

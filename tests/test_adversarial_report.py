@@ -1,4 +1,5 @@
-"""Defenses through the real trainer (Ray Train) and the robustness report / visualizations from the CLI."""
+"""The defenses inside the trainer's classification plug-in, the robustness report and the layer
+visualizations from the CLI, on checkpoints in the trainer's format (docs/architecture.md)."""
 from __future__ import annotations
 
 import json
@@ -8,40 +9,70 @@ import pytest
 import torch
 
 from pipelines.cli import main as cli
+from pipelines.data import read_manifest
 from pipelines.robustness import load_crops, robustness_report
 from pipelines.train import TrainConfig, fit, load_checkpoint
 from pipelines.train.storage import read_metrics
-from vision.adversarial import accuracy
+from pipelines.train.tasks import classification
+from vision.adversarial import accuracy, distillation_loss, tempered_cross_entropy
+from vision.models import create_model
 
 TINY = {"arch": "resnet18", "epochs": 1, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5,
         "augment_cpus": 0.25, "workers": 1}
 
 
+def save_checkpoint(data_dir, out, seed: int, **fields) -> TrainConfig:
+    """A checkpoint exactly as the trainer writes it: run_dir/checkpoints/epoch_0000/checkpoint.pt."""
+    cats = sorted(read_manifest(data_dir / "train")["categories"], key=lambda c: c["label"])
+    cfg = TrainConfig(data=str(data_dir), out=str(out), num_classes=len(cats), categories=cats, **TINY, **fields)
+    torch.manual_seed(seed)
+    model = create_model(cfg.arch, num_classes=cfg.num_classes)
+    path = out / "checkpoints" / "epoch_0000" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "config": cfg.model_dump()}, path)
+    return cfg
+
+
 @pytest.fixture(scope="module")
-def runs(ray_cluster, data_dir, tmp_path_factory):
-    """A teacher trained at T=4, and a student distilled from it at T=4 with FGSM adversarial training."""
-    root = tmp_path_factory.mktemp("defenses")
-    teacher = TrainConfig(data=str(data_dir), out=str(root / "teacher"), temperature=4.0, **TINY)
-    fit(teacher)
-    student = TrainConfig(data=str(data_dir), out=str(root / "student"), temperature=4.0,
-                          distill_from=str(root / "teacher"), adversarial="fgsm", adv_eps=0.03, adv_ratio=0.5, **TINY)
-    fit(student)
+def checkpoints(ray_cluster, data_dir, tmp_path_factory):
+    """A teacher (T=4) and a student distilled from it with PGD adversarial training."""
+    root = tmp_path_factory.mktemp("defended")
+    teacher = save_checkpoint(data_dir, root / "teacher", 0, temperature=4.0)
+    student = save_checkpoint(data_dir, root / "student", 1, temperature=4.0, distill_from=teacher.out,
+                              adversarial="pgd", adv_eps=0.03, adv_steps=2)
     return teacher, student
 
 
-def test_trainer_runs_distillation_and_adversarial_training(runs):
-    teacher, student = runs
-    for cfg in runs:
-        (record,) = read_metrics(cfg.out)
-        assert torch.isfinite(torch.tensor(record["train_loss"])) and record["train_images"] > 0
-        assert 0 <= record["val_top1"] <= 1
-    _, config = load_checkpoint(student.out)
-    assert config["distill_from"] == teacher.out and config["temperature"] == 4.0
-    assert config["adversarial"] == "fgsm" and config["adv_eps"] == 0.03
+@pytest.fixture(scope="module")
+def crops(data_dir, checkpoints):
+    return load_crops(data_dir, 32, 24)
 
 
-def test_attack_command_writes_the_robustness_report(runs, data_dir, tmp_path, capsys):
-    teacher, student = runs
+def test_classification_plugin_trains_teachers_students_and_adversarial_batches(checkpoints, crops):
+    teacher_cfg, student_cfg = checkpoints
+    x, y, _ = crops
+    x, y = x[:8], y[:8]
+    teacher, _ = load_checkpoint(teacher_cfg.out)
+    student = create_model("resnet18", num_classes=student_cfg.num_classes).eval()
+    # The teacher's own run: cross-entropy of softmax(logits / T).
+    loss, stats = classification.train_step(student, (x, y), teacher_cfg)
+    assert loss.item() == pytest.approx(tempered_cross_entropy(student(x), y, 4.0).item(), rel=1e-5)
+    # The student: soft cross-entropy against the teacher's soft labels at T.
+    plain_student = student_cfg.model_copy(update={"adversarial": "none"})
+    loss, _ = classification.train_step(student, (x, y), plain_student)
+    with torch.no_grad():
+        want = distillation_loss(student(x), teacher(x), 4.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # With adversarial training half the batch is attacked first: a different, finite, trainable loss.
+    loss_adv, stats = classification.train_step(student, (x, y), student_cfg)
+    assert torch.isfinite(loss_adv) and loss_adv.item() != pytest.approx(loss.item())
+    loss_adv.backward()
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert stats["n"] == 8
+
+
+def test_attack_command_writes_the_robustness_report(checkpoints, crops, data_dir, tmp_path, capsys):
+    teacher, student = checkpoints
     out = tmp_path / "report"
     rc = cli(["attack", "--checkpoint", teacher.out, "--checkpoint", student.out, "--data", str(data_dir),
               "--out", str(out), "--eps", "0", "0.03", "0.1", "--attacks", "fgsm", "pgd", "--images", "24",
@@ -50,15 +81,14 @@ def test_attack_command_writes_the_robustness_report(runs, data_dir, tmp_path, c
     printed = capsys.readouterr().out
     report = json.loads((out / "robustness.json").read_text())
     labels = [m["label"] for m in report["models"]]
-    assert labels == ["resnet18 teacher T=4", "resnet18 adv-fgsm eps=0.03 distilled T=4"]
+    assert labels == ["resnet18 teacher T=4", "resnet18 adv-pgd eps=0.03 distilled T=4"]
+    x, y, _ = crops
     for m in report["models"]:
         assert [(r["attack"], r["eps"]) for r in m["curve"]] == [
             (a, e) for a in ("fgsm", "pgd") for e in (0.0, 0.03, 0.1)]
         clean = [r["accuracy"] for r in m["curve"] if r["eps"] == 0]
-        model, config = load_checkpoint(m["checkpoint"])
-        x, y, _ = load_crops(data_dir, config["image_size"], 24)
+        model, _ = load_checkpoint(m["checkpoint"])
         assert clean == [pytest.approx(accuracy(model, x, y))] * 2  # eps 0 is the clean accuracy
-        assert all(r["accuracy"] <= clean[0] for r in m["curve"] if r["attack"] == "pgd")
         assert set(m["detection"]["detectors"]) == {"input_gradient", "feature_squeezing"}
         assert m["detection"]["eps"] == 0.03
     table = (out / "robustness.md").read_text()
@@ -68,8 +98,8 @@ def test_attack_command_writes_the_robustness_report(runs, data_dir, tmp_path, c
     assert len(report["examples"]) == 2
 
 
-def test_report_for_the_dag_includes_layer_visualizations(runs, data_dir, tmp_path):
-    teacher, _ = runs
+def test_report_for_the_dag_includes_layer_visualizations(checkpoints, data_dir, tmp_path):
+    teacher, _ = checkpoints
     result = robustness_report(teacher.out, str(data_dir), tmp_path / "rob", epsilons=[0.0, 2 / 255], images=12,
                                detect=False, examples=0, progress=lambda line: None)
     (vis,) = result["visualizations"].values()
@@ -78,8 +108,8 @@ def test_report_for_the_dag_includes_layer_visualizations(runs, data_dir, tmp_pa
         assert matplotlib.image.imread(layer["png"]).shape[1] > 200
 
 
-def test_visualize_command_writes_one_grid_per_layer(runs, data_dir, tmp_path, capsys):
-    teacher, _ = runs
+def test_visualize_command_writes_one_grid_per_layer(checkpoints, data_dir, tmp_path):
+    teacher, _ = checkpoints
     out = tmp_path / "vis"
     rc = cli(["visualize", "--checkpoint", teacher.out, "--data", str(data_dir), "--layer", "conv1",
               "--layer", "net.layer1.0.conv2", "--out", str(out), "--images", "16", "--maps", "2", "--top", "4"])
@@ -90,8 +120,8 @@ def test_visualize_command_writes_one_grid_per_layer(runs, data_dir, tmp_path, c
     assert (out / "conv1.png").stat().st_size > 1000 and (out / "net.layer1.0.conv2.png").exists()
 
 
-def test_bad_inputs_get_clear_errors(runs, data_dir, tmp_path, capsys):
-    teacher, _ = runs
+def test_bad_inputs_get_clear_errors(checkpoints, data_dir, tmp_path, capsys):
+    teacher, _ = checkpoints
     assert cli(["attack", "--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir),
                 "--out", str(tmp_path / "r")]) == 2
     assert "no checkpoint under" in capsys.readouterr().out
@@ -105,3 +135,17 @@ def test_bad_inputs_get_clear_errors(runs, data_dir, tmp_path, capsys):
         cli(["attack", "--checkpoint", teacher.out, "--data", str(data_dir), "--attacks", "carlini"])
     with pytest.raises(ValueError, match="classification options"):
         TrainConfig(**{**TINY, "arch": "localizer"}, data="d", out="o", adversarial="pgd")
+
+
+@pytest.mark.slow
+def test_ray_train_runs_distillation_and_adversarial_training(ray_cluster, data_dir, tmp_path):
+    teacher = TrainConfig(data=str(data_dir), out=str(tmp_path / "teacher"), temperature=4.0, **TINY)
+    fit(teacher)
+    student = TrainConfig(data=str(data_dir), out=str(tmp_path / "student"), temperature=4.0,
+                          distill_from=teacher.out, adversarial="fgsm", adv_eps=0.03, **TINY)
+    fit(student)
+    for cfg in (teacher, student):
+        (record,) = read_metrics(cfg.out)
+        assert torch.isfinite(torch.tensor(record["train_loss"])) and record["train_images"] > 0
+    _, config = load_checkpoint(student.out)
+    assert config["distill_from"] == teacher.out and config["adversarial"] == "fgsm"
