@@ -47,7 +47,8 @@ def chance(data_dir: Path, seed: int = 0) -> dict:
         pick = wh[rng.integers(0, len(wh), n)]
         xy = rng.uniform(0, 1, (n, 2)) * np.maximum([r["width"], r["height"]] - pick, 1)
         boxes = torch.tensor(np.concatenate([xy, xy + pick], 1), dtype=torch.float32)
-        ev.add(r["image_id"], Detections(boxes, torch.rand(n), torch.randint(1, k + 1, (n,))))
+        ev.add(r["image_id"], Detections(boxes, torch.tensor(rng.uniform(0, 1, n), dtype=torch.float32),
+                                         torch.tensor(rng.integers(1, k + 1, n))))
     return ev.compute()
 
 
