@@ -98,7 +98,10 @@ def _ray_loop(config: dict) -> None:
         seen += _steps(cfg, model, optimizer, _batches(data, cfg.batch_size), "cpu")
     total = all_reduce_sums({"seen": seen})["seen"]
     seconds = all_reduce_sums({"s": time.perf_counter() - t0}, op="max")["s"]
-    ray.train.report({"images_per_s": total / seconds, "rank": rank})
+    metrics = {"images_per_s": total / seconds}
+    with tempfile.TemporaryDirectory() as d:  # Train V2 keeps metrics only with a checkpoint
+        (Path(d) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
 def ray_train(data: dict, cfg, epochs: int, threads: int) -> float:
@@ -138,6 +141,7 @@ def main() -> None:
         cfg = TrainConfig(arch=args.arch, data="-", out="-", image_size=args.size, batch_size=args.batch,
                           num_classes=int(data["label"].max()) + 1, optimizer="sgd", lr=0.01)
         base = plain(data, cfg, args.epochs, threads=cores)
+        print(f"plain PyTorch: {base:.1f} images/s", flush=True)
         dist = ray_train(data, cfg, args.epochs, threads=max(1, cores // 2))
     finally:
         ray.shutdown()
