@@ -5,7 +5,8 @@ maps, and every fully connected layer reads both towers' previous outputs. conv1
 see only their own tower (on one device that is a grouped convolution, ``groups=2``; see ``fused``).
 
 ``devices=("cuda:0", "cuda:1")`` puts one tower per GPU (model parallelism, as the 3 GB GPUs of 2012
-forced); by default both stay where the model is built (the CPU). The logits come back on ``devices[0]``.
+forced); by default both stay where the model is built (the CPU). Move it with ``place(devices)``:
+``.to(device)`` would put both towers on one device while ``devices`` still named the old ones. The logits come back on ``devices[0]``.
 """
 from __future__ import annotations
 
