@@ -1,9 +1,9 @@
-"""Progress a person can follow, the training slots that bound parallel trainings, the deploy choice."""
+"""Progress a person can follow, a training whose process died, the deploy choice."""
 from __future__ import annotations
 
 import os
 
-from pipelines.dag.progress import RunBoard, _reap, format_line
+from pipelines.dag.progress import RunBoard, _watch, format_line
 
 
 def test_progress_line_names_stage_and_running_done_failed_architectures():
@@ -11,29 +11,25 @@ def test_progress_line_names_stage_and_running_done_failed_architectures():
               "train/vgg11": {"status": "running", "time": 3}, "train/zfnet": {"status": "waiting", "time": 3},
               "train/yolo_v1": {"status": "failed", "time": 4, "error": "OOM"},
               "eval/resnet18": {"status": "running", "time": 5}}
-    line = format_line(states)
+    line = format_line(states, total=6)
     assert "stage=eval" in line and "training: vgg11" in line and "evaluating: resnet18" in line
-    assert "trained 1/4" in line and "failed: yolo_v1" in line
+    assert "trained 1/6" in line and "failed: yolo_v1" in line
 
 
-def test_a_training_that_dies_holding_its_slot_gives_it_back(ray_cluster):
+def test_a_training_whose_process_dies_is_reported_failed(ray_cluster):
     ray = ray_cluster
-    board = RunBoard.remote(1)
+    board = RunBoard.remote()
 
     @ray.remote(max_retries=0, num_cpus=0)
-    def hold_and_die(board):
-        ray.get(board.acquire_slot.remote("resnet18"))
-        os._exit(1)  # as an out-of-memory kill: no finally, no release
+    def dies(board):
+        ray.get(board.update.remote("train/resnet18", "running"))
+        os._exit(1)  # as an out-of-memory kill: the stage cannot report it
 
-    dead = hold_and_die.remote(board)
+    dead = dies.remote(board)
     ray.wait([dead], timeout=120)
-    # A retry of the same architecture keeps the slot it held; another one must wait for it.
-    ray.get(board.acquire_slot.remote("resnet18"), timeout=30)
-    waiting = board.acquire_slot.remote("vgg11")
-    assert not ray.wait([waiting], timeout=1)[0]
-    _reap({"train/resnet18": dead}, board)
-    ray.get(waiting, timeout=30)  # the dead holder's slot was released
-    assert ray.get(board.snapshot.remote())["train/resnet18"]["status"] == "failed"
+    _watch({"train/resnet18": dead}, board)
+    state = ray.get(board.snapshot.remote())["train/resnet18"]
+    assert state["status"] == "failed" and "died" in state["error"].lower()
     ray.kill(board)
 
 

@@ -11,6 +11,9 @@ from pipelines.dag import stages
 from pipelines.dag.config import RunConfig
 
 
+AFTER = "after/"  # helper nodes that order a training lane; the plan shows their edges, not them
+
+
 def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, driver_node: str | None = None) -> DAGNode:
     """Bind every stage of ``cfg`` into one DAG whose output is the run's summary dict. ``runtime_env``
     is given to every stage task (and so to the Ray Train and Ray Data work it starts); ``driver_node``
@@ -31,11 +34,16 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
     archs = cfg.archs()
     data = _remote(stages.data_stage, "data", num_cpus=1).bind(run, cfg.data.model_dump(), board)
     evals = []
-    for arch in archs:
+    # max_parallel lanes, each training its architectures one after another: a training is not even
+    # scheduled (no process, no memory) until the one before it in its lane has ended, however it ended.
+    lanes: list = [None] * cfg.train.max_parallel
+    for i, arch in enumerate(archs):
+        lane = i % len(lanes)
         # The stage task only drives the trainer; the Ray Train workers ask for their own CPUs/GPUs.
         # One retry: a driver process that died resumes from the last checkpoint.
         train = _remote(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1).bind(
-            run, arch, cfg.train_settings(arch), data, board)
+            run, arch, cfg.train_settings(arch), data, lanes[lane], board)
+        lanes[lane] = _remote(stages.settle, f"{AFTER}{arch}", num_cpus=0).bind([train])
         if cfg.eval.enabled:
             train = _remote(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
                             num_gpus=cfg.eval.num_gpus, max_retries=0).bind(
@@ -86,10 +94,19 @@ def stage_refs(dag: DAGNode) -> dict[str, "ray.ObjectRef"]:
 
 
 def dag_edges(dag: DAGNode) -> tuple[list[str], list[tuple[str, str]]]:
-    """The stage names in execution order (dependencies first) and the (upstream, downstream) edges."""
+    """The stage names in execution order (dependencies first) and the (upstream, downstream) edges;
+    a lane's ordering helper is replaced by an edge from the training it waits for."""
     order = dag_nodes(dag)
-    names = [_stage_name(n) for n in order]
-    edges = [(_stage_name(c), _stage_name(n)) for n in order for c in n._get_all_child_nodes()]
+
+    def sources(node) -> list[str]:
+        name = _stage_name(node)
+        if not name.startswith(AFTER):
+            return [name]
+        return [s for c in node._get_all_child_nodes() for s in sources(c)]
+
+    names = [_stage_name(n) for n in order if not _stage_name(n).startswith(AFTER)]
+    edges = [(src, _stage_name(n)) for n in order if not _stage_name(n).startswith(AFTER)
+             for c in n._get_all_child_nodes() for src in sources(c)]
     return names, edges
 
 

@@ -1,11 +1,6 @@
-"""Progress a person can follow: one actor the stages report to, and the driver's printer.
-
-The actor also hands out training slots (``train.max_parallel``), so that the number of
-architectures training at once is bounded even though the DAG starts every branch together.
-"""
+"""Progress a person can follow: one actor the stages report to, and the driver's printer."""
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
@@ -16,10 +11,8 @@ import ray
 class RunBoard:
     """Status of every stage of a run: ``{name: {"status": waiting|running|done|skipped|failed, ...}}``."""
 
-    def __init__(self, max_parallel_training: int):
+    def __init__(self):
         self._states: dict[str, dict] = {}
-        self._slots = asyncio.Semaphore(max_parallel_training)
-        self._holders: set[str] = set()
 
     async def update(self, name: str, status: str, **info) -> None:
         self._states[name] = {"status": status, "time": time.time(), **info}
@@ -27,22 +20,9 @@ class RunBoard:
     async def snapshot(self) -> dict:
         return dict(self._states)
 
-    async def acquire_slot(self, holder: str) -> None:
-        """Wait for a training slot. A holder that asks again is a retry of a task that died while
-        holding its slot: it keeps that slot."""
-        if holder in self._holders:
-            return
-        await self._slots.acquire()
-        self._holders.add(holder)
 
-    async def release_slot(self, holder: str) -> None:
-        if holder in self._holders:
-            self._holders.remove(holder)
-            self._slots.release()
-
-
-def format_line(states: dict) -> str:
-    """One line: the current stage and which architectures run, are done or failed."""
+def format_line(states: dict, total: int | None = None) -> str:
+    """One line: the current stage and which architectures run, are done or failed (of ``total``)."""
     def names(status, prefix):
         return sorted(n.split("/", 1)[1] for n, s in states.items() if n.startswith(prefix) and s["status"] in status)
 
@@ -60,38 +40,37 @@ def format_line(states: dict) -> str:
         parts.append(f"training: {', '.join(running)}")
     if evaluating:
         parts.append(f"evaluating: {', '.join(evaluating)}")
-    parts.append(f"trained {len(done)}/{len(done) + len(running) + len(waiting) + len(names({'failed'}, 'train/'))}")
+    seen = len(done) + len(running) + len(waiting) + len(names({"failed"}, "train/"))
+    parts.append(f"trained {len(done)}/{total or seen}")
     if failed:
         parts.append(f"failed: {', '.join(sorted(set(failed)))}")
     return " | ".join(parts)
 
 
-def _reap(trainings: dict, board) -> None:
-    """Free the slot of every training task that ended by dying (its process killed: out of memory, a lost
-    node), since it could not release the slot itself; the stage functions never raise otherwise."""
+def _watch(trainings: dict, board) -> None:
+    """Report every training task that ended by dying (its process killed: out of memory, a lost node):
+    it could not report that itself, since the stage functions catch everything else."""
     if not trainings:
         return
     ready, _ = ray.wait(list(trainings.values()), num_returns=len(trainings), timeout=0)
     for name in [n for n, r in trainings.items() if r in ready]:
-        ref = trainings.pop(name)
         try:
-            ray.get(ref)
+            ray.get(trainings.pop(name))
         except Exception as e:  # noqa: BLE001  the task's process is gone
-            arch = name.split("/", 1)[1]
-            board.release_slot.remote(arch)
             board.update.remote(name, "failed", error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, out=sys.stdout):
     """Wait for ``ref`` (the DAG's output), printing a progress line whenever the board changes and the
     individual stage transitions as they happen. ``trainings`` ({"train/<arch>": ObjectRef}) are watched
-    for tasks that died holding a training slot. Returns ``ray.get(ref)``."""
+    for tasks whose process died. Returns ``ray.get(ref)``."""
     seen: dict[str, str] = {}
     last_line = ""
     trainings = dict(trainings or {})
+    total = len(trainings) or None
     while True:
         ready, _ = ray.wait([ref], timeout=poll_s)
-        _reap(trainings, board)
+        _watch(trainings, board)
         try:
             states = ray.get(board.snapshot.remote())
         except Exception:  # the board is gone only if the cluster is; the ref will say why
@@ -105,7 +84,7 @@ def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, ou
                 elif st.get("seconds") is not None and st["status"] == "done":
                     extra = f" ({st['seconds']:.1f}s)"
                 print(f"  {name}: {st['status']}{extra}", file=out, flush=True)
-        line = format_line(states) if states else ""
+        line = format_line(states, total) if states else ""
         if line and line.split("] ", 1)[-1] != last_line.split("] ", 1)[-1]:
             print(line, file=out, flush=True)
             last_line = line

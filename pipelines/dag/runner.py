@@ -41,7 +41,7 @@ def run(cfg: RunConfig, out=sys.stdout) -> dict:
     """Execute the run (resuming whatever an earlier run of the same config finished). Returns the
     summary dict; ``summary["failed"]`` lists what failed."""
     RunDir(cfg.run_dir).makedirs("")
-    board = RunBoard.remote(cfg.train.max_parallel)
+    board = RunBoard.remote()
     # Stages (and the Train/Data actors they start) name this cluster explicitly: Ray's "auto" address
     # lookup refuses to choose when several clusters run on one machine.
     ctx = ray.get_runtime_context()

@@ -108,19 +108,23 @@ def _branch(arch: str, settings: dict, rec: dict) -> dict:
             "train_seconds": rec.get("seconds"), "metrics": rec["outputs"].get("final", {})}
 
 
-def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=None) -> dict:
-    """Train ``arch`` with ``settings`` (TrainConfig fields) on the run's data. Never raises: a failure
-    is recorded in ``archs/<arch>/failed.json`` and returned as ``{"status": "failed", "error"}``."""
+def settle(refs: list) -> None:
+    """Wait until the given tasks have ended, successfully or not (the refs are nested in a list, so Ray
+    hands them over unresolved and a failure upstream cannot fail this task)."""
+    ray.wait(refs, num_returns=len(refs), timeout=None)
+
+
+def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, after=None, board=None) -> dict:
+    """Train ``arch`` with ``settings`` (TrainConfig fields) on the run's data; ``after`` only orders it
+    in its lane. Never raises: a failure is recorded in ``archs/<arch>/failed.json`` and returned as
+    ``{"status": "failed", "error"}``."""
     run = RunDir(run_uri)
     name = f"archs/{arch}/train"
     stage = Stage(run, name, stage_key("train", settings, {"data": data_rec["key"]}))
     if rec := stage.finished():
         run.remove(f"archs/{arch}/failed.json")
         return _branch(arch, settings, _skipped(board, f"train/{arch}", rec))
-    _report(board, f"train/{arch}", "waiting")
     try:
-        if board is not None:
-            ray.get(board.acquire_slot.remote(arch))
         _report(board, f"train/{arch}", "running")
         t0 = time.perf_counter()
         resumed = stage.begin(resumable=True)
@@ -135,9 +139,6 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, board=N
     except Exception as e:
         traceback.print_exc()
         return _branch_failed(run, arch, "train", _error_text(e), board, settings.get("task"))
-    finally:
-        if board is not None:
-            board.release_slot.remote(arch)
 
 
 def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_rec: dict, board=None) -> dict:
