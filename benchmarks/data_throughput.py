@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = ingest_memory(args)
         (RESULTS / "data_ingest_memory.json").write_text(json.dumps(result, indent=1))
         print(f"{'synth + ingest of':<28}{result['num_images']} images ({result['jpeg_bytes_mib']:.0f} MiB of JPEG)")
-        for k in ("imports_rss_mib", "synth_seconds", "synth_peak_rss_mib", "ingest_seconds", "driver_peak_rss_mib",
-                  "ray_processes_peak_rss_mib", "object_store_peak_mib"):
+        for k in ("imports_rss_mib", "synth_seconds", "synth_peak_rss_mib", "ingest_seconds",
+                  "driver_peak_rss_mib", "ray_processes_peak_rss_mib", "object_store_peak_mib"):
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
