@@ -9,8 +9,16 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        # A loaded machine can miss Ray's fixed start-up wait for its agents; a second try succeeds.
+        for attempt in range(3):
+            try:
+                ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                         runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
     yield ray
     # Serve tests may have started Serve on this cluster.
     try:
