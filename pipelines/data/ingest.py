@@ -5,8 +5,10 @@ import json
 import logging
 import os
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from pipelines.data.coco_index import build_index
@@ -127,4 +129,14 @@ def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
     if not manifest.get("shards"):
         return ray.data.from_arrow(SHARD_SCHEMA.empty_table()), manifest
     paths = [join(split_root, s) for s in manifest["shards"]]
-    return ray.data.read_parquet(paths, filesystem=fs, schema=SHARD_SCHEMA), manifest
+    # One read task per shard, from the manifest's list. read_parquet would list the files again every
+    # epoch (seconds) and pack small shards into one read task, so the augmentation fused after it would
+    # run as a single task on one CPU.
+    shards = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
+                              fn_kwargs={"filesystem": fs}), manifest
+
+
+def _read_shards(batch, filesystem):
+    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, schema=SHARD_SCHEMA)
+                             for p in batch["path"].to_pylist()])
