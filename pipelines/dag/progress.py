@@ -52,12 +52,14 @@ def _watch(trainings: dict, board) -> None:
     it could not report that itself, since the stage functions catch everything else."""
     if not trainings:
         return
-    ready, _ = ray.wait(list(trainings.values()), num_returns=len(trainings), timeout=0)
+    # fetch_local=False: a finished task counts as ready at once, without waiting for its result here.
+    ready, _ = ray.wait(list(trainings.values()), num_returns=len(trainings), timeout=0, fetch_local=False)
     for name in [n for n, r in trainings.items() if r in ready]:
         try:
             ray.get(trainings.pop(name))
         except Exception as e:  # noqa: BLE001  the task's process is gone
-            board.update.remote(name, "failed", error=f"{type(e).__name__}: {str(e)[:300]}")
+            # Waited for, so the next snapshot shows it.
+            ray.get(board.update.remote(name, "failed", error=f"{type(e).__name__}: {str(e)[:300]}"))
 
 
 def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, out=sys.stdout):
