@@ -20,8 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to use (default: a running one, else a local one)")
 
 
-def serve_until(stop: threading.Event, args: argparse.Namespace, out=sys.stdout) -> int:
+def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> int:
     """Deploy per ``args``, print the URL, wait for ``stop``, then shut Serve down. Returns the exit code."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
     from pydantic import ValidationError
 
     from pipelines.serve.deploy import deploy, resolve_args, shutdown

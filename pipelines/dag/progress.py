@@ -62,10 +62,11 @@ def _watch(trainings: dict, board) -> None:
             ray.get(board.update.remote(name, "failed", error=f"{type(e).__name__}: {str(e)[:300]}"))
 
 
-def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, out=sys.stdout):
+def follow(ref, board, *, trainings: dict | None = None, poll_s: float = 2.0, out=None):
     """Wait for ``ref`` (the DAG's output), printing a progress line whenever the board changes and the
     individual stage transitions as they happen. ``trainings`` ({"train/<arch>": ObjectRef}) are watched
     for tasks whose process died. Returns ``ray.get(ref)``."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
     seen: dict[str, str] = {}
     last_line = ""
     trainings = dict(trainings or {})

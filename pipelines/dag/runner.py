@@ -37,9 +37,10 @@ def plan(cfg: RunConfig, png: str | None = None) -> list[str]:
     return lines
 
 
-def run(cfg: RunConfig, out=sys.stdout) -> dict:
+def run(cfg: RunConfig, out=None) -> dict:
     """Execute the run (resuming whatever an earlier run of the same config finished). Returns the
     summary dict; ``summary["failed"]`` lists what failed."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
     RunDir(cfg.run_dir).makedirs("")
     board = RunBoard.remote()
     # Stages (and the Train/Data actors they start) name this cluster explicitly: Ray's "auto" address
