@@ -165,10 +165,11 @@ def start_ray(cpus: int):
     """``ray.init`` with a few retries: on a heavily loaded machine the raylet can give up waiting for
     its dashboard agent (ray-project/ray#65983), and a second try usually starts."""
     import ray
+    from pipelines.ray_runtime import start_local
 
     for attempt in range(3):
         try:
-            return ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return start_local(cpus, log_to_driver=False)
         except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception for this
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise

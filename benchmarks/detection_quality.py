@@ -181,13 +181,14 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import ray
+    from pipelines.ray_runtime import start_local
 
     from pipelines.train import TrainConfig, fit
     from vision.models import model_task
 
     def start_ray():  # ingest runs on Ray Data; training on Ray Train unless --engine local
         if not ray.is_initialized():
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            start_local(4, log_to_driver=False)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)

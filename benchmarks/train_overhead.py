@@ -123,6 +123,7 @@ def main() -> None:
     import os
 
     import ray
+    from pipelines.ray_runtime import start_local
 
     from pipelines.train.config import TrainConfig
 
@@ -135,7 +136,7 @@ def main() -> None:
     args = p.parse_args()
 
     cores = os.cpu_count() or 2
-    ray.init(num_cpus=max(4, cores), include_dashboard=False, log_to_driver=False)
+    start_local(max(4, cores), log_to_driver=False)
     try:
         data = crops(args.images, args.size)
         cfg = TrainConfig(arch=args.arch, data="-", out="-", image_size=args.size, batch_size=args.batch,

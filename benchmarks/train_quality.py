@@ -19,6 +19,7 @@ TARGETS = {"classification": ("top1", 0.90), "localization": ("loc_acc", 0.70)}
 
 def main() -> None:
     import ray
+    from pipelines.ray_runtime import start_local
 
     from pipelines.data import ingest
     from pipelines.train import TrainConfig, fit
@@ -33,7 +34,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    start_local(4)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)

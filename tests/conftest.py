@@ -8,12 +8,14 @@ def ray_cluster():
     """A real local Ray cluster with more logical CPUs than cores, shared by every test."""
     import ray
 
+    from pipelines.ray_runtime import start_local
+
     if not ray.is_initialized():
         # A loaded machine can miss Ray's fixed start-up wait for its agents; a second try succeeds.
         for attempt in range(3):
             try:
-                ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+                start_local(4, log_to_driver=False,
+                            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
                 break
             except Exception:
                 ray.shutdown()

@@ -12,6 +12,8 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from pipelines.ray_runtime import RAY_START_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 RAY_UP_YAMLS = sorted(CLUSTER.glob("*.yaml"))
@@ -41,6 +43,8 @@ def test_ray_up_yaml_passes_rays_validation(path):
     # Token auth on every node, with the token the client holds.
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    # The worker pool stays warm between Ray Data epochs (pipelines/ray_runtime.py).
+    assert all(f"{k}={v}" in c for c in starts if "ray start" in c for k, v in RAY_START_ENV.items())
     assert "~/.ray/auth_token" in config["file_mounts"]
     # What .gitignore keeps out of git stays off the nodes too.
     assert {".venv", "data", "runs"} <= set(config["rsync_exclude"])

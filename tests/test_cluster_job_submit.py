@@ -21,6 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipelines.ray_runtime import RAY_START_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -53,7 +55,7 @@ def ray_head():
     (tmp / "token").write_text(token)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not the session cluster's
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"), PATH=f"{BIN}:{env.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **RAY_START_ENV)
     dashboard = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),

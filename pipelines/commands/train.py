@@ -51,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
     import ray
     from pydantic import ValidationError
 
+    from pipelines.ray_runtime import start_local
     from pipelines.train import fit
     from pipelines.train.config import TrainConfig
 
@@ -62,8 +63,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not ray.is_initialized():
         address = args.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False,
-                 **({} if address else {"num_cpus": args.num_cpus or _local_cpus(cfg)}))
+        if address:
+            ray.init(address=address, include_dashboard=False)
+        else:
+            start_local(args.num_cpus or _local_cpus(cfg))
     try:
         result = fit(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -12,6 +12,7 @@ from pipelines.dag.config import RunConfig
 from pipelines.dag.graph import build_dag, plan_lines, plot_plan, stage_refs
 from pipelines.dag.progress import RunBoard, follow
 from pipelines.dag.storage import RunDir
+from pipelines.ray_runtime import start_local
 
 
 def connect(cfg: RunConfig) -> bool:
@@ -23,7 +24,7 @@ def connect(cfg: RunConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+        start_local(cfg.num_cpus)
     return True
 
 

@@ -7,11 +7,13 @@ epochs, and independent of how Ray splits the data into blocks.
 """
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
-import torch
+from typing import TYPE_CHECKING
 
-from vision import transforms as T
+import numpy as np
+
+if TYPE_CHECKING:  # torch and torchvision load in the processes that augment, not in every one that
+    import pyarrow as pa  # unpickles the plan (Ray Data's split coordinator starts once per epoch)
+    import torch
 
 TASKS = ("classification", "localization", "detection", "segmentation")
 # Rows per augmentation batch: a few encoded images in, a few MiB of decoded pixels out.
@@ -30,6 +32,8 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def _detection_rows(batch: pa.Table, *, size, train, seed, epoch, masks: bool) -> dict:
+    from vision import transforms as T
+
     out = {"image_id": [], "image": [], "boxes": [], "labels": [], "iscrowd": []}
     if masks:
         out["masks"] = []
@@ -50,6 +54,8 @@ def _detection_rows(batch: pa.Table, *, size, train, seed, epoch, masks: bool) -
 
 
 def _classification_rows(batch: pa.Table, *, size, train, seed, epoch) -> dict:
+    from vision import transforms as T
+
     out = {"image": [], "label": []}
     for row in batch.to_pylist():
         boxes, labels, iscrowd = _instances(row)
@@ -67,6 +73,8 @@ def _classification_rows(batch: pa.Table, *, size, train, seed, epoch) -> dict:
 
 
 def _localization_rows(batch: pa.Table, *, size, train, seed, epoch) -> dict:
+    from vision import transforms as T
+
     out = {"image": [], "label": [], "box": []}
     for row in batch.to_pylist():
         boxes, labels, iscrowd = _instances(row)

@@ -163,12 +163,15 @@ def train_loop(config: dict) -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
 
     min_batch = getattr(task, "MIN_BATCH", 1)
+    next_shard = None
     for epoch in range(start, cfg.epochs):
         _chaos(cfg, epoch, rank)
         lr = _set_lr(optimizer, cfg, epoch)
         net.train()
         sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
-        shard = ray.train.get_dataset_shard(f"train_{epoch}")
+        shard = next_shard or ray.train.get_dataset_shard(f"train_{epoch}")
+        # The next epoch's split coordinator (an actor process) starts while this epoch trains.
+        next_shard = ray.train.get_dataset_shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2):
             n = len(next(iter(raw.values())))
             if n < min_batch:  # equal shards: every worker skips the same step, DDP stays in step
