@@ -128,6 +128,8 @@ def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
     ``labels`` int64 (N,), ``iscrowd`` uint8 (N,), ``image_id`` int and, for segmentation,
     ``masks`` uint8 (N, H, W). Works whether Ray gave a column as one array or as ragged objects.
     """
+    import torch
+
     n = len(batch["image"])
     images, targets = [], []
     for i in range(n):
