@@ -44,8 +44,8 @@ def main() -> None:
         for task, epochs in (("classification", args.cls_epochs), ("localization", args.loc_epochs)):
             cfg = TrainConfig(task=task, arch="resnet18", data=str(root / "data"), out=str(root / f"run_{task}"),
                               workers=args.workers, epochs=epochs, batch_size=args.batch, image_size=64,
-                              optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=1,
-                              cpus_per_worker=1, augment_cpus=0.5)
+                              optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1,
+                              cpus_per_worker=2, augment_cpus=0.5)
             t0 = time.perf_counter()
             result = fit(cfg)
             key, target = TARGETS[task]

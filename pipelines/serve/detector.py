@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 import torch
 from ray import serve
@@ -24,6 +25,8 @@ def _compact(d: Detections) -> Detections:
 
 
 class _BatchedModel:
+    """Loads the model of a ``ModelSpec`` and batches calls dynamically; a subclass gives ``_run(images)``."""
+
     def __init__(self, spec: dict):
         self.spec = ModelSpec.model_validate(spec)
         self.device = _device()
@@ -32,7 +35,7 @@ class _BatchedModel:
         # Batch settings come from the config, not from the decorator defaults.
         self.__call__.set_max_batch_size(self.spec.batching.max_batch_size)
         self.__call__.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     def describe(self) -> dict:
         return {**self.info.describe(), "device": str(self.device), "torch_threads": torch.get_num_threads(),
@@ -42,20 +45,20 @@ class _BatchedModel:
         """Sizes of the last batches run (at most 1000): shows that dynamic batching happens."""
         return list(self.batch_sizes)
 
-    def _record(self, n: int) -> None:
-        self.batch_sizes = (self.batch_sizes + [n])[-1000:]
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        self.batch_sizes.append(len(images))
+        # In a thread: the replica keeps accepting requests (the next batch) while this one runs.
+        return await asyncio.to_thread(self._run, images)
+
+    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+        raise NotImplementedError
 
 
 @serve.deployment
 class Detector(_BatchedModel):
     """A detection or instance-segmentation model: ``__call__(uint8 3xhxw)`` -> ``{"dets": Detections,
     "ms", "batch"}``, the pre-NMS candidates in the pixels of the tensor given."""
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
-        self._record(len(images))
-        # In a thread: the replica keeps accepting requests (the next batch) while this one runs.
-        return await asyncio.to_thread(self._run, images)
 
     def _run(self, images: list[torch.Tensor]) -> list[dict]:
         t0 = time.perf_counter()
@@ -68,11 +71,6 @@ class Detector(_BatchedModel):
 @serve.deployment
 class Classifier(_BatchedModel):
     """A registry classifier: ``__call__(uint8 3xSxS)`` -> ``{"probs": float K, "ms", "batch"}``."""
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
-        self._record(len(images))
-        return await asyncio.to_thread(self._run, images)
 
     def _run(self, images: list[torch.Tensor]) -> list[dict]:
         t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """Localization: one object per image, its class and its box.
 
-A backbone from the registry (any classifier with ``forward_features``), global average pooling, then a
-class head and a box-regression head. ``forward(x) -> (logits N,K, boxes N,4)``, boxes xyxy in pixels of
+A backbone from the registry (any classifier with ``forward_features``), then a class head on the globally
+pooled features and a box-regression head on the feature map pooled to a ``grid`` x ``grid`` layout: the
+box head must see where things are, which global average pooling throws away (the fully connected
+regressors of OverFeat and VGG read the whole spatial map for the same reason). ``forward(x) -> (logits N,K, boxes N,4)``, boxes xyxy in pixels of
 the input. ``localization_loss`` is cross-entropy + smooth L1 + GIoU on boxes scaled to [0, 1].
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from vision.models.registry import create_model, get_entry, register_model
 class Localizer(nn.Module):
     """Backbone + class head + box head. ``backbone`` names a registered classifier."""
 
-    def __init__(self, num_classes: int, backbone: str = "resnet18", hidden: int = 256, **backbone_kw):
+    def __init__(self, num_classes: int, backbone: str = "resnet18", hidden: int = 256, grid: int = 4,
+                 box_channels: int = 32, **backbone_kw):
         super().__init__()
         if get_entry(backbone).task != "classification":
             raise ValueError(f"backbone {backbone!r} is a {get_entry(backbone).task} model; expected a classifier")
@@ -29,7 +32,11 @@ class Localizer(nn.Module):
         c = net.num_features
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.class_head = nn.Linear(c, num_classes)
-        self.box_head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+        # A 1x1 conv first: a linear layer straight on c x grid x grid inputs has so large a fan-in that the
+        # first Adam steps saturate the box sigmoid, and the boxes never move again.
+        self.box_head = nn.Sequential(nn.Conv2d(c, box_channels, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(grid),
+                                      nn.Flatten(), nn.Linear(box_channels * grid * grid, hidden),
+                                      nn.ReLU(inplace=True), nn.Linear(hidden, 4))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -37,11 +44,13 @@ class Localizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float RGB N,3,H,W in [0, 1] -> (logits N,K, boxes N,4 xyxy in pixels of x)."""
         h, w = x.shape[-2:]
-        f = torch.flatten(self.pool(self.forward_features(x)), 1)
-        logits = self.class_head(f)
-        # (cx, cy, w, h) as fractions of the image: sigmoid keeps every box valid and inside it
-        cx, cy, bw, bh = torch.sigmoid(self.box_head(f).float()).unbind(1)
-        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).clamp(0, 1)
+        fmap = self.forward_features(x)
+        logits = self.class_head(torch.flatten(self.pool(fmap), 1))
+        # (cx, cy, w, h) as fractions of the image: sigmoid keeps every box valid
+        cx, cy, bw, bh = torch.sigmoid(self.box_head(fmap).float()).unbind(1)
+        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+        if not self.training:  # clipped to the image for use; in training a clip would zero the gradient of
+            boxes = boxes.clamp(0, 1)  # every coordinate past an edge, and the boxes collapse into a corner
         return logits, boxes * boxes.new_tensor([w, h, w, h])
 
     def get_classifier(self) -> nn.Module:
