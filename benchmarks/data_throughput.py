@@ -165,6 +165,7 @@ def start_ray(cpus: int):
     """``ray.init`` with a few retries: on a heavily loaded machine the raylet can give up waiting for
     its dashboard agent (ray-project/ray#65983), and a second try usually starts."""
     import ray
+
     from pipelines.ray_runtime import start_local
 
     for attempt in range(3):

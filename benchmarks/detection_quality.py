@@ -181,8 +181,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     import ray
-    from pipelines.ray_runtime import start_local
 
+    from pipelines.ray_runtime import start_local
     from pipelines.train import TrainConfig, fit
     from vision.models import model_task
 

@@ -123,8 +123,8 @@ def main() -> None:
     import os
 
     import ray
-    from pipelines.ray_runtime import start_local
 
+    from pipelines.ray_runtime import start_local
     from pipelines.train.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

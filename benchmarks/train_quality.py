@@ -19,9 +19,9 @@ TARGETS = {"classification": ("top1", 0.90), "localization": ("loc_acc", 0.70)}
 
 def main() -> None:
     import ray
-    from pipelines.ray_runtime import start_local
 
     from pipelines.data import ingest
+    from pipelines.ray_runtime import start_local
     from pipelines.train import TrainConfig, fit
     from vision.data.synth import write_synth
 
