@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -131,6 +132,14 @@ def format_progress(record: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
+def _say(line: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver. Not through ``print``: Ray Train
+    patches it to log *and* echo whenever ``sys.stdout`` is wrapped, so each line showed up twice."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(line + "\n")
+    out.flush()
+
+
 def train_loop(config: dict) -> None:
     """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``); ``config = {"cfg": TrainConfig dict}``."""
     import ray.train
@@ -155,7 +164,7 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(payload["optimizer"])
         start = payload["epoch"] + 1
         if rank == 0:
-            print(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}", flush=True)
+            _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}")
     net = _wrap_ddp(model, device, task) if world > 1 else model
 
     use_amp = cfg.amp and device.type == "cuda"
@@ -212,7 +221,7 @@ def train_loop(config: dict) -> None:
             record["val_images_per_s"] = record["val_images"] / max(slowest["val_seconds"], 1e-9)
         _save_and_report(record, model, optimizer, cfg, epoch, rank)
         if rank == 0:
-            print(format_progress(record, cfg.epochs), flush=True)
+            _say(format_progress(record, cfg.epochs))
             _release(shard)
 
 
