@@ -13,7 +13,7 @@ the driver's peak RSS (``ru_maxrss``), the peak summed RSS of this cluster's Ray
 workers; shared object-store pages count in each process that touches them, so it over-counts) and the
 peak object-store (plasma) use, sampled every 0.5 s.
 
-    .venv/bin/python -m benchmarks.data_throughput [--images 400] [--size 128] [--batch 16] [--repeat 2]
+    .venv/bin/python -m benchmarks.data_throughput [--images 4000] [--size 128] [--batch 16] [--repeat 3] [--cpus 4]
     .venv/bin/python -m benchmarks.data_throughput --ingest-memory 10000
 """
 from __future__ import annotations
@@ -267,11 +267,11 @@ def ingest_memory(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--images", type=int, default=4000)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and decode-ceiling processes (default 2)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--cpus", type=int, default=4, help="Ray logical CPUs and decode-ceiling processes (default 4)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")

@@ -7,7 +7,7 @@ the same thing: the training steps (collate, forward, backward, optimizer) over 
 same images. The baseline uses all the process's threads; each Ray worker gets its share. The first
 epoch of each side is a warm-up and is not timed. Writes ``benchmarks/results/train_overhead.json``.
 
-    .venv/bin/python -m benchmarks.train_overhead [--arch resnet18] [--size 64] [--batch 32] [--epochs 3]
+    .venv/bin/python -m benchmarks.train_overhead [--arch resnet18] [--size 64] [--batch 64] [--epochs 4] [--images 400]
 """
 from __future__ import annotations
 
@@ -130,9 +130,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32, help="per Ray worker; the baseline's batch is twice this")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per side, the first one untimed")
-    p.add_argument("--images", type=int, default=120, help="synth images (about 2-3 crops each)")
+    p.add_argument("--batch", type=int, default=64, help="per Ray worker; the baseline's batch is twice this")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per side, the first one untimed")
+    p.add_argument("--images", type=int, default=400, help="synth images (about 2-3 crops each)")
     args = p.parse_args()
 
     cores = os.cpu_count() or 2

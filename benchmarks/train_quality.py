@@ -3,7 +3,7 @@ with `pipelines.train.fit` (Ray Train, the real data pipeline), against the targ
 >= 70% localization accuracy. The baseline in the same run is chance (1/K). Figures are wall-clock on
 whatever this machine is (a shared 2-core box in the README). Writes ``benchmarks/results/train_quality.json``.
 
-    .venv/bin/python -m benchmarks.train_quality [--images 200] [--cls-epochs 6] [--loc-epochs 10] [--batch 16]
+    .venv/bin/python -m benchmarks.train_quality [--images 2000] [--cls-epochs 12] [--loc-epochs 20] [--batch 32]
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ def main() -> None:
     from vision.data.synth import write_synth
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=200, help="synth images (80%% train, 20%% val)")
-    p.add_argument("--cls-epochs", type=int, default=6)
-    p.add_argument("--loc-epochs", type=int, default=10)
+    p.add_argument("--images", type=int, default=2000, help="synth images (80%% train, 20%% val)")
+    p.add_argument("--cls-epochs", type=int, default=12)
+    p.add_argument("--loc-epochs", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
 
