@@ -39,7 +39,7 @@ def images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
 
 def collate(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A numpy batch of view rows -> (images float N,3,H,W, labels int64 N) on ``device``."""
-    labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(device)
+    labels = torch.tensor(np.asarray(batch["label"]), dtype=torch.int64, device=device)  # copied (read-only in Ray)
     return images_to_tensor(batch["image"], device), labels
 
 

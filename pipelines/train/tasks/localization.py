@@ -29,8 +29,8 @@ def view(ds, cfg, *, train: bool, epoch: int):
 
 def collate(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A numpy batch -> (images float N,3,H,W in [0, 1], labels int64 N, boxes float32 N,4) on ``device``."""
-    labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(device)
-    boxes = torch.from_numpy(np.asarray(batch["box"], dtype=np.float32).reshape(-1, 4)).to(device)
+    labels = torch.tensor(np.asarray(batch["label"]), dtype=torch.int64, device=device)  # copied (read-only in Ray)
+    boxes = torch.tensor(np.asarray(batch["box"]).reshape(-1, 4), dtype=torch.float32, device=device)
     return images_to_tensor(batch["image"], device), labels, boxes
 
 
