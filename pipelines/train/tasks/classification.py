@@ -33,7 +33,7 @@ def view(ds, cfg, *, train: bool, epoch: int):
 
 def images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
     """uint8 N,H,W,3 -> float N,3,H,W in [0, 1] on ``device`` (moved as uint8: a quarter of the bytes)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+    x = torch.from_numpy(np.require(images, requirements=("C", "W"))).to(device, non_blocking=True)  # Ray: read-only
     return x.permute(0, 3, 1, 2).float().div_(255.0)
 
 
