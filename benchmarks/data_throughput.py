@@ -127,6 +127,7 @@ def throughput(args) -> dict:
     import ray
 
     from pipelines.data import ingest
+    from pipelines.ray_runtime import start_local
     from vision.data.synth import write_synth
 
     work = Path(tempfile.mkdtemp(prefix="vf_bench_data_"))
@@ -134,7 +135,7 @@ def throughput(args) -> dict:
     files = sorted((work / "coco" / "train").glob("*.jpg"))
     ceiling = {p: decode_ceiling(files, p) for p in (1, args.cpus)}  # before Ray takes the cores
     try:
-        start_ray(args.cpus)
+        start_local(args.cpus, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                work / "shards" / "train")
@@ -159,23 +160,6 @@ def throughput(args) -> dict:
         "ray_fraction_of_decode_ceiling": best["ray_data"] / ceiling[args.cpus],
         "dataloader_fraction_of_decode_ceiling": best["dataloader"] / ceiling[args.cpus],
     }
-
-
-def start_ray(cpus: int):
-    """``ray.init`` with a few retries: on a heavily loaded machine the raylet can give up waiting for
-    its dashboard agent (ray-project/ray#65983), and a second try usually starts."""
-    import ray
-
-    from pipelines.ray_runtime import start_local
-
-    for attempt in range(3):
-        try:
-            return start_local(cpus, log_to_driver=False)
-        except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception for this
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            print(f"ray.init failed ({e}); retrying", flush=True)
-            ray.shutdown()
 
 
 def _descendants_rss(pid: int) -> int:
@@ -212,6 +196,7 @@ def ingest_memory(args) -> dict:
     from ray._private.internal_api import memory_summary
 
     from pipelines.data import ingest
+    from pipelines.ray_runtime import start_local
     from vision.data.synth import write_synth
 
     # What the imports alone (torch, Ray, pyarrow) take, so the figures below can be read against it.
@@ -221,7 +206,7 @@ def ingest_memory(args) -> dict:
     write_synth(work / "coco", images=args.ingest_memory, size=args.size, seed=0, val_fraction=0.0)
     synth_s = time.perf_counter() - t0
     synth_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ctx = start_ray(args.cpus)
+    ctx = start_local(args.cpus, log_to_driver=False)
     peaks = {"plasma_mib": 0.0, "ray_rss_mib": 0.0}
     stop = threading.Event()
     me = os.getpid()

@@ -13,10 +13,20 @@ WORKER_POOL = {"idle_worker_killing_time_threshold_ms": 120_000}
 RAY_START_ENV = {f"RAY_{k}": str(v) for k, v in WORKER_POOL.items()}
 
 
-def start_local(num_cpus: float | None = None, **kwargs):
+def start_local(num_cpus: float | None = None, attempts: int = 3, **kwargs):
     """``ray.init`` of a new local cluster with ``num_cpus`` logical CPUs (None: one per core) and the
-    worker pool kept warm between Ray Data executions; other keyword arguments go to ``ray.init``."""
+    worker pool kept warm between Ray Data executions; other keyword arguments go to ``ray.init``.
+
+    On a loaded machine the raylet can give up waiting for its agents (ray-project/ray#65983: "timed
+    out during startup"); the next try usually starts, so that error is tried up to ``attempts`` times."""
     import ray
 
     kwargs.setdefault("include_dashboard", False)
-    return ray.init(num_cpus=num_cpus, _system_config=dict(WORKER_POOL), **kwargs)
+    for attempt in range(attempts):
+        try:
+            return ray.init(num_cpus=num_cpus, _system_config=dict(WORKER_POOL), **kwargs)
+        except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception when start-up times out
+            if attempt == attempts - 1 or "timed out during startup" not in str(e):
+                raise
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()

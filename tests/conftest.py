@@ -10,17 +10,8 @@ def ray_cluster():
 
     from pipelines.ray_runtime import start_local
 
-    if not ray.is_initialized():
-        # A loaded machine can miss Ray's fixed start-up wait for its agents; a second try succeeds.
-        for attempt in range(3):
-            try:
-                start_local(4, log_to_driver=False,
-                            runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 2:
-                    raise
+    if not ray.is_initialized():  # start_local retries a start-up that timed out on a loaded machine
+        start_local(4, log_to_driver=False, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     yield ray
     # Serve tests may have started Serve on this cluster.
     try:

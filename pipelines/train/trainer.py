@@ -178,7 +178,7 @@ def train_loop(config: dict) -> None:
         lr = _set_lr(optimizer, cfg, epoch)
         net.train()
         sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
-        shard = next_shard or ray.train.get_dataset_shard(f"train_{epoch}")
+        shard = next_shard if next_shard is not None else ray.train.get_dataset_shard(f"train_{epoch}")
         # The next epoch's split coordinator (an actor process) starts while this epoch trains.
         next_shard = ray.train.get_dataset_shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2):

@@ -3,15 +3,15 @@
 A backbone from the registry (any classifier with ``forward_features``), then a class head on the globally
 pooled features and a box-regression head on the feature map pooled to a ``grid`` x ``grid`` layout: the
 box head must see where things are, which global average pooling throws away (the fully connected
-regressors of OverFeat and VGG read the whole spatial map for the same reason). ``forward(x) -> (logits N,K, boxes N,4)``, boxes xyxy in pixels of
-the input. ``localization_loss`` is cross-entropy + smooth L1 + GIoU on boxes scaled to [0, 1].
+regressors of OverFeat and VGG read the whole spatial map for the same reason).
+``forward(x) -> (logits N,K, boxes N,4)``, boxes xyxy in pixels of the input. ``localization_loss`` is cross-entropy + smooth L1 + GIoU on boxes scaled to [0, 1].
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from vision.models.registry import create_model, get_entry, register_model
 
@@ -34,9 +34,10 @@ class Localizer(nn.Module):
         self.class_head = nn.Linear(c, num_classes)
         # A 1x1 conv first: a linear layer straight on c x grid x grid inputs has so large a fan-in that the
         # first Adam steps saturate the box sigmoid, and the boxes never move again.
-        self.box_head = nn.Sequential(nn.Conv2d(c, box_channels, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(grid),
-                                      nn.Flatten(), nn.Linear(box_channels * grid * grid, hidden),
-                                      nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+        self.box_head = nn.Sequential(nn.Conv2d(c, box_channels, 1), nn.ReLU(inplace=True),
+                                      nn.AdaptiveAvgPool2d(grid), nn.Flatten(),
+                                      nn.Linear(box_channels * grid * grid, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, 4))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -47,8 +48,7 @@ class Localizer(nn.Module):
         fmap = self.forward_features(x)
         logits = self.class_head(torch.flatten(self.pool(fmap), 1))
         # (cx, cy, w, h) as fractions of the image: sigmoid keeps every box valid
-        cx, cy, bw, bh = torch.sigmoid(self.box_head(fmap).float()).unbind(1)
-        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+        boxes = box_convert(torch.sigmoid(self.box_head(fmap).float()), "cxcywh", "xyxy")
         if not self.training:  # clipped to the image for use; in training a clip would zero the gradient of
             boxes = boxes.clamp(0, 1)  # every coordinate past an edge, and the boxes collapse into a corner
         return logits, boxes * boxes.new_tensor([w, h, w, h])
