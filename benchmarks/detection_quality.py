@@ -102,6 +102,21 @@ def prepare_local(root: Path, images: int, size: int, seed: int) -> Path:
     return root / "data"
 
 
+RUN_KEYS = ("engine", "images", "size", "epochs", "batch", "lr", "workers", "cpus_per_worker")
+
+
+def save(row: dict) -> None:
+    """Put one model's row into ``results/detection_quality.json``, replacing that model's earlier row:
+    each model is trained in its own run (each takes minutes to hours here), so every row carries the
+    settings it was measured with."""
+    path = RESULTS / "detection_quality.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    rows = [r for r in old.get("models", []) if r.get("arch") != row["arch"]] + [row]
+    path.write_text(json.dumps({"benchmark": "detection_quality",
+                                "note": "from scratch (weights=None), AdamW, cosine; each row its own run",
+                                "models": rows}, indent=2))
+
+
 MODEL_KWARGS = {  # sized for the synth images and a CPU budget
     "fasterrcnn_resnet18_fpn": lambda s: {"min_size": s, "max_size": s},
     "maskrcnn_resnet18_fpn": lambda s: {"min_size": s, "max_size": s},
@@ -175,6 +190,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0,
+                    help="CPUs (and torch threads) of each Ray Train worker; 2 on an idle 2-core box")
     ap.add_argument("--keep", type=str, default=None, help="keep data and runs under this directory")
     ap.add_argument("--engine", choices=("ray", "local"), default="ray",
                     help="ray: visionflow's Ray Train fit(); local: the same task plug-ins in this process")
@@ -193,7 +210,7 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
     result = {"benchmark": "detection_quality", "engine": args.engine, "images": args.images, "size": args.size, "epochs": args.epochs,
-              "batch": args.batch, "lr": args.lr, "workers": args.workers, "threads": torch.get_num_threads(),
+              "batch": args.batch, "lr": args.lr, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
               "note": "from scratch (weights=None), AdamW, cosine; shared 2-core machine", "models": []}
     try:
         data = root / "data"
@@ -212,26 +229,27 @@ def main(argv=None) -> dict:
             task = model_task(arch)
             cfg = TrainConfig(task=task, arch=arch, data=str(data), out=str(root / "runs" / arch),
                               workers=args.workers, epochs=args.epochs, batch_size=args.batch, image_size=args.size,
-                              optimizer="adamw", lr=args.lr, seed=args.seed, cpus_per_worker=1.0, augment_cpus=0.5,
+                              optimizer="adamw", lr=args.lr, seed=args.seed,
+                              cpus_per_worker=args.cpus_per_worker, augment_cpus=0.5,
                               model_kwargs=MODEL_KWARGS.get(arch, lambda s: {})(args.size))
             t = time.perf_counter()
             out = fit(cfg) if args.engine == "ray" else fit_local(cfg)
             m = out["metrics"]
             row = {"arch": arch, "task": task, "metric": MAIN[task], "value": m.get(f"val_{MAIN[task]}"),
                    "bbox/AP50": m.get("val_bbox/AP50"), "bbox/AP": m.get("val_bbox/AP"),
-                   "segm/AP50": m.get("val_segm/AP50"), "epochs": out["epochs_run"],
-                   "train_images": m.get("train_images", 0) * out["epochs_run"], "seconds": time.perf_counter() - t}
+                   "segm/AP50": m.get("val_segm/AP50"), "segm/AP": m.get("val_segm/AP"), "epochs": out["epochs_run"],
+                   "train_images": m.get("train_images", 0) * out["epochs_run"], "seconds": time.perf_counter() - t,
+                   **{k: result[k] for k in RUN_KEYS}, "chance_bbox/AP50": base["bbox/AP50"]}
             row["ratio_to_chance"] = (row["bbox/AP50"] or 0.0) / max(base["bbox/AP50"], 1e-6)
             result["models"].append(row)
             print(f"{arch:<28} {row['metric']} {row['value']:.4f}  bbox AP50 {row['bbox/AP50']:.4f} "
                   f"({row['ratio_to_chance']:.0f}x chance)  {row['epochs']} epochs  {row['seconds']:.0f}s", flush=True)
-            (RESULTS / "detection_quality.json").write_text(json.dumps(result, indent=2))
+            save(row)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    (RESULTS / "detection_quality.json").write_text(json.dumps(result, indent=2))
     print(f"\n{'model':<28}{'metric':>12}{'value':>9}{'x chance':>10}{'epochs':>8}{'seconds':>9}")
     for r in result["models"]:
         print(f"{r['arch']:<28}{r['metric']:>12}{r['value']:>9.4f}{r['ratio_to_chance']:>10.1f}{r['epochs']:>8}"

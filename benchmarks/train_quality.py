@@ -31,6 +31,9 @@ def main() -> None:
     p.add_argument("--loc-epochs", type=int, default=20)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tasks", nargs="+", default=list(TARGETS), choices=list(TARGETS),
+                   help="which of the two runs (each replaces its own row in the results file)")
+    p.add_argument("--loc-size", type=int, default=64, help="localization input side (the classification crops are 64)")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args()
 
@@ -42,8 +45,11 @@ def main() -> None:
         for split in ("train", "val"):
             ingest(root / f"coco/annotations/instances_{split}.json", root / "coco" / split, root / "data" / split)
         for task, epochs in (("classification", args.cls_epochs), ("localization", args.loc_epochs)):
+            if task not in args.tasks:
+                continue
+            size = args.loc_size if task == "localization" else 64
             cfg = TrainConfig(task=task, arch="resnet18", data=str(root / "data"), out=str(root / f"run_{task}"),
-                              workers=args.workers, epochs=epochs, batch_size=args.batch, image_size=64,
+                              workers=args.workers, epochs=epochs, batch_size=args.batch, image_size=size,
                               optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1,
                               cpus_per_worker=2, augment_cpus=0.5)
             t0 = time.perf_counter()
@@ -52,14 +58,18 @@ def main() -> None:
             m = result["metrics"]
             rows.append({"task": task, "arch": "resnet18", "metric": key, "value": m[f"val_{key}"],
                          "target": target, "chance": 1 / cfg_classes(root), "met": m[f"val_{key}"] >= target,
-                         "epochs": epochs, "workers": args.workers, "train_images_per_epoch": m["train_images"],
+                         "epochs": epochs, "image_size": size, "images": args.images, "workers": args.workers,
+                         "train_images_per_epoch": m["train_images"],
                          "val_images": m.get("val_images"), "train_images_per_s": m["train_images_per_s"],
                          "wall_seconds": time.perf_counter() - t0})
             print(f"{task}: val {key} {m[f'val_{key}']:.3f} (target {target}) after {epochs} epochs, "
                   f"{rows[-1]['wall_seconds']:.0f}s", flush=True)
     ray.shutdown()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_quality.json").write_text(json.dumps({"images": args.images, "rows": rows}, indent=2))
+    path = RESULTS / "train_quality.json"
+    kept = [r for r in (json.loads(path.read_text())["rows"] if path.exists() else []) if r["task"] not in args.tasks]
+    rows = kept + rows  # a run of one task keeps the other's row
+    path.write_text(json.dumps({"images": args.images, "rows": rows}, indent=2))
     print("| task | metric | value | chance | target | epochs | wall s | train img/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

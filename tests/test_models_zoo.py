@@ -92,14 +92,54 @@ def test_two_tower_alexnet_rejects_a_single_device():
 def test_localizer_outputs_class_logits_and_pixel_boxes():
     model = create_model("localizer", num_classes=4, backbone="resnet18").train()
     x = torch.rand(2, 3, 64, 64)
-    logits, boxes = model(x)
-    assert logits.shape == (2, 4) and boxes.shape == (2, 4)
-    assert (boxes >= 0).all() and (boxes <= 64).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+    centre, _, dense_boxes, grid = model.dense(x)
+    assert grid == (4, 4)  # ResNet's last stage at stride 16: a 4 x 4 grid on 64 px
+    assert centre.shape == (2, 16) and dense_boxes.shape == (2, 16, 4)
     target = torch.tensor([[8.0, 8.0, 40.0, 40.0], [10.0, 20.0, 60.0, 50.0]])
+    logits, boxes, centre_loss = model(x, target)
+    # boxes read at the cells of the true centres: (24, 24) -> row 1, col 1; (35, 35) -> row 2, col 2
+    assert torch.equal(boxes, dense_boxes[[0, 1], [5, 10]]) and logits.shape == (2, 4)
     loss, parts = localization_loss(logits, boxes, torch.tensor([1, 3]), target, (64, 64))
-    loss.backward()
+    (loss + centre_loss).backward()
     assert set(parts) == {"cls_loss", "box_loss"}
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # nothing unused (DDP)
+    model.eval()
+    with torch.no_grad():
+        logits, boxes = model(x * 2 - 0.5)
+        centre, _, dense_boxes, _ = model.dense(x * 2 - 0.5)
+        # at inference: the box of the best centre score, and the class of what lies inside it
+        expected = dense_boxes[[0, 1], centre.argmax(1)].clamp(0, 64)
+        assert torch.equal(boxes, expected)
+        assert torch.allclose(logits, model.classify_regions(x * 2 - 0.5, expected))
+    assert (boxes >= 0).all() and (boxes <= 64).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
+
+
+def test_localizer_class_head_reads_the_region_it_is_given():
+    torch.manual_seed(0)
+    model = create_model("localizer", num_classes=3, backbone="resnet18").eval()
+    x = torch.rand(1, 3, 64, 64)
+    left, right = torch.tensor([[0.0, 0.0, 30.0, 64.0]]), torch.tensor([[34.0, 0.0, 64.0, 64.0]])
+    with torch.no_grad():
+        y = x.clone()
+        y[..., 40:] = torch.rand(1, 3, 64, 24)  # change only what lies in the right region
+        assert torch.allclose(model.classify_regions(x, left), model.classify_regions(y, left), atol=1e-5)
+        assert not torch.allclose(model.classify_regions(x, right), model.classify_regions(y, right), atol=1e-3)
+
+
+def test_localizer_per_cell_class_head():
+    model = create_model("localizer", num_classes=4, backbone="resnet18", glimpse=None).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, _ = model(x)
+        centre, dense_logits, _, _ = model.dense(x)
+    assert torch.equal(logits, dense_logits[[0, 1], centre.argmax(1)])
+
+
+def test_localizer_keeps_the_stride_of_other_backbones():
+    model = create_model("localizer", num_classes=3, backbone="vgg11").eval()
+    assert model.dense(torch.rand(1, 3, 64, 64))[3] == (2, 2)  # VGG's own stride 32
+    with pytest.raises(ValueError, match="output_stride"):
+        create_model("localizer", num_classes=3, output_stride=8)
 
 
 def test_localization_hit_needs_the_right_class_and_iou_at_least_half():

@@ -35,14 +35,17 @@ def collate(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def train_step(model, batch, cfg) -> tuple[torch.Tensor, dict]:
-    """(cross-entropy + smooth L1 + GIoU, {"cls_loss", "box_loss", "loc_acc", "n"})."""
+    """(cross-entropy + smooth L1 + GIoU + centre cross-entropy, {"cls_loss", "box_loss", "centre_loss",
+    "loc_acc", "n"}); ``loc_acc`` here is read at the true centre's cell, val reads the predicted one."""
     from vision.models.localization import localization_hits, localization_loss
 
     images, labels, boxes = batch
-    logits, pred = model(images)
+    # read at the cell of each true centre, plus the loss of the centre scores
+    logits, pred, centre_loss = model(images, boxes)
     loss, parts = localization_loss(logits, pred, labels, boxes, tuple(images.shape[-2:]))
     hits = localization_hits(logits.detach(), pred.detach(), labels, boxes)
-    return loss, {**parts, "loc_acc": float(hits.float().mean()), "n": len(labels)}
+    return loss + centre_loss, {**parts, "centre_loss": float(centre_loss.detach()),
+                                "loc_acc": float(hits.float().mean()), "n": len(labels)}
 
 
 @torch.no_grad()
