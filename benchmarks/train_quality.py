@@ -69,7 +69,7 @@ def main() -> None:
     path = RESULTS / "train_quality.json"
     kept = [r for r in (json.loads(path.read_text())["rows"] if path.exists() else []) if r["task"] not in args.tasks]
     rows = kept + rows  # a run of one task keeps the other's row
-    path.write_text(json.dumps({"images": args.images, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"rows": rows}, indent=2))  # each row names its own images and settings
     print("| task | metric | value | chance | target | epochs | wall s | train img/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
