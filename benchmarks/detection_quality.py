@@ -2,12 +2,16 @@
 (synth -> ingest -> Ray Train -> COCOeval on val), against a chance baseline evaluated the same way in
 the same run (random boxes of plausible sizes, random classes and scores). Reports bbox AP50 (segm AP50
 for Mask R-CNN), the ratio to chance, epochs, images and wall seconds: the budget each took.
-Writes ``benchmarks/results/detection_quality.json`` and per-model lines as they finish.
+Writes one row per model into ``benchmarks/results/detection_quality.json`` (a later run of a model
+replaces its row; the others stay), and per-model lines as they finish.
 
-Default (a few minutes here): YOLO for 2 epochs on 64 images. The quality run of the README:
+Default (a few minutes here): YOLO for 2 epochs on 64 images. The README's runs, one model each:
 
-    .venv/bin/python -m benchmarks.detection_quality --images 300 --size 160 --epochs 12 \\
-        --models fasterrcnn_resnet18_fpn maskrcnn_resnet18_fpn yolo_v1 ssdlite_mobilenet_v3 rcnn_resnet18
+    B=".venv/bin/python -m benchmarks.detection_quality --size 128 --batch 8 --cpus-per-worker 2"
+    $B --models ssdlite_mobilenet_v3 --images 1000 --epochs 4
+    $B --models fasterrcnn_resnet18_fpn --images 1000 --epochs 10
+    $B --models maskrcnn_resnet18_fpn --images 1000 --epochs 5
+    $B --models rcnn_resnet18 --images 250 --epochs 3 --batch 4
 """
 from __future__ import annotations
 

@@ -3,7 +3,10 @@ with `pipelines.train.fit` (Ray Train, the real data pipeline), against the targ
 >= 70% localization accuracy. The baseline in the same run is chance (1/K). Figures are wall-clock on
 whatever this machine is (a shared 2-core box in the README). Writes ``benchmarks/results/train_quality.json``.
 
-    .venv/bin/python -m benchmarks.train_quality [--images 2000] [--cls-epochs 12] [--loc-epochs 20] [--batch 32]
+    .venv/bin/python -m benchmarks.train_quality [--tasks classification localization] [--images 2000]
+        [--cls-epochs 12] [--loc-epochs 16] [--loc-size 64] [--batch 32]
+
+The README's runs: ``--tasks classification --images 2000`` and ``--tasks localization --images 4000``.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2000, help="synth images (80%% train, 20%% val)")
     p.add_argument("--cls-epochs", type=int, default=12)
-    p.add_argument("--loc-epochs", type=int, default=20)
+    p.add_argument("--loc-epochs", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tasks", nargs="+", default=list(TARGETS), choices=list(TARGETS),
