@@ -1,10 +1,16 @@
 """Localization: one object per image, its class and its box.
 
-A backbone from the registry (any classifier with ``forward_features``), then three 1x1-conv heads over
-its feature map, one prediction per cell, as the fully convolutional OverFeat localizer: a centre score
-(is the object's centre in this cell), a class distribution and a box. The answer is read at the cell of
-the highest centre score. In training the class and the box are read at the cell that holds the true
-centre, and the centre scores learn that cell with a cross-entropy over the cells.
+A backbone from the registry (any classifier with ``forward_features``), then 1x1-conv heads over its
+feature map, one prediction per cell, as the fully convolutional OverFeat localizer: a centre score (is
+the object's centre in this cell) and a box. The box is read at the cell of the highest centre score. In
+training it is read at the cell that holds the true centre, and the centre scores learn that cell with a
+cross-entropy over the cells.
+
+The class head reads the region in the box (``glimpse``, the default): the box with some context
+(``context``) is cut from the input by ``roi_align``, resized to ``glimpse`` x ``glimpse`` and run
+through the same backbone, as R-CNN's warped regions. In training the region is the true box, jittered
+by up to ``jitter`` of its size; at inference it is the predicted box. ``glimpse=None`` puts a class head
+on every cell instead (cheaper, and slower to learn: one cell's view of a small shape).
 
 Why per cell: a regressor on the flattened map (or a class head on globally pooled features) sees every
 object of the scene at once. On the synth shapes, with up to four objects an image, such heads memorised
@@ -27,7 +33,8 @@ from vision.models.registry import create_model, get_entry, register_model
 
 
 def _keep_stride_16(net: nn.Module) -> bool:
-    """Turn the stride-2 entry of a torchvision ResNet's last stage into stride 1 (in place)."""
+    """Turn the stride-2 entry of a torchvision ResNet's last stage into stride 1 (in place); False when
+    ``net`` has no ResNet last stage."""
     layer4 = getattr(getattr(net, "net", None), "layer4", None)
     if layer4 is None:
         return False
@@ -68,8 +75,8 @@ class Localizer(nn.Module):
         return self.backbone.forward_features(x)
 
     def dense(self, x: torch.Tensor):
-        """Per cell: centre logits N,C; class logits N,C,K; boxes N,C,4 xyxy in pixels of x (C = cells,
-        row-major); and the grid (rows, cols)."""
+        """Per cell: centre logits N,C; class logits N,C,K (None with a glimpse class head); boxes N,C,4
+        xyxy in pixels of x (C = cells, row-major); and the grid (rows, cols)."""
         h, w = x.shape[-2:]
         f = self.neck(self.forward_features(x))
         gh, gw = f.shape[-2:]
@@ -130,7 +137,6 @@ class Localizer(nn.Module):
         self.class_head = (nn.Linear(head.in_features, num_classes) if isinstance(head, nn.Linear)
                            else nn.Conv2d(head.in_channels, num_classes, 1))
         self.num_classes = num_classes
-
 
 
 def _jitter(boxes: torch.Tensor, scale: float) -> torch.Tensor:
