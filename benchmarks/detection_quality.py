@@ -106,9 +106,6 @@ def prepare_local(root: Path, images: int, size: int, seed: int) -> Path:
     return root / "data"
 
 
-RUN_KEYS = ("engine", "images", "size", "epochs", "batch", "lr", "workers", "cpus_per_worker")
-
-
 def save(row: dict) -> None:
     """Put one model's row into ``results/detection_quality.json``, replacing that model's earlier row:
     each model is trained in its own run (each takes minutes to hours here), so every row carries the
@@ -213,9 +210,9 @@ def main(argv=None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
-    result = {"benchmark": "detection_quality", "engine": args.engine, "images": args.images, "size": args.size, "epochs": args.epochs,
-              "batch": args.batch, "lr": args.lr, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker,
-              "note": "from scratch (weights=None), AdamW, cosine; shared 2-core machine", "models": []}
+    settings = {"engine": args.engine, "images": args.images, "size": args.size, "epochs": args.epochs,
+                "batch": args.batch, "lr": args.lr, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker}
+    rows = []
     try:
         data = root / "data"
         if not (data / "val" / "_manifest.json").exists():  # --keep reuses an ingested set
@@ -227,7 +224,6 @@ def main(argv=None) -> dict:
         if args.engine == "ray":
             start_ray()
         base = chance(data, args.seed)
-        result["chance"] = {"bbox/AP50": base["bbox/AP50"], "bbox/AP": base["bbox/AP"]}
         print(f"chance: bbox AP50 {base['bbox/AP50']:.4f}", flush=True)
         for arch in args.models:
             task = model_task(arch)
@@ -243,9 +239,9 @@ def main(argv=None) -> dict:
                    "bbox/AP50": m.get("val_bbox/AP50"), "bbox/AP": m.get("val_bbox/AP"),
                    "segm/AP50": m.get("val_segm/AP50"), "segm/AP": m.get("val_segm/AP"), "epochs": out["epochs_run"],
                    "train_images": m.get("train_images", 0) * out["epochs_run"], "seconds": time.perf_counter() - t,
-                   **{k: result[k] for k in RUN_KEYS}, "chance_bbox/AP50": base["bbox/AP50"]}
+                   **settings, "chance_bbox/AP50": base["bbox/AP50"]}
             row["ratio_to_chance"] = (row["bbox/AP50"] or 0.0) / max(base["bbox/AP50"], 1e-6)
-            result["models"].append(row)
+            rows.append(row)
             print(f"{arch:<28} {row['metric']} {row['value']:.4f}  bbox AP50 {row['bbox/AP50']:.4f} "
                   f"({row['ratio_to_chance']:.0f}x chance)  {row['epochs']} epochs  {row['seconds']:.0f}s", flush=True)
             save(row)
@@ -255,10 +251,10 @@ def main(argv=None) -> dict:
         if tmp is not None:
             tmp.cleanup()
     print(f"\n{'model':<28}{'metric':>12}{'value':>9}{'x chance':>10}{'epochs':>8}{'seconds':>9}")
-    for r in result["models"]:
+    for r in rows:
         print(f"{r['arch']:<28}{r['metric']:>12}{r['value']:>9.4f}{r['ratio_to_chance']:>10.1f}{r['epochs']:>8}"
               f"{r['seconds']:>9.0f}")
-    return result
+    return {"settings": settings, "models": rows}
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import box_iou, generalized_box_iou_loss, roi_align
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, generalized_box_iou_loss, roi_align
 
 from vision.models.registry import create_model, get_entry, register_model
 
@@ -87,8 +87,7 @@ class Localizer(nn.Module):
         # the centre may sit from half a cell before to half a cell past its own cell
         cx = (gx.flatten() + t[..., 0] * 2 - 0.5) * (w / gw)
         cy = (gy.flatten() + t[..., 1] * 2 - 0.5) * (h / gh)
-        bw, bh = t[..., 2] * w, t[..., 3] * h
-        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+        boxes = box_convert(torch.stack([cx, cy, t[..., 2] * w, t[..., 3] * h], -1), "cxcywh", "xyxy")
         return centre, logits, boxes, (gh, gw)
 
     def centre_cells(self, boxes: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -115,16 +114,16 @@ class Localizer(nn.Module):
         cell = centre.argmax(1)
         box = boxes[rows, cell]
         if not self.training:  # clipped to the image for use
-            box = torch.stack([box[:, 0].clamp(0, w), box[:, 1].clamp(0, h),
-                               box[:, 2].clamp(0, w), box[:, 3].clamp(0, h)], 1)
+            box = clip_boxes_to_image(box, (h, w))
         return (self.classify_regions(x, box.detach()) if self.glimpse else logits[rows, cell]), box
 
     def classify_regions(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Class logits N,K of one region per image (N,4 xyxy pixels): the region with some context, cut
         from the input by ``roi_align`` and resized to ``glimpse`` x ``glimpse``, through the backbone."""
-        centre, size = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0) * self.context
+        cxcywh = box_convert(boxes, "xyxy", "cxcywh")
+        cxcywh = torch.cat([cxcywh[:, :2], cxcywh[:, 2:].clamp(min=1.0) * self.context], 1)
         rois = torch.cat([torch.arange(len(x), device=x.device, dtype=boxes.dtype)[:, None],
-                          centre - size / 2, centre + size / 2], 1)
+                          box_convert(cxcywh, "cxcywh", "xyxy")], 1)
         crops = roi_align(x, rois.to(x.dtype), output_size=self.glimpse, spatial_scale=1.0, sampling_ratio=2,
                           aligned=True)
         return self.class_head(torch.flatten(self.pool(self.forward_features(crops)), 1))
