@@ -5,13 +5,14 @@ for Mask R-CNN), the ratio to chance, epochs, images and wall seconds: the budge
 Writes one row per model into ``benchmarks/results/detection_quality.json`` (a later run of a model
 replaces its row; the others stay), and per-model lines as they finish.
 
-Default (a few minutes here): YOLO for 2 epochs on 64 images. The README's runs, one model each:
+Default (a few minutes here): YOLO for 2 epochs on 64 images. The README's runs, one model each
+(``--keep DIR`` reuses a set already made there; ``--diagnose`` adds benchmarks.detection_diagnosis):
 
     B=".venv/bin/python -m benchmarks.detection_quality --size 128 --batch 8 --cpus-per-worker 2"
     $B --models ssdlite_mobilenet_v3 --images 1000 --epochs 4
-    $B --models fasterrcnn_resnet18_fpn --images 1000 --epochs 10
-    $B --models maskrcnn_resnet18_fpn --images 1000 --epochs 5
     $B --models rcnn_resnet18 --images 250 --epochs 3 --batch 4
+    $B --models yolo_v1 --images 4000 --epochs 10
+    $B --models fasterrcnn_resnet18_fpn --images 4000 --epochs 4 --diagnose
 """
 from __future__ import annotations
 
@@ -186,6 +187,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["yolo_v1"])
     ap.add_argument("--images", type=int, default=64, help="synth images (train + val, 20%% val)")
     ap.add_argument("--size", type=int, default=128, help="synth image side in pixels")
+    ap.add_argument("--model-size", type=int, default=None,
+                    help="the side the model resizes its input to (R-CNNs' min/max_size, YOLO's image_size); "
+                         "default --size")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -193,6 +197,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus-per-worker", type=float, default=1.0,
                     help="CPUs (and torch threads) of each Ray Train worker; 2 on an idle 2-core box")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also score the trained model class-agnostic and on train (benchmarks.detection_diagnosis)")
     ap.add_argument("--keep", type=str, default=None, help="keep data and runs under this directory")
     ap.add_argument("--engine", choices=("ray", "local"), default="ray",
                     help="ray: visionflow's Ray Train fit(); local: the same task plug-ins in this process")
@@ -210,7 +216,9 @@ def main(argv=None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
-    settings = {"engine": args.engine, "images": args.images, "size": args.size, "epochs": args.epochs,
+    model_size = args.model_size or args.size
+    settings = {"engine": args.engine, "images": args.images, "size": args.size, "model_size": model_size,
+                "epochs": args.epochs,
                 "batch": args.batch, "lr": args.lr, "workers": args.workers, "cpus_per_worker": args.cpus_per_worker}
     rows = []
     try:
@@ -231,7 +239,7 @@ def main(argv=None) -> dict:
                               workers=args.workers, epochs=args.epochs, batch_size=args.batch, image_size=args.size,
                               optimizer="adamw", lr=args.lr, seed=args.seed,
                               cpus_per_worker=args.cpus_per_worker, augment_cpus=0.5,
-                              model_kwargs=MODEL_KWARGS.get(arch, lambda s: {})(args.size))
+                              model_kwargs=MODEL_KWARGS.get(arch, lambda s: {})(model_size))
             t = time.perf_counter()
             out = fit(cfg) if args.engine == "ray" else fit_local(cfg)
             m = out["metrics"]
@@ -241,6 +249,11 @@ def main(argv=None) -> dict:
                    "train_images": m.get("train_images", 0) * out["epochs_run"], "seconds": time.perf_counter() - t,
                    **settings, "chance_bbox/AP50": base["bbox/AP50"]}
             row["ratio_to_chance"] = (row["bbox/AP50"] or 0.0) / max(base["bbox/AP50"], 1e-6)
+            if args.diagnose:
+                from benchmarks.detection_diagnosis import diagnose
+
+                row["diagnosis"] = diagnose(cfg.out, data)
+                print(f"  diagnosis: {json.dumps({k: round(v, 3) for k, v in row['diagnosis'].items()})}", flush=True)
             rows.append(row)
             print(f"{arch:<28} {row['metric']} {row['value']:.4f}  bbox AP50 {row['bbox/AP50']:.4f} "
                   f"({row['ratio_to_chance']:.0f}x chance)  {row['epochs']} epochs  {row['seconds']:.0f}s", flush=True)
