@@ -18,24 +18,15 @@ from pathlib import Path
 import torch
 
 
-def _rows(data: Path, split: str, limit: int | None):
-    import pyarrow.parquet as pq
-
-    from pipelines.data import read_manifest
-
-    manifest = read_manifest(data / split)
-    table = pq.read_table([str(data / split / s) for s in manifest["shards"]])
-    return (table if limit is None else table.slice(0, limit)), manifest["categories"]
-
-
 def score_split(model, data: Path, split: str, *, image_size: int, batch: int = 8, limit: int | None = None) -> dict:
     """bbox AP50 and AP of ``model`` on ``split``: class-aware, and class-agnostic (all classes as one)."""
-    from pipelines.data import collate_detection
+    from pipelines.data import collate_detection, read_split_table
     from pipelines.data.views import _detection_rows
     from vision.metrics import CocoEvaluator
     from vision.structures import Detections
 
-    table, cats = _rows(data, split, limit)
+    table, manifest = read_split_table(data, split)
+    table, cats = (table if limit is None else table.slice(0, limit)), manifest["categories"]
     gt = table.drop_columns(["image"]).to_pylist()
     aware = CocoEvaluator(cats)
     aware.add_ground_truth(gt)

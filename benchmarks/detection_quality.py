@@ -31,15 +31,12 @@ MAIN = {"segmentation": "segm/AP50", "detection": "bbox/AP50"}
 
 def chance(data_dir: Path, seed: int = 0) -> dict:
     """bbox AP50/AP of random detections (10 per image, sizes drawn like the ground truth's) on val."""
-    import pyarrow.parquet as pq
-
-    from pipelines.data import read_manifest
+    from pipelines.data import read_split_table
     from vision.metrics import CocoEvaluator
     from vision.structures import Detections
 
-    manifest = read_manifest(data_dir / "val")
-    table = pq.read_table([str(data_dir / "val" / s) for s in manifest["shards"]],
-                          columns=["image_id", "width", "height", "boxes", "category_ids", "iscrowd", "area"])
+    table, manifest = read_split_table(data_dir, "val", ["image_id", "width", "height", "boxes", "category_ids",
+                                                         "iscrowd", "area"])
     rows = table.to_pylist()
     rng = np.random.default_rng(seed)
     sizes = np.concatenate([np.asarray(r["boxes"] or np.zeros((0, 4))).reshape(-1, 4) for r in rows])
@@ -131,9 +128,7 @@ MODEL_KWARGS = {  # sized for the synth images and a CPU budget
 def fit_local(cfg, log_every: int = 0) -> dict:
     """The trainer's task plug-ins (view rows, collate, train_step, evaluate) in one process, without Ray:
     same code path for the model and the metrics, none of the cluster start-up. Returns fit()'s shape."""
-    import pyarrow.parquet as pq
-
-    from pipelines.data import read_manifest
+    from pipelines.data import read_split_table
     from pipelines.data.views import _detection_rows
     from pipelines.train.tasks import get_task
     from pipelines.train.trainer import make_optimizer, resolve_config
@@ -145,11 +140,7 @@ def fit_local(cfg, log_every: int = 0) -> dict:
     optimizer = make_optimizer(model, cfg)
     masks = cfg.task == "segmentation"
 
-    def table(split):
-        m = read_manifest(Path(cfg.data) / split)
-        return pq.read_table([str(Path(cfg.data) / split / sh) for sh in m["shards"]])
-
-    train, val = table("train"), table("val")
+    train, val = (read_split_table(cfg.data, split)[0] for split in ("train", "val"))
     records = []
     for epoch in range(cfg.epochs):
         lr = cfg.learning_rate() * cfg.lr_factor(epoch)

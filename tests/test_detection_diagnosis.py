@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.detection_diagnosis import score_split
-from pipelines.data import collate_detection
+from pipelines.data import collate_detection, read_split_table
 from pipelines.data.views import _detection_rows
 
 SIZE = 96
@@ -16,12 +16,7 @@ class Oracle(nn.Module):
 
     def __init__(self, data_dir, shift: int, num_classes: int = 5):
         super().__init__()
-        import pyarrow.parquet as pq
-
-        from pipelines.data import read_manifest
-
-        m = read_manifest(data_dir / "val")
-        table = pq.read_table([str(data_dir / "val" / s) for s in m["shards"]])
+        table, _ = read_split_table(data_dir, "val")
         images, targets = collate_detection(_detection_rows(table, size=SIZE, train=False, seed=0, epoch=0,
                                                             masks=False))
         self.truth = {self.key(img): t for img, t in zip(images, targets)}

@@ -5,12 +5,12 @@ Data's split coordinator, a read task) imports what it runs, not torch and torch
 """
 from importlib import import_module
 
-from pipelines.data.ingest import ingest, load_split, read_coco, read_manifest
+from pipelines.data.ingest import ingest, load_split, read_coco, read_manifest, read_split_table
 
 _LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "collate_detection": "views"}
 
 __all__ = ["TASKS", "augment", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
-           "save_preview"]
+           "read_split_table", "save_preview"]
 
 
 def __getattr__(name: str):

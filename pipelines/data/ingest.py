@@ -118,6 +118,11 @@ def read_manifest(split_dir) -> dict:
                                 "`visionflow ingest`") from None
 
 
+def _split_manifest(data_dir, split: str, split_root: str) -> dict:
+    # A URI keeps its scheme for read_manifest; a local path is the resolved one.
+    return read_manifest(join(os.fspath(data_dir), split) if "://" in os.fspath(data_dir) else split_root)
+
+
 def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
     """``(dataset, manifest)`` of ``data_dir/split`` (``split`` is e.g. "train" or "val")."""
     fs, root = resolve(data_dir)
@@ -125,7 +130,7 @@ def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
     if fs.get_file_info(split_root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no split {split!r} under {data_dir}: expected {data_dir}/{split}/ "
                                 "written by `visionflow ingest`")
-    manifest = read_manifest(join(os.fspath(data_dir), split) if "://" in os.fspath(data_dir) else split_root)
+    manifest = _split_manifest(data_dir, split, split_root)
     if not manifest.get("shards"):
         return ray.data.from_arrow(SHARD_SCHEMA.empty_table()), manifest
     paths = [join(split_root, s) for s in manifest["shards"]]
@@ -135,6 +140,19 @@ def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
     shards = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
                               fn_kwargs={"filesystem": fs}), manifest
+
+
+def read_split_table(data_dir, split: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """``(table, manifest)`` of ``data_dir/split`` read into this process (no Ray): the shards in the
+    manifest's order, ``columns`` only when given. For evaluation and benchmarks on small splits."""
+    fs, root = resolve(data_dir)
+    split_root = join(root, split)
+    manifest = _split_manifest(data_dir, split, split_root)
+    if not manifest.get("shards"):
+        empty = SHARD_SCHEMA.empty_table()
+        return (empty.select(columns) if columns else empty), manifest
+    paths = [join(split_root, s) for s in manifest["shards"]]
+    return pq.read_table(paths, columns=columns, filesystem=fs, schema=SHARD_SCHEMA), manifest
 
 
 def _read_shards(batch, filesystem):
