@@ -37,12 +37,24 @@ def _epochs(run_dir: Path, arch: str) -> list[int]:
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def _alive_train_controllers() -> set[str]:
+    from ray._private import state  # the GCS actor table; the State API needs the dashboard
+
+    return {i for i, a in state.actors().items() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"}
+
+
 def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ray_cluster, tmp_path, capsys):
     from pipelines.cli import main
 
     cfg = _config(tmp_path, train={"archs": ["squeezenet1_1"], "defaults": TINY_TRAIN})
     run_dir = tmp_path / "run"
+    before = _alive_train_controllers()  # other tests' trainings in this process may keep one
     assert main(["run", "--config", str(cfg)]) == 0
+    # The training's Ray Train controller went with its stage's process: a long run does not pile them up.
+    deadline = time.monotonic() + 30
+    while _alive_train_controllers() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive_train_controllers() - before
     out = capsys.readouterr().out
     assert "squeezenet1_1" in out and "everything finished" in out
     data, train = _record(run_dir, "data"), _record(run_dir, "archs/squeezenet1_1/train")

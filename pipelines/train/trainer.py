@@ -24,8 +24,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -239,6 +240,21 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update=update)
 
 
+@contextmanager
+def _own_sigint_handler():
+    """Put back the SIGINT handler Ray Train's ``fit`` replaces: that handler holds the run's controller
+    actor, which would then outlive the run (with its dataset actors, ~0.5 GiB) for as long as this
+    process lives: a pipeline stage process or a notebook training one model after another."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # fit registers no handler off the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train ``cfg`` on Ray Train; rerunning the same config on the same ``out`` resumes from its last
     checkpoint. Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
@@ -270,7 +286,8 @@ def fit(cfg: TrainConfig) -> dict:
         datasets=datasets,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    with _own_sigint_handler():
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training {cfg.arch} failed: {result.error}") from result.error
     records = storage.read_metrics(out)
