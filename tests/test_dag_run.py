@@ -48,9 +48,9 @@ def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ra
 
     cfg = _config(tmp_path, train={"archs": ["squeezenet1_1"], "defaults": TINY_TRAIN})
     run_dir = tmp_path / "run"
-    before = _alive_train_controllers()  # other tests' trainings in this process may keep one
+    before = _alive_train_controllers()  # not this run's: another test's, still shutting down
     assert main(["run", "--config", str(cfg)]) == 0
-    # The training's Ray Train controller went with its stage's process: a long run does not pile them up.
+    # The training's Ray Train controller ended with its run: a long run does not pile them up.
     deadline = time.monotonic() + 30
     while _alive_train_controllers() - before and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -243,7 +243,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 @contextmanager
 def _own_sigint_handler():
     """Put back the SIGINT handler Ray Train's ``fit`` replaces: that handler holds the run's controller
-    actor, which would then outlive the run (with its dataset actors, ~0.5 GiB) for as long as this
+    actor, which would then outlive the run (with its dataset actors, ~0.6 GiB) for as long as this
     process lives: a pipeline stage process or a notebook training one model after another."""
     if threading.current_thread() is not threading.main_thread():
         yield  # fit registers no handler off the main thread
