@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= pipelines/configs/quickstart.yaml
 
-.PHONY: run test test-slow bench setup clean
+.PHONY: run test test-slow bench gpu-check setup clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+# The GPU paths (NCCL, AMP, two-tower AlexNet, Faster R-CNN steps, the Serve NMS stage on the GPU) in a few
+# minutes; on a machine without a GPU it says what it skipped and exits 0.
+gpu-check: setup
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -45,7 +47,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--repeat", type=int, default=2)
+    provenance.add_arguments(p)
     args = p.parse_args()
+    start = provenance.begin(args)
 
     torch.manual_seed(0)
     model = create_model(args.arch, num_classes=10).eval()
@@ -73,8 +77,7 @@ def main() -> None:
     result = {"arch": args.arch, "size": args.size, "batch": args.batch, "batches": args.batches,
               "threads": torch.get_num_threads(), "rows": rows, "deconvnet_over_gradient": deconv_vs_grad,
               "note": "shared 2-core machine; other processes load the CPU too"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "adversarial_cost.json").write_text(json.dumps(result, indent=2))
+    provenance.write(RESULTS / "adversarial_cost.json", result, start)
     print(f"{args.arch} {args.size}px, batch {args.batch} x {args.batches}")
     print(f"{'case':<22}{'images/s':>10}{'vs inference':>14}")
     for r in rows:

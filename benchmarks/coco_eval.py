@@ -22,6 +22,8 @@ from pycocotools import mask as mask_utils
 from vision.metrics import STAT_NAMES, CocoEvaluator
 from vision.structures import Detections
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 CATEGORIES = [{"id": c, "name": f"c{c}", "label": i + 1} for i, c in enumerate((3, 7, 18, 44, 62))]
 
@@ -82,7 +84,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--per-image", type=int, default=4)
+    provenance.add_arguments(ap)
     args = ap.parse_args(argv)
+    start = provenance.begin(args)
     iou_types = ("bbox", "segm")
     rows, preds = make_data(args.images, args.size, args.per_image)
     # The plain side gets its inputs ready-made: a gt.json on disk and result dicts in memory.
@@ -111,8 +115,7 @@ def main(argv=None) -> dict:
               "metrics": {k: got[k] for k in base},
               "note": "ours includes building the ground truth from rows and converting Detections (RLE encode); "
                       "shared 2-core machine"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "coco_eval.json").write_text(json.dumps(result, indent=2))
+    provenance.write(RESULTS / "coco_eval.json", result, start)
     print(f"{'images':>8}{'instances':>11}{'ours s':>9}{'pycocotools s':>15}{'ratio':>8}   bbox AP50 / segm AP50")
     print(f"{args.images:>8}{len(anns):>11}{t_ours:>9.2f}{t_plain:>15.2f}{result['ratio']:>8.2f}   "
           f"{got['bbox/AP50']:.3f} / {got['segm/AP50']:.3f}")

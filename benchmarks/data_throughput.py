@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -127,7 +129,7 @@ def throughput(args) -> dict:
     import ray
 
     from pipelines.data import ingest
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_runtime import LOCAL, connect
     from vision.data.synth import write_synth
 
     work = Path(tempfile.mkdtemp(prefix="vf_bench_data_"))
@@ -135,7 +137,7 @@ def throughput(args) -> dict:
     files = sorted((work / "coco" / "train").glob("*.jpg"))
     ceiling = {p: decode_ceiling(files, p) for p in (1, args.cpus)}  # before Ray takes the cores
     try:
-        start_local(args.cpus, log_to_driver=False)
+        connect(LOCAL, num_cpus=args.cpus, dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                work / "shards" / "train")
@@ -193,10 +195,9 @@ def _plasma_mib(summary: str) -> float:
 def ingest_memory(args) -> dict:
     """Peak memory of a synth + ingest of ``args.ingest_memory`` images (see the module docstring)."""
     import ray
-    from ray._private.internal_api import memory_summary
-
     from pipelines.data import ingest
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_private import object_store_summary
+    from pipelines.ray_runtime import connect
     from vision.data.synth import write_synth
 
     # What the imports alone (torch, Ray, pyarrow) take, so the figures below can be read against it.
@@ -206,7 +207,8 @@ def ingest_memory(args) -> dict:
     write_synth(work / "coco", images=args.ingest_memory, size=args.size, seed=0, val_fraction=0.0)
     synth_s = time.perf_counter() - t0
     synth_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ctx = start_local(args.cpus, log_to_driver=False)
+    connect(LOCAL, num_cpus=args.cpus, dashboard=False, log_to_driver=False)
+    gcs = ray.get_runtime_context().gcs_address
     peaks = {"plasma_mib": 0.0, "ray_rss_mib": 0.0}
     stop = threading.Event()
     me = os.getpid()
@@ -215,7 +217,7 @@ def ingest_memory(args) -> dict:
         while not stop.is_set():
             try:
                 peaks["plasma_mib"] = max(peaks["plasma_mib"], _plasma_mib(
-                    memory_summary(ctx.address_info["address"], stats_only=True)))
+                    object_store_summary(gcs)))
                 # This cluster's processes only (raylet, GCS, workers descend from this driver), not
                 # those of other Ray clusters on the same machine.
                 rss = _descendants_rss(me)
@@ -260,18 +262,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")
+    provenance.add_arguments(p)
     args = p.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    start = provenance.begin(args)
     if args.ingest_memory:
         result = ingest_memory(args)
-        (RESULTS / "data_ingest_memory.json").write_text(json.dumps(result, indent=1))
+        provenance.write(RESULTS / "data_ingest_memory.json", result, start, indent=1)
         print(f"{'synth + ingest of':<28}{result['num_images']} images ({result['jpeg_bytes_mib']:.0f} MiB of JPEG)")
         for k in ("imports_rss_mib", "synth_seconds", "synth_peak_rss_mib", "ingest_seconds",
                   "driver_peak_rss_mib", "ray_processes_peak_rss_mib", "object_store_peak_mib"):
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
-    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=1))
+    provenance.write(RESULTS / "data_throughput.json", result, start, indent=1)
     print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
     base = result["images_per_s"]["dataloader"]
     for k, v in result["images_per_s"].items():

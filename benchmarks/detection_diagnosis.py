@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import provenance
+
 
 def score_split(model, data: Path, split: str, *, image_size: int, batch: int = 8, limit: int | None = None) -> dict:
     """bbox AP50 and AP of ``model`` on ``split``: class-aware, and class-agnostic (all classes as one)."""
@@ -65,12 +67,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=800, help="images per split (first N)")
     ap.add_argument("--label", default=None, help="save under this name in results/detection_diagnosis.json")
     args = ap.parse_args(argv)
+    start = provenance.begin(args)  # an accuracy diagnosis: recorded with its run, never refused for load
     out = diagnose(args.run, Path(args.data), limit=args.limit)
     print(json.dumps({k: round(v, 4) for k, v in out.items()}, indent=2))
     if args.label:
         path = Path(__file__).parent / "results" / "detection_diagnosis.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        old[args.label] = {**out, "run": args.run, "data": args.data, "limit": args.limit}
+        old[args.label] = {**out, "run": args.run, "data": args.data, "limit": args.limit, **start}
         path.write_text(json.dumps(old, indent=2))
     return out
 

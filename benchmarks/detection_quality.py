@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 MAIN = {"segmentation": "segm/AP50", "detection": "bbox/AP50"}
 
@@ -104,13 +106,16 @@ def prepare_local(root: Path, images: int, size: int, seed: int) -> Path:
     return root / "data"
 
 
-def save(row: dict) -> None:
+def save(row: dict, start: dict) -> None:
     """Put one model's row into ``results/detection_quality.json``, replacing that model's earlier row:
     each model is trained in its own run (each takes minutes to hours here), so every row carries the
-    settings it was measured with."""
+    settings it was measured with, and its run's command, date and load (``benchmarks.provenance``)."""
+    if provenance.loaded(start) and not start["allow_load"]:
+        print(f"not saving {row['arch']}'s row: the machine was loaded at the start (--allow-load to override)")
+        return
     path = RESULTS / "detection_quality.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    rows = [r for r in old.get("models", []) if r.get("arch") != row["arch"]] + [row]
+    rows = [r for r in old.get("models", []) if r.get("arch") != row["arch"]] + [{**row, **start}]
     path.write_text(json.dumps({"benchmark": "detection_quality",
                                 "note": "from scratch (weights=None), AdamW, cosine; each row its own run",
                                 "models": rows}, indent=2))
@@ -193,17 +198,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", type=str, default=None, help="keep data and runs under this directory")
     ap.add_argument("--engine", choices=("ray", "local"), default="ray",
                     help="ray: visionflow's Ray Train fit(); local: the same task plug-ins in this process")
+    provenance.add_arguments(ap)
     args = ap.parse_args(argv)
+    start = provenance.begin(args)
 
     import ray
 
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_runtime import LOCAL, connect
     from pipelines.train import TrainConfig, fit
     from vision.models import model_task
 
     def start_ray():  # ingest runs on Ray Data; training on Ray Train unless --engine local
         if not ray.is_initialized():
-            start_local(4, log_to_driver=False)
+            connect(LOCAL, num_cpus=4, dashboard=False, log_to_driver=False)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
@@ -248,7 +255,7 @@ def main(argv=None) -> dict:
             rows.append(row)
             print(f"{arch:<28} {row['metric']} {row['value']:.4f}  bbox AP50 {row['bbox/AP50']:.4f} "
                   f"({row['ratio_to_chance']:.0f}x chance)  {row['epochs']} epochs  {row['seconds']:.0f}s", flush=True)
-            save(row)
+            save(row, start)
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -19,6 +19,8 @@ import torchvision
 
 from vision.ops import batched_nms, soft_nms
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -82,7 +84,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--soft-sizes", type=int, nargs="+", default=[200, 1000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iou", type=float, default=0.5)
+    provenance.add_arguments(ap)
     args = ap.parse_args(argv)
+    start = provenance.begin(args)
     rows = []
     for n in args.sizes:
         boxes, scores, labels = random_boxes(n)
@@ -105,8 +109,7 @@ def main(argv=None) -> dict:
                      "baseline_ms": t_ref * 1e3, "ratio": t_ours / t_ref, "kept": len(keep)})
     result = {"benchmark": "nms", "threads": torch.get_num_threads(), "iou_threshold": args.iou, "rows": rows,
               "note": "shared 2-core machine; ratio = ours / baseline (lower is faster)"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "nms.json").write_text(json.dumps(result, indent=2))
+    provenance.write(RESULTS / "nms.json", result, start)
     print(f"{'op':<22}{'boxes':>8}{'ours ms':>11}{'baseline':>30}{'base ms':>11}{'ratio':>8}")
     for r in rows:
         print(f"{r['op']:<22}{r['boxes']:>8}{r['ours_ms']:>11.2f}{r['baseline']:>30}{r['baseline_ms']:>11.2f}"

@@ -7,10 +7,16 @@ In one run:
 - ``serve``: the Serve graph (ingress -> preprocess -> batched detector -> NMS stage -> postprocess)
   on loopback, a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
   p50/p99 latency, the mean batch the detector ran, the ratio to the in-process limit;
-- the NMS stage's own cost per request (p50 of its ``Server-Timing`` entry), separately.
-Writes ``benchmarks/results/serve_load.json``.
+- the NMS stage's own cost per request (p50 of its ``Server-Timing`` entry), separately;
+- with ``--hostile``: a segmentation model joins the graph and, at ``--hostile-concurrency`` (32), the
+  same good requests run twice: alone (clean), then mixed with hostile ones (10% bad: not an image,
+  truncated, wrong type, parameters out of range; 5% big: a 4096 x 4096 image to /v1/segment asking for
+  every mask). It reports every status per kind, the 5xx other than 503 (must be 0) and the good
+  requests' throughput against the clean run (target >= 0.8x).
+Writes ``benchmarks/results/serve_load.json`` (``--out`` elsewhere, e.g. for a smoke run).
 
     .venv/bin/python -m benchmarks.serve_load [--arch ssdlite_mobilenet_v3] [--size 128] [--requests 16]
+    .venv/bin/python -m benchmarks.serve_load --hostile [--hostile-requests 128]
 """
 from __future__ import annotations
 
@@ -20,10 +26,13 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import provenance
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,6 +71,79 @@ def in_process(arch: str, size: int, threads: int, batch_sizes: list[int], image
             rates[b] = n_batches * b / (time.perf_counter() - start)
             print(f"  in-process batch {b:>2}: {rates[b]:.2f} images/s", flush=True)
     return rates
+
+
+def _big_jpeg(side: int = 4096) -> bytes:
+    """A smooth side x side JPEG (small on the wire, side * side pixels once decoded)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:side, 0:side]
+    arr = np.stack([xx * 255 // (side - 1), yy * 255 // (side - 1), (xx + yy) * 127 // (side - 1)], -1)
+    arr[side // 4: side // 2, side // 3: side * 2 // 3] = (200, 30, 30)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def hostile_schedule(good: list[bytes], n_good: int, big: bytes | None) -> list[dict]:
+    """``n_good`` good detect requests, and with ``big`` the hostile ones mixed in: per 20 requests, 2 bad
+    (10%) and 1 big segment request (5%). Each item: ``kind``, ``path``, ``data``, ``ctype``, ``params``."""
+    jpeg = good[0]
+    bad = [(b"this is not an image", "image/jpeg", {}), (jpeg[: len(jpeg) // 3], "image/jpeg", {}),
+           (jpeg, "text/plain", {}), (jpeg, "image/jpeg", {"score_threshold": "2"}),
+           (jpeg, "image/jpeg", {"max_detections": "0"}), (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png", {})]
+    out, g, i = [], 0, 0
+    while g < n_good:
+        slot = i % 20
+        if big is not None and slot in (3, 13):
+            data, ctype, params = bad[(i // 10) % len(bad)]
+            out.append({"kind": "bad", "path": "/v1/detect", "data": data, "ctype": ctype, "params": params})
+        elif big is not None and slot == 8:
+            out.append({"kind": "big", "path": "/v1/segment", "data": big, "ctype": "image/jpeg",
+                        "params": {"score_threshold": "0", "iou_threshold": "1", "max_detections": "100"}})
+        else:
+            out.append({"kind": "good", "path": "/v1/detect", "data": good[g % len(good)], "ctype": "image/jpeg",
+                        "params": {}})
+            g += 1
+        i += 1
+    return out
+
+
+async def _mixed(url: str, schedule: list[dict], concurrency: int) -> dict:
+    """Run ``schedule`` at ``concurrency``: statuses per kind, the good requests' throughput and latency."""
+    import aiohttp
+
+    statuses: dict[str, dict[int, int]] = {}
+    good_lat: list[float] = []
+    counter = iter(schedule)
+
+    async def worker(session):
+        for item in counter:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(f"{url}{item['path']}", data=item["data"], params=item["params"],
+                                        headers={"content-type": item["ctype"]}) as r:
+                    await r.read()
+                    status = r.status
+            except aiohttp.ClientError:
+                status = 0  # connection dropped: counted, never hidden
+            per = statuses.setdefault(item["kind"], {})
+            per[status] = per.get(status, 0) + 1
+            if item["kind"] == "good" and status == 200:
+                good_lat.append(time.perf_counter() - t0)
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    lat = np.array(good_lat or [float("nan")]) * 1e3
+    unexpected = sum(n for per in statuses.values() for code, n in per.items() if code >= 500 and code != 503)
+    return {"concurrency": concurrency, "requests": len(schedule), "seconds": round(wall, 2),
+            "status": {k: {str(c): n for c, n in sorted(v.items())} for k, v in sorted(statuses.items())},
+            "good_ok": len(good_lat), "good_throughput": len(good_lat) / wall,
+            "good_p50_ms": float(np.percentile(lat, 50)), "good_p99_ms": float(np.percentile(lat, 99)),
+            "unexpected_5xx": unexpected, "dropped": sum(per.get(0, 0) for per in statuses.values())}
 
 
 async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict:
@@ -105,14 +187,23 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="the detector's @serve.batch max_batch_size")
     p.add_argument("--detector-cpus", type=int, default=1, help="CPUs (= torch threads) of the detector replica")
     p.add_argument("--port", type=int, default=8471)
+    p.add_argument("--hostile", action="store_true",
+                   help="also run the hostile mix (10%% bad, 5%% big segment requests) against a clean run")
+    p.add_argument("--hostile-concurrency", type=int, default=32)
+    p.add_argument("--hostile-requests", type=int, default=128, help="good requests in each of the two runs")
+    p.add_argument("--out", default=str(RESULTS / "serve_load.json"),
+                   help="where to write the results (a smoke run: somewhere outside benchmarks/results)")
+    provenance.add_arguments(p)
     args = p.parse_args()
+    start = provenance.begin(args)
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import ray
 
+    from pipelines.ray_runtime import LOCAL, connect
     from pipelines.serve import deploy, shutdown
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    connect(LOCAL, num_cpus=max(4, os.cpu_count() or 1), dashboard=False, log_to_driver=False)
     serve_args = {
         "models": [{"name": "det", "task": "detection", "arch": args.arch, "num_classes": 3, "random_weights": True,
                     "image_size": args.size,
@@ -121,7 +212,13 @@ def main() -> None:
         "nms_stage": {"num_cpus": 0.1}, "preprocess": {"num_cpus": 0.2}, "postprocess": {"num_cpus": 0.1},
         "ingress": {"num_cpus": 0.1},
     }
-    rows = []
+    if args.hostile:
+        serve_args["models"].append({
+            "name": "seg", "task": "segmentation", "arch": "maskrcnn_resnet18_fpn", "num_classes": 3,
+            "random_weights": True, "image_size": args.size,
+            "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.01},
+            "model": {"num_cpus": 0.5, "max_ongoing_requests": 8}})
+    rows, hostile = [], None
     try:
         url = deploy(serve_args, port=args.port)
         from ray import serve
@@ -143,6 +240,17 @@ def main() -> None:
             rows.append(row)
             print(f"  serve concurrency {c:>2}: {row['throughput']:.2f} req/s, p50 {row['p50_ms']:.0f} ms, "
                   f"p99 {row['p99_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}", flush=True)
+        if args.hostile:
+            c, n = args.hostile_concurrency, args.hostile_requests
+            big = _big_jpeg()
+            clean = asyncio.run(_mixed(url, hostile_schedule(bodies, n, None), c))
+            mixed = asyncio.run(_mixed(url, hostile_schedule(bodies, n, big), c))
+            hostile = {"clean": clean, "hostile": mixed,
+                       "good_throughput_ratio": mixed["good_throughput"] / clean["good_throughput"],
+                       "unexpected_5xx": mixed["unexpected_5xx"] + clean["unexpected_5xx"]}
+            for name, r in (("clean", clean), ("hostile", mixed)):
+                print(f"  {name:<8} concurrency {c}: good {r['good_throughput']:.2f} req/s "
+                      f"(p50 {r['good_p50_ms']:.0f} ms), statuses {r['status']}", flush=True)
     finally:
         shutdown()
         ray.shutdown()
@@ -160,8 +268,13 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "note": "shared 2-core machine: other processes load the CPU too",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(summary, indent=2))
+    if hostile is not None:
+        summary["hostile"] = hostile
+        summary["command"] = "python -m benchmarks.serve_load " + " ".join(sys.argv[1:])
+        summary["load_average"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    provenance.write(out, summary, start)
 
     print(f"\n{'mode':<22}{'req/s':>9}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'NMS p50 ms':>12}")
     print(f"{'in-process (batch ' + str(best_batch) + ')':<22}{limit:>9.2f}{1.0:>9.2f}{'-':>9}{'-':>9}{best_batch:>7}{'-':>12}")
@@ -170,7 +283,11 @@ def main() -> None:
               f"{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}{r['mean_batch']:>7.1f}{r['nms_p50_ms']:>12.2f}")
     print(f"throughput at concurrency {max(by_c)} / in-process limit: {summary['ratio_at_max_concurrency']:.2f} "
           f"(target >= 0.7); concurrency {max(by_c)} / concurrency {min(by_c)}: {summary['batching_gain']:.2f}x")
-    print(f"wrote {RESULTS / 'serve_load.json'}")
+    if hostile is not None:
+        print(f"hostile mix at concurrency {args.hostile_concurrency}: good throughput "
+              f"{hostile['good_throughput_ratio']:.2f}x the clean run (target >= 0.8); 5xx other than 503: "
+              f"{hostile['unexpected_5xx']} (must be 0)")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -124,7 +126,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_runtime import LOCAL, connect
     from pipelines.train.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,10 +135,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="per Ray worker; the baseline's batch is twice this")
     p.add_argument("--epochs", type=int, default=4, help="epochs per side, the first one untimed")
     p.add_argument("--images", type=int, default=400, help="synth images (about 2-3 crops each)")
+    provenance.add_arguments(p)
     args = p.parse_args()
+    start = provenance.begin(args)
 
     cores = os.cpu_count() or 2
-    start_local(max(4, cores), log_to_driver=False)
+    connect(LOCAL, num_cpus=max(4, cores), dashboard=False, log_to_driver=False)
     try:
         data = crops(args.images, args.size)
         cfg = TrainConfig(arch=args.arch, data="-", out="-", image_size=args.size, batch_size=args.batch,
@@ -149,8 +153,7 @@ def main() -> None:
     result = {"arch": args.arch, "size": args.size, "global_batch": 2 * args.batch, "images": len(data["label"]),
               "timed_epochs": args.epochs - 1, "cores": cores, "plain_images_per_s": base,
               "ray_train_2_workers_images_per_s": dist, "ratio": dist / base}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_overhead.json").write_text(json.dumps(result, indent=2))
+    provenance.write(RESULTS / "train_overhead.json", result, start)
     print(f"| loop | images/s | ratio |\n| --- | ---: | ---: |\n| plain PyTorch, 1 process | {base:.1f} | 1.00 |\n"
           f"| Ray Train, 2 workers (DDP, gloo) | {dist:.1f} | {dist / base:.2f} |")
     print(f"{args.arch} at {args.size}px, global batch {2 * args.batch}, {len(data['label'])} crops, "

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import provenance
+
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"classification": ("top1", 0.90), "localization": ("loc_acc", 0.70)}
 
@@ -24,7 +26,7 @@ def main() -> None:
     import ray
 
     from pipelines.data import ingest
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_runtime import LOCAL, connect
     from pipelines.train import TrainConfig, fit
     from vision.data.synth import write_synth
 
@@ -38,9 +40,11 @@ def main() -> None:
                    help="which of the two runs (each replaces its own row in the results file)")
     p.add_argument("--loc-size", type=int, default=64, help="localization input side (the classification crops are 64)")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    provenance.add_arguments(p)
     args = p.parse_args()
+    start = provenance.begin(args)
 
-    start_local(4)
+    connect(LOCAL, num_cpus=4, dashboard=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -68,11 +72,10 @@ def main() -> None:
             print(f"{task}: val {key} {m[f'val_{key}']:.3f} (target {target}) after {epochs} epochs, "
                   f"{rows[-1]['wall_seconds']:.0f}s", flush=True)
     ray.shutdown()
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "train_quality.json"
     kept = [r for r in (json.loads(path.read_text())["rows"] if path.exists() else []) if r["task"] not in args.tasks]
-    rows = kept + rows  # a run of one task keeps the other's row
-    path.write_text(json.dumps({"rows": rows}, indent=2))  # each row names its own images and settings
+    rows = kept + [{**r, **start} for r in rows]  # a run of one task keeps the other's row
+    provenance.write(path, {"rows": rows}, start)  # each row names its own images, settings and run
     print("| task | metric | value | chance | target | epochs | wall s | train img/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -1,1 +1,2 @@
-"""Ray pipelines: data (Ray Data), train (Ray Train), serve (Ray Serve), dag, cli."""
+"""Ray pipelines: data (Ray Data), train (Ray Train), serve (Ray Serve), reports, dag, cli; storage (local
+paths and URIs)."""

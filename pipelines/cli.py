@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "evaluate a checkpoint, write the metrics JSON",
     "models": "print the model registry (name, task, parameters, GFLOPs)",
     "compare": "the overall comparison table and chart of several runs",
+    "predict": "run a checkpoint on image files or folders: overlays + COCO results JSON",
     "serve": "deploy the Serve applications over HTTP",
     "run": "the whole pipeline as a resumable DAG",
     "attack": "robustness report: accuracy against epsilon per attack",

@@ -1,4 +1,17 @@
-"""Starting a local Ray cluster the same way from every command, test and benchmark.
+"""The one way visionflow reaches Ray: every command, the DAG, the benchmarks and the tests call ``connect``.
+
+The rules:
+
+- A cluster is joined only when asked: ``connect(address)`` with an address (``host:port``, ``ray://...``
+  or ``auto``), else the ``RAY_ADDRESS`` environment variable (what ``ray job submit`` gives a job's
+  driver). ``connect("local")`` or no address at all starts a **new** local cluster, whatever else runs
+  on the machine (a ``ray start --head``, or the stale address file such a head leaves when killed).
+- An address that does not answer fails within ``timeout_s`` (30 s) with one line naming it
+  (``RayUnreachable``), never a silent wait; so does one that answers but refuses to be joined (a
+  ``ray start --head`` cluster uses token auth: its clients set ``RAY_AUTH_MODE=token``).
+- A new local cluster is sized by the caller for its work (``num_cpus`` logical CPUs; more than the cores
+  where stages mostly wait), with the dashboard on unless ``dashboard=False``, and the worker pool kept
+  warm (below).
 
 Ray kills idle worker processes above its soft limit (one per CPU) after one second. Every epoch of a
 training run is its own Ray Data execution, so with that default each epoch started fresh processes that
@@ -9,24 +22,132 @@ set it).
 """
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import sys
+import time
+
+from pipelines import ray_private
+
 WORKER_POOL = {"idle_worker_killing_time_threshold_ms": 120_000}
 RAY_START_ENV = {f"RAY_{k}": str(v) for k, v in WORKER_POOL.items()}
+LOCAL = "local"
 
 
-def start_local(num_cpus: float | None = None, attempts: int = 3, **kwargs):
-    """``ray.init`` of a new local cluster with ``num_cpus`` logical CPUs (None: one per core) and the
-    worker pool kept warm between Ray Data executions; other keyword arguments go to ``ray.init``.
+class RayUnreachable(RuntimeError):
+    """The Ray address given (or found in RAY_ADDRESS) does not answer."""
 
-    On a loaded machine the raylet can give up waiting for its agents (ray-project/ray#65983: "timed
-    out during startup"); the next try usually starts, so that error is tried up to ``attempts`` times."""
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every command that reaches Ray takes: ``--address`` and ``--no-dashboard``."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS if "
+                             "set, else a new local cluster)")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                        help="do not start the Ray dashboard with a local cluster")
+
+
+def requested_address(address: str | None = None) -> str | None:
+    """The address to join: ``address``, else RAY_ADDRESS; None (or ``"local"``) means a new local cluster."""
+    address = address if address is not None else os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "", LOCAL) else address
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    text = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnreachable(f"Ray address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379 or ray://host:10001)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def wait_reachable(address: str, timeout_s: float = 30.0, source: str = "--address") -> str:
+    """Resolve ``address`` (``auto``: the cluster ``ray start`` last started on this machine) and wait up
+    to ``timeout_s`` for it to accept connections; returns the resolved address or raises RayUnreachable."""
+    resolved = address
+    if address == "auto":
+        resolved = ray_private.auto_address()
+        if not resolved:
+            raise RayUnreachable(f"no Ray cluster to join for address 'auto' ({source}): none was started on this "
+                                 "machine with `ray start`; start one, or pass no address for a local cluster")
+    host, port = _host_port(resolved)
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
+                return resolved
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            shown = resolved if resolved == address else f"{resolved} (from {address!r})"
+            raise RayUnreachable(f"no Ray cluster answers at {shown} ({source}) within {timeout_s:.0f}s: {last}; "
+                                 "check the address, or pass no address (and unset RAY_ADDRESS) for a local cluster")
+        time.sleep(0.5)
+
+
+def connect(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
+            dashboard: bool = True, log_to_driver: bool = True, runtime_env: dict | None = None,
+            timeout_s: float = 30.0, attempts: int = 3, quiet: bool = False) -> bool:
+    """Reach Ray by the rules above. Returns True when this call initialized Ray in this process (the
+    caller then calls ``ray.shutdown()`` when done), False when Ray was already initialized here.
+
+    ``num_cpus``/``num_gpus`` size a new local cluster (None: one CPU per core) and are ignored when
+    joining one. On a loaded machine the raylet can give up waiting for its agents ("timed out during
+    startup"); a local start is tried up to ``attempts`` times."""
     import ray
 
-    kwargs.setdefault("include_dashboard", False)
+    if ray.is_initialized():
+        return False
+    target = requested_address(address)
+    common = {"log_to_driver": log_to_driver, **({"runtime_env": runtime_env} if runtime_env else {})}
+    if target is not None:
+        source = "--address" if address not in (None, "", LOCAL) else "RAY_ADDRESS"
+        resolved = wait_reachable(target, timeout_s, source)
+        try:
+            ray.init(address=resolved, **common)
+        except ConnectionError as e:
+            raise RayUnreachable(_join_failure(resolved, e)) from e
+        return True
+    kwargs = dict(address=LOCAL, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
+                  **ray_private.system_config(WORKER_POOL), **common)
+    if dashboard:
+        kwargs["dashboard_host"] = "127.0.0.1"
     for attempt in range(attempts):
         try:
-            return ray.init(num_cpus=num_cpus, _system_config=dict(WORKER_POOL), **kwargs)
+            ctx = ray.init(**kwargs)
+            break
         except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception when start-up times out
             if attempt == attempts - 1 or "timed out during startup" not in str(e):
                 raise
-            print(f"ray.init failed ({e}); retrying", flush=True)
+            print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
             ray.shutdown()
+    if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
+        print(f"Ray dashboard: http://{ctx.dashboard_url}", file=sys.stderr, flush=True)
+    return True
+
+
+def _join_failure(address: str, error: BaseException) -> str:
+    """One line for a cluster that answered but could not be joined."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    text = " ".join(chain)
+    if "InvalidAuthToken" in text or "AuthenticationError" in text:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        return (f"the Ray cluster at {address} uses token auth and refused this client (RAY_AUTH_MODE is {mode}): "
+                "set RAY_AUTH_MODE=token and give the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    return f"could not join the Ray cluster at {address}: {str(error).splitlines()[0]}"
+
+
+def connect_for(command: str, args: argparse.Namespace, out=None, **kwargs) -> bool:
+    """``connect`` with the flags of ``add_arguments`` (``args.address``, ``args.dashboard``) for
+    ``visionflow <command>``: False, after one line on ``out`` (stderr), when Ray cannot be reached."""
+    try:
+        connect(getattr(args, "address", None), dashboard=getattr(args, "dashboard", True), **kwargs)
+    except RayUnreachable as e:
+        print(f"visionflow {command}: {e}", file=out or sys.stderr, flush=True)
+        return False
+    return True

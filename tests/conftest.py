@@ -8,10 +8,11 @@ def ray_cluster():
     """A real local Ray cluster with more logical CPUs than cores, shared by every test."""
     import ray
 
-    from pipelines.ray_runtime import start_local
+    from pipelines.ray_runtime import LOCAL, connect
 
-    if not ray.is_initialized():  # start_local retries a start-up that timed out on a loaded machine
-        start_local(4, log_to_driver=False, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    # A new cluster of its own, whatever else runs on the machine; connect retries a start-up that timed
+    # out on a loaded machine.
+    connect(LOCAL, num_cpus=4, dashboard=False, log_to_driver=False)
     yield ray
     # Serve tests may have started Serve on this cluster.
     try:

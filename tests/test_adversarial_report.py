@@ -10,9 +10,9 @@ import torch
 
 from pipelines.cli import main as cli
 from pipelines.data import read_manifest
-from pipelines.robustness import load_crops, robustness_report
+from pipelines.reports.robustness import load_crops, robustness_report
 from pipelines.train import TrainConfig, fit, load_checkpoint
-from pipelines.train.storage import read_metrics
+from pipelines.storage import read_metrics
 from pipelines.train.tasks import classification
 from vision.adversarial import accuracy, distillation_loss, tempered_cross_entropy
 from vision.models import create_model

@@ -10,8 +10,7 @@ import jsonschema
 import pytest
 import ray
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
-
+from pipelines.ray_private import validate_cluster_yaml
 from pipelines.ray_runtime import RAY_START_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +22,7 @@ KUBERAY_YAMLS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 
 def _ray_up_config(path: Path) -> dict:
     """What `ray up` does before it talks to a cloud: defaults merged in, then the schema and its checks."""
-    config = prepare_config(yaml.safe_load(path.read_text()))
-    validate_config(config)
-    return config
+    return validate_cluster_yaml(yaml.safe_load(path.read_text()))
 
 
 def test_every_provider_has_a_cluster_yaml():
@@ -93,7 +90,7 @@ def test_rays_validation_catches_typos(mutate, error):
     config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     mutate(config)
     with pytest.raises(error):
-        validate_config(prepare_config(config))
+        validate_cluster_yaml(config)
 
 
 # --- KubeRay -------------------------------------------------------------------------------------

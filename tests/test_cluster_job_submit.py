@@ -48,8 +48,10 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path,
 
 
 @pytest.fixture
-def ray_head():
-    """A head node with token auth, as a user starts one: `RAY_AUTH_MODE=token ray start --head`."""
+def ray_head(request):
+    """A head node with token auth, as a user starts one: `RAY_AUTH_MODE=token ray start --head`; 4 CPUs,
+    or what ``@pytest.mark.parametrize("ray_head", [N], indirect=True)`` asks for."""
+    cpus = getattr(request, "param", 4)
     tmp = Path(tempfile.mkdtemp(prefix="vfhead-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = uuid.uuid4().hex
     (tmp / "token").write_text(token)
@@ -61,7 +63,7 @@ def ray_head():
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
              "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
              "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "4", "--dashboard-host", "127.0.0.1",
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1",
            "--temp-dir", str(tmp / "r"), "--disable-usage-stats"]
     for flag, port in ports.items():
         cmd += [flag, str(port)]
@@ -115,3 +117,23 @@ def test_job_submit_runs_the_quickstart_at_a_tiny_scale(ray_head, tmp_path):
     assert (run_dir / "archs/squeezenet1_1/eval/metrics.json").is_file()
     assert (run_dir / "compare/report.md").is_file()
     assert "Uploading package gcs://_ray_pkg_" in out  # the job ran from the uploaded working dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray_head", [2], indirect=True)
+def test_job_submit_to_a_laptop_sized_head_fits_the_run_to_it(ray_head, tmp_path):
+    """Two architectures on a 2-CPU head: before, both trainings held every CPU and their Ray Data
+    pipelines waited forever. Now one lane fits (1 worker x 1 CPU + 1 CPU for its data) and both finish."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
+           "visionflow", "run", "--config", "pipelines/configs/quickstart.yaml", "--run-dir", str(run_dir),
+           "--archs", "resnet18,ssdlite_mobilenet_v3", "--no-deploy",
+           "--set", "data.synth={images: 12, size: 64}",
+           "--set", "train.defaults={epochs: 1, batch_size: 4}",
+           "--set", "train.per_task={classification: {image_size: 32}, detection: {image_size: 64}}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=1500)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "1 at once (each up to 2 CPU; cluster 2 CPU)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] == [] and len(summary["archs"]) == 2

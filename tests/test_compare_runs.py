@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipelines.cli import main as cli
-from pipelines.compare import compare
+from pipelines.reports.compare import compare
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,9 @@ def test_max_parallel_lanes_order_the_trainings(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--plan", "--plan-png", str(tmp_path / "p.png")]) == 0
     deps = {ln.split("<-")[0].strip(): ln.split("<-")[1].strip() for ln in capsys.readouterr().out.splitlines()
             if "<-" in ln}
-    # Two lanes: resnet18 then zfnet in one, squeezenet1_1 in the other.
+    # Two lanes: resnet18 (trained, then evaluated) then zfnet in one, squeezenet1_1 in the other.
     assert deps["train/resnet18"] == "data" and deps["train/squeezenet1_1"] == "data"
-    assert set(deps["train/zfnet"].split(", ")) == {"data", "train/resnet18"}
+    assert set(deps["train/zfnet"].split(", ")) == {"data", "eval/resnet18"}
     assert not any(name.startswith("after/") for name in deps)
 
 

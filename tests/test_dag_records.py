@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.dag.records import Stage, stage_key
-from pipelines.dag.storage import RunDir
+from pipelines.storage import RunDir
 
 
 @pytest.fixture(params=["path", "file-uri"])
@@ -60,7 +60,7 @@ def test_run_dir_json_roundtrip_and_paths(run, tmp_path):
 
 
 def test_remote_uri_is_not_mistaken_for_a_local_path():
-    from pipelines.dag.storage import is_remote
+    from pipelines.storage import is_remote
 
     assert is_remote("s3://bucket/prefix") and is_remote("gs://b/p")
     assert not is_remote("/tmp/x") and not is_remote("file:///tmp/x") and not is_remote("runs/q")

@@ -38,9 +38,9 @@ def _epochs(run_dir: Path, arch: str) -> list[int]:
 
 
 def _alive_train_controllers() -> set[str]:
-    from ray._private import state  # the GCS actor table; the State API needs the dashboard
+    from pipelines.ray_private import actor_table  # the State API needs the dashboard
 
-    return {i for i, a in state.actors().items() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"}
+    return {i for i, a in actor_table().items() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"}
 
 
 def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ray_cluster, tmp_path, capsys):

@@ -157,12 +157,12 @@ def test_cluster_serve_yamls_validate(path):
     ServeDeploySchema.model_validate(__import__("yaml").safe_load(path.read_text()))
     # What `serve run` does with import_path + args (untrained weights: the run dirs need not exist).
     from ray.serve import Application
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
+    from pipelines.ray_private import build_serve_app
     from pipelines.serve.app import build_app
 
     untrained = {**app["args"], "models": [{**m, "checkpoint": None, "random_weights": True}
                                            for m in app["args"]["models"]]}
-    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, untrained), Application)
+    assert isinstance(build_serve_app(build_app, untrained), Application)
     with pytest.raises(ValueError, match="--checkpoint"):
         build_app({**app["args"], "models": [{**m, "checkpoint": None} for m in app["args"]["models"]]})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.train import TrainConfig, evaluate_checkpoint, fit, latest_checkpoint, load_checkpoint
-from pipelines.train.storage import read_metrics
+from pipelines.storage import read_metrics
 
 TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5, "augment_cpus": 0.25, "lr": 0.01}
 

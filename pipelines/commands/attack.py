@@ -3,9 +3,8 @@ trained, distilled): accuracy against epsilon per attack as Markdown/JSON, a PNG
 from __future__ import annotations
 
 import argparse
-import os
 
-from pipelines.robustness import DEFAULT_ATTACKS, DEFAULT_EPSILONS, robustness_report
+from pipelines.reports.robustness import DEFAULT_ATTACKS, DEFAULT_EPSILONS, robustness_report
 
 __all__ = ["configure", "main", "robustness_report"]
 
@@ -30,15 +29,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=6, help="rows of the examples grid (0: none)")
     parser.add_argument("--visualize", action="store_true", help="also write layer visualizations")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
+    from pipelines.ray_runtime import connect_for
 
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, **({} if address else {"num_cpus": 2}))
+    if not connect_for("attack", args, num_cpus=2):
+        return 1
     try:
         result = robustness_report(args.checkpoint, args.data, args.out, epsilons=args.eps, attacks=args.attacks,
                                    images=args.images, split=args.split, batch_size=args.batch_size,

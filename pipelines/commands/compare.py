@@ -11,7 +11,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.compare import compare
+    from pipelines.reports.compare import compare
 
     result = compare(args.run_dirs, args.out)
     print(result["markdown"])

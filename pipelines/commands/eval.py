@@ -14,19 +14,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                     "run directory, else the current directory)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
+    from pipelines.ray_runtime import connect_for
     from pipelines.train import evaluate_checkpoint
 
     out = args.out
     if out is None:
         out = os.path.join(args.checkpoint, "eval") if os.path.isdir(args.checkpoint) else "."
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    if not connect_for("eval", args):
+        return 1
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
                                       batch_size=args.batch_size, device=args.device)

@@ -9,18 +9,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, help="COCO instances JSON (local path or s3://...)")
     parser.add_argument("--images", required=True, help="directory holding the images the JSON names")
     parser.add_argument("--out", required=True, help="output directory for the shards and _manifest.json")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    parser.add_argument("--max-image-bytes", type=int, default=64 << 20,
+                        help="quarantine image files larger than this many bytes (default: 64 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
+                        help="quarantine images with more pixels than this, from their header (default: 8192^2)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
     from pipelines.data import ingest
+    from pipelines.ray_runtime import connect_for
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False)
+    if not connect_for("ingest", args):
+        return 1
     try:
-        manifest = ingest(args.annotations, args.images, args.out)
+        manifest = ingest(args.annotations, args.images, args.out, max_image_bytes=args.max_image_bytes,
+                          max_pixels=args.max_image_pixels)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"visionflow ingest: {e}")
         return 2

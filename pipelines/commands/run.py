@@ -16,9 +16,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan-png", help="where --plan writes the picture (default: RUN_DIR/plan.png, "
                         "or ./plan.png when the run dir is remote)")
     parser.add_argument("--no-deploy", action="store_true", help="stop after the comparison (no Serve, no smoke test)")
+    parser.add_argument("--prune", action="store_true",
+                        help="after the run, delete the outputs that a changed config set aside "
+                             "(<stage dir>@<key>: kept so that changing a setting back needs no rerun)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field, VALUE read as YAML, e.g. --set data.synth.images=16 "
                              "--set train.defaults.epochs=1 (repeatable)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def _overrides(args) -> dict:
@@ -53,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         print("visionflow run: no architectures to train (train.archs minus train.exclude is empty)", file=sys.stderr)
         return 2
     from pipelines.dag import runner
-    from pipelines.dag.storage import RunDir
+    from pipelines.storage import RunDir
 
     if args.plan:
         run_dir = RunDir(cfg.run_dir)
@@ -62,13 +68,32 @@ def main(args: argparse.Namespace) -> int:
             print(line)
         print(f"plan picture: {png}")
         return 0
-    started = runner.connect(cfg)
+    from pipelines.dag.lock import RunDirBusy, RunLock
+    from pipelines.dag.placement import ClusterTooSmall
+    from pipelines.dag.records import prune_set_aside
+    from pipelines.ray_runtime import RayUnreachable
+
+    lock = RunLock(cfg.run_dir)
     try:
+        lock.acquire()
+    except RunDirBusy as e:
+        print(f"visionflow run: {e}", file=sys.stderr)
+        return 2
+    started = False
+    try:
+        started = runner.connect(cfg, args.address, args.dashboard)
         summary = runner.run(cfg)
         print(runner.format_summary(summary), flush=True)
+        if args.prune and not summary["failed"]:
+            gone = prune_set_aside(RunDir(cfg.run_dir))
+            print(f"pruned {len(gone)} set-aside outputs" + "".join(f"\n  {g}" for g in gone), flush=True)
         if cfg.deploy.keep_serving and (summary.get("deploy") or {}).get("status") == "done":
             _serve_until_interrupted(summary["deploy"]["url"])
+    except (RayUnreachable, ClusterTooSmall) as e:
+        print(f"visionflow run: {e}", file=sys.stderr)
+        return 1 if isinstance(e, RayUnreachable) else 2
     finally:
+        lock.release()
         if started:
             import ray
 

@@ -17,7 +17,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="serve untrained weights (tests and smoke runs only)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's http_options)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
-    parser.add_argument("--address", help="Ray cluster to use (default: a running one, else a local one)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for the application to be up before giving up with each "
+                             "deployment's state (default: 300)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> int:
@@ -43,21 +48,47 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         return 2
     import ray
 
+    from pipelines.ray_runtime import connect, requested_address
+    from pipelines.serve.deploy import DeployError, Interrupted, local_cpus
+
+    # A cluster this command starts is its own: stopping ends it. On a cluster it joined (--address,
+    # RAY_ADDRESS) or one this process already uses, stopping deletes visionflow's application only.
+    owned = False
+    print(f"visionflow serve: starting {len(served.models)} model(s) ({served.cpus_asked():g} CPUs asked), "
+          f"deadline {getattr(args, 'timeout', 300.0):g}s", file=out, flush=True)
     try:
-        if not ray.is_initialized():
-            ray.init(address=args.address) if args.address else ray.init()
-    except Exception as e:
-        print(f"visionflow serve: could not start or reach Ray ({args.address or 'local'}): {e}", file=out)
+        owned = connect(args.address, dashboard=getattr(args, "dashboard", True),
+                        num_cpus=local_cpus(served)) and requested_address(args.address) is None
+    except Exception as e:  # RayUnreachable, or a local cluster that did not start
+        print(f"visionflow serve: {e}", file=out)
         return 1
+
+    def stop_serving():
+        shutdown()
+        if owned:
+            ray.shutdown()
+
+    if stop.is_set():  # Ctrl-C while the cluster started
+        stop_serving()
+        print("visionflow serve: stopped", file=out, flush=True)
+        return 130
     try:
-        url = deploy(served, host=args.host or http.host, port=args.port or http.port)
+        url = deploy(served, host=args.host, port=args.port, http_options=http, timeout_s=getattr(args, "timeout", 300.0), stop=stop)
+    except Interrupted:
+        stop_serving()
+        print("visionflow serve: stopped while deploying; removed what was deployed", file=out, flush=True)
+        return 130
     except (FileNotFoundError, ValueError) as e:
         print(f"visionflow serve: {e}", file=out)
-        shutdown()
+        stop_serving()
         return 2
-    except Exception as e:  # a replica that failed to start (e.g. a corrupt checkpoint), a port in use
+    except DeployError as e:  # too big for the cluster, a replica that failed, not up in time
+        print(f"visionflow serve: {e}", file=out)
+        stop_serving()
+        return 1
+    except Exception as e:  # a port in use, Serve itself failing
         print(f"visionflow serve: deployment failed: {type(e).__name__}: {e}", file=out)
-        shutdown()
+        stop_serving()
         return 1
     print(f"visionflow serve: {', '.join(m.name for m in served.models)} at {url} "
           f"(POST /v1/detect|segment|classify, GET /v1/models, /docs); Ctrl-C to stop", file=out, flush=True)
@@ -65,7 +96,7 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         while not stop.wait(0.5):
             pass
     finally:
-        shutdown()
+        stop_serving()
         print("visionflow serve: stopped", file=out, flush=True)
     return 0
 

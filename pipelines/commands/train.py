@@ -1,4 +1,6 @@
-"""`visionflow train`: one architecture on Ray Train (rerun the same command to resume)."""
+"""`visionflow train`: one architecture on Ray Train (rerun the same command to resume; ``--restart`` to start
+the run directory over). Exit codes: 0 trained, 1 training failed or diverged (one line), 2 bad input or a
+run directory of other data or another model (one line)."""
 from __future__ import annotations
 
 import argparse
@@ -37,9 +39,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         kind, choices = _flag_type(field.annotation)
         parser.add_argument(flag, type=kind, choices=choices, default=None, required=name in required,
                             help=help_text, metavar=None if choices else name.upper())
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a locally started Ray cluster (default: enough for the workers)")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete the checkpoints and metrics in --out and train from scratch (a rerun "
+                             "without it resumes, and is refused when the data or the model differ)")
 
 
 def _local_cpus(cfg) -> int:
@@ -48,11 +55,10 @@ def _local_cpus(cfg) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
     from pydantic import ValidationError
 
-    from pipelines.ray_runtime import start_local
-    from pipelines.train import fit
+    from pipelines.ray_runtime import connect_for
+    from pipelines.train import TrainingDiverged, fit
     from pipelines.train.config import TrainConfig
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
@@ -61,17 +67,16 @@ def main(args: argparse.Namespace) -> int:
     except (ValidationError, KeyError, ValueError) as e:
         print(f"visionflow train: {e}")
         return 2
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, include_dashboard=False)
-        else:
-            start_local(args.num_cpus or _local_cpus(cfg))
+    if not connect_for("train", args, num_cpus=args.num_cpus or _local_cpus(cfg)):
+        return 1
     try:
-        result = fit(cfg)
+        result = fit(cfg, restart=args.restart)
     except (FileNotFoundError, ValueError) as e:
         print(f"visionflow train: {e}")
         return 2
+    except TrainingDiverged as e:
+        print(f"visionflow train: {e}")
+        return 1
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"],
                       "epochs": result["epochs_run"], "final": result["metrics"]}, default=str))
     return 0

@@ -4,7 +4,6 @@ their top-9 activations and the image patches that caused them."""
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,21 +19,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto: deconvnet for ZFNet/AlexNet, guided backpropagation otherwise")
     parser.add_argument("--split", default="val", help="split of the data directory (default: val)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local one)")
+    from pipelines.ray_runtime import add_arguments
+
+    add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipelines.visualization import visualize_checkpoint
+    from pipelines.ray_runtime import connect_for
+    from pipelines.reports.visualize import visualize_checkpoint
 
     for name in ("images", "maps", "top"):
         if getattr(args, name) < 1:
             print(f"visionflow visualize: --{name} must be >= 1, got {getattr(args, name)}")
             return 2
-    if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, **({} if address else {"num_cpus": 2}))
+    if not connect_for("visualize", args, num_cpus=2):
+        return 1
     try:
         result = visualize_checkpoint(args.checkpoint, args.data, args.out, args.layer, images=args.images,
                                       maps=args.maps, top=args.top, method=args.method, split=args.split,

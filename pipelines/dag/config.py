@@ -49,10 +49,17 @@ class DataStage(_Strict):
         return self
 
     def identity(self) -> dict:
-        """What the data depends on (the synth settings are irrelevant for COCO and vice versa)."""
+        """What the data depends on (the synth settings are irrelevant for COCO and vice versa). For COCO
+        that is the content, not only the paths: each annotation JSON's size, mtime and hash and each
+        image folder's file count, bytes and newest mtime (``pipelines.storage.fingerprint``), so files
+        changed in place make the data stage run again."""
         if self.source == "synth":
             return {"source": "synth", "synth": self.synth.model_dump()}
-        return {"source": "coco", "train": self.train.model_dump(), "val": self.val.model_dump()}
+        from pipelines.storage import fingerprint
+
+        return {"source": "coco", **{split: {**s.model_dump(), "content": {"annotations": fingerprint(s.annotations),
+                                                                       "images": fingerprint(s.images)}}
+                                     for split, s in (("train", self.train), ("val", self.val))}}
 
 
 class TrainStage(_Strict):
@@ -68,6 +75,9 @@ class TrainStage(_Strict):
     # How many architectures train at once (each is its own Ray Train run); the cluster's
     # resources are the other limit, since every run waits for its workers' CPUs/GPUs.
     max_parallel: int = Field(2, ge=1)
+    # When the cluster is too small for one training: seconds to wait for an autoscaling cluster to add
+    # nodes (after asking it for them) before refusing; 0 refuses at once.
+    placement_wait_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _tasks_known(self):
@@ -97,6 +107,12 @@ class DeployStage(_Strict):
     segmentation_arch: Optional[str] = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Serve's HTTP options, as in a Serve YAML: the end-to-end request timeout (a client that sends its
+    # body slowly is cut off) and where proxies run (HeadOnly, EveryNode, Disabled).
+    request_timeout_s: Optional[float] = Field(None, gt=0)
+    proxy_location: Optional[Literal["HeadOnly", "EveryNode", "Disabled"]] = None
+    # Seconds to wait for the application to be up before the stage fails with each deployment's state.
+    timeout_s: float = Field(300.0, gt=0)
     # Extra ServeArgs fields (nms, limits, per-stage resources) merged into the generated application.
     serve: dict = Field(default_factory=dict)
     # Keep serving after the run ends (the driver waits for Ctrl-C); on a cluster the Serve

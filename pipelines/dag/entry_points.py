@@ -24,7 +24,7 @@ def evaluate(train_dir: str, data_dir: str, out_dir: str) -> dict:
 
 def compare(train_dirs: list[str], out_dir: str) -> dict:
     """The overall comparison (Markdown table + PNG chart) of the given runs; returns their paths."""
-    from pipelines.compare import compare as build_comparison
+    from pipelines.reports.compare import compare as build_comparison
 
     return _plain(build_comparison(train_dirs, out_dir))
 
@@ -32,7 +32,7 @@ def compare(train_dirs: list[str], out_dir: str) -> dict:
 def robustness(train_dirs: list[str], data_dir: str, out_dir: str, cfg: dict) -> dict:
     """Robustness report (+ layer visualizations) of the given classifiers side by side, written to the
     local ``out_dir``; returns the paths it wrote."""
-    from pipelines.robustness import robustness_report
+    from pipelines.reports.robustness import robustness_report
 
     return _plain(robustness_report(train_dirs, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"],
                                     visualize=cfg["visualize"]))

@@ -1,11 +1,19 @@
-"""The run as a Ray DAG (``.bind()`` / ``execute()``): data -> train x N -> eval x N [-> robustness]
--> compare -> deploy -> smoke -> finish. Building it runs nothing; ``plan_lines`` and
-``plot_plan`` describe a built DAG (``visionflow run --plan``).
+"""The run as a graph of Ray tasks: data -> train x N -> eval x N [-> robustness] -> compare -> deploy ->
+smoke -> finish.
+
+``build_dag`` only describes the graph (``Node``s: a stage function, its arguments and its Ray options);
+``submit`` starts it with plain ``ray.remote(...).remote()`` calls, dependencies first, each node's
+upstream nodes passed as their ObjectRefs. As with any Ray task, a ref given directly as an argument is
+resolved before the stage runs, while refs nested in a list are handed over as refs (so one crashed
+branch cannot fail the stage that gathers the branches). ``plan_lines`` and ``plot_plan`` describe a
+built graph (``visionflow run --plan``) without running anything.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import ray
-from ray.dag import DAGNode
 
 from pipelines.dag import stages
 from pipelines.dag.config import RunConfig
@@ -14,72 +22,91 @@ from pipelines.dag.config import RunConfig
 AFTER = "after/"  # helper nodes that order a training lane; the plan shows their edges, not them
 
 
-def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, driver_node: str | None = None) -> DAGNode:
-    """Bind every stage of ``cfg`` into one DAG whose output is the run's summary dict. ``runtime_env``
+@dataclass(eq=False)
+class Node:
+    """One stage task of the graph: ``fn(*args)`` run as a Ray task named ``name`` with ``options``.
+    Arguments that are ``Node``s (directly or inside a list) are its upstream stages."""
+
+    name: str
+    fn: Callable
+    args: tuple = ()
+    options: dict = field(default_factory=dict)
+
+    def children(self) -> list["Node"]:
+        """The upstream nodes, in the order the arguments name them (each once)."""
+        out: list[Node] = []
+        for a in self.args:
+            for item in (a if isinstance(a, (list, tuple)) else [a]):
+                if isinstance(item, Node) and item not in out:
+                    out.append(item)
+        return out
+
+
+def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, driver_node: str | None = None,
+              lanes: int | None = None) -> Node:
+    """Describe every stage of ``cfg`` as one graph whose output is the run's summary dict. ``runtime_env``
     is given to every stage task (and so to the Ray Train and Ray Data work it starts); ``driver_node``
-    (a node id) is where deploy and smoke run: the node whose HTTP proxy the printed URL names."""
+    (a node id) is where deploy and smoke run: the node whose HTTP proxy the printed URL names. ``lanes``
+    (default ``train.max_parallel``) is how many architectures train at once (``placement.plan``)."""
     on_driver = {}
     if driver_node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         on_driver = {"scheduling_strategy": NodeAffinitySchedulingStrategy(driver_node, soft=False)}
 
-    def _remote(fn, name: str, **options):
+    def _node(fn, name: str, **options) -> Callable[..., Node]:
         # Named after its stage, so the dashboard and the plan show stage names.
         if runtime_env:
             options["runtime_env"] = runtime_env
-        return ray.remote(fn).options(name=name, **options)
+        return lambda *args: Node(name, fn, args, options)
 
     run = cfg.run_dir
     archs = cfg.archs()
-    data = _remote(stages.data_stage, "data", num_cpus=1).bind(run, cfg.data.model_dump(), board)
+    data = _node(stages.data_stage, "data", num_cpus=1)(run, cfg.data.model_dump(), board)
     evals = []
-    # max_parallel lanes, each training its architectures one after another: a training is not even
-    # scheduled (no process, no memory) until the one before it in its lane has ended, however it ended.
-    lanes: list = [None] * cfg.train.max_parallel
+    # Lanes, each training and then evaluating its architectures one after another: a training is not
+    # even scheduled (no process, no memory) until the branch before it in its lane has ended, however it
+    # ended, so the lanes never ask for more than the cluster has (pipelines.dag.placement).
+    lane_ends: list = [None] * (lanes or cfg.train.max_parallel)
     for i, arch in enumerate(archs):
-        lane = i % len(lanes)
+        lane = i % len(lane_ends)
         # The stage task only drives the trainer; the Ray Train workers ask for their own CPUs/GPUs.
         # One retry: a driver process that died resumes from the last checkpoint.
-        train = _remote(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1).bind(
-            run, arch, cfg.train_settings(arch), data, lanes[lane], board)
-        lanes[lane] = _remote(stages.settle, f"{AFTER}{arch}", num_cpus=0).bind([train])
+        branch = _node(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1)(
+            run, arch, cfg.train_settings(arch), data, lane_ends[lane], board)
         if cfg.eval.enabled:
-            train = _remote(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
-                            num_gpus=cfg.eval.num_gpus, max_retries=0).bind(
-                run, arch, cfg.eval.model_dump(), train, data, board)
-        evals.append(train)
+            branch = _node(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
+                           num_gpus=cfg.eval.num_gpus, max_retries=0)(
+                run, arch, cfg.eval.model_dump(), branch, data, board)
+        lane_ends[lane] = _node(stages.settle, f"{AFTER}{arch}", num_cpus=0)([branch])
+        evals.append(branch)
     # Branches go in a list: Ray does not resolve nested refs, so one crashed branch cannot fail the gather.
     robustness = None
     if cfg.robustness.enabled:
-        robustness = _remote(stages.robustness_stage, "robustness", num_cpus=1).bind(
+        robustness = _node(stages.robustness_stage, "robustness", num_cpus=1)(
             run, cfg.robustness.model_dump(), evals, data, board)
-    compare = _remote(stages.compare_stage, "compare", num_cpus=0.5 if cfg.compare.enabled else 0).bind(
+    compare = _node(stages.compare_stage, "compare", num_cpus=0.5 if cfg.compare.enabled else 0)(
         run, evals, archs, cfg.compare.enabled, robustness, board)
     deployed, smoke = {"status": "disabled"}, {"status": "disabled"}
     if cfg.deploy.enabled:
-        deployed = _remote(stages.deploy_stage, "deploy", num_cpus=0, **on_driver).bind(
+        deployed = _node(stages.deploy_stage, "deploy", num_cpus=0, **on_driver)(
             run, cfg.deploy.model_dump(), compare, board)
         if cfg.smoke.enabled:
-            smoke = _remote(stages.smoke_stage, "smoke", num_cpus=0, **on_driver).bind(
+            smoke = _node(stages.smoke_stage, "smoke", num_cpus=0, **on_driver)(
                 run, cfg.smoke.model_dump(), deployed, data, board)
-    return _remote(stages.finish_stage, "finish", num_cpus=0).bind(run, compare, smoke, deployed, robustness)
+    return _node(stages.finish_stage, "finish", num_cpus=0)(run, compare, smoke, deployed, robustness)
 
 
-def _stage_name(node: DAGNode) -> str:
-    return node.get_options().get("name") or getattr(getattr(node, "_body", None), "__name__", "node")
-
-
-def dag_nodes(dag: DAGNode) -> list[DAGNode]:
-    """Every node of the DAG, dependencies first."""
-    order: list[DAGNode] = []
+def dag_nodes(dag: Node) -> list[Node]:
+    """Every node of the graph, dependencies first."""
+    order: list[Node] = []
     seen: set[int] = set()
 
-    def visit(node: DAGNode):
+    def visit(node: Node):
         if id(node) in seen:
             return
         seen.add(id(node))
-        for child in node._get_all_child_nodes():
+        for child in node.children():
             visit(child)
         order.append(node)
 
@@ -87,30 +114,43 @@ def dag_nodes(dag: DAGNode) -> list[DAGNode]:
     return order
 
 
-def stage_refs(dag: DAGNode) -> dict[str, "ray.ObjectRef"]:
-    """``{stage name: ObjectRef}`` of the last ``dag.execute(_ray_cache_refs=True)``."""
-    cache = getattr(dag, "cache_from_last_execute", {}) or {}
-    return {_stage_name(n): cache[n._stable_uuid] for n in dag_nodes(dag) if n._stable_uuid in cache}
+def submit(dag: Node) -> tuple["ray.ObjectRef", dict[str, "ray.ObjectRef"]]:
+    """Start every stage task of the graph, dependencies first; returns the output's ObjectRef and
+    ``{stage name: ObjectRef}`` of every stage. Nothing waits here: Ray starts a task once the refs
+    passed to it directly are ready."""
+    refs: dict[int, ray.ObjectRef] = {}
+
+    def arg(a: Any):
+        if isinstance(a, Node):
+            return refs[id(a)]
+        if isinstance(a, list):
+            return [arg(x) for x in a]
+        return a
+
+    named = {}
+    for node in dag_nodes(dag):
+        ref = ray.remote(node.fn).options(name=node.name, **node.options).remote(*[arg(a) for a in node.args])
+        refs[id(node)] = named[node.name] = ref
+    return refs[id(dag)], named
 
 
-def dag_edges(dag: DAGNode) -> tuple[list[str], list[tuple[str, str]]]:
+def dag_edges(dag: Node) -> tuple[list[str], list[tuple[str, str]]]:
     """The stage names in execution order (dependencies first) and the (upstream, downstream) edges;
     a lane's ordering helper is replaced by an edge from the training it waits for."""
     order = dag_nodes(dag)
 
-    def sources(node) -> list[str]:
-        name = _stage_name(node)
-        if not name.startswith(AFTER):
-            return [name]
-        return [s for c in node._get_all_child_nodes() for s in sources(c)]
+    def sources(node: Node) -> list[str]:
+        if not node.name.startswith(AFTER):
+            return [node.name]
+        return [s for c in node.children() for s in sources(c)]
 
-    names = [_stage_name(n) for n in order if not _stage_name(n).startswith(AFTER)]
-    edges = [(src, _stage_name(n)) for n in order if not _stage_name(n).startswith(AFTER)
-             for c in n._get_all_child_nodes() for src in sources(c)]
+    names = [n.name for n in order if not n.name.startswith(AFTER)]
+    edges = [(src, n.name) for n in order if not n.name.startswith(AFTER)
+             for c in n.children() for src in sources(c)]
     return names, edges
 
 
-def plan_lines(dag: DAGNode) -> list[str]:
+def plan_lines(dag: Node) -> list[str]:
     """The DAG as text, one stage a line with what it waits for."""
     names, edges = dag_edges(dag)
     ups = {n: [u for u, d in edges if d == n] for n in names}
@@ -135,7 +175,7 @@ def _levels(names: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
     return level
 
 
-def plot_plan(dag: DAGNode, path: str) -> str:
+def plot_plan(dag: Node, path: str) -> str:
     """Draw the DAG as a PNG (stages as boxes by dependency level, arrows for dependencies)."""
     import matplotlib
 

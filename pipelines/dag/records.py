@@ -5,6 +5,11 @@ when it finishes, ``_stage.json`` with its key, config, inputs and outputs; a fa
 ``failed.json`` with the error. The key hashes the stage's config with the keys of its inputs, so a rerun
 of the same config finds matching records and skips those stages, while a changed config (or changed
 upstream data) redoes exactly what depends on the change.
+
+Nothing a stage finished is deleted by a change of config: when a stage runs under a new key, the output
+of the old key is set aside as ``<stage dir>@<old key>`` (e.g. ``archs/resnet18/train@3f2a...``), and
+a later run under that old key again takes it back instead of redoing it. ``prune_set_aside`` (``visionflow
+run --prune``) deletes what was set aside.
 """
 from __future__ import annotations
 
@@ -13,11 +18,12 @@ import json
 import time
 from dataclasses import dataclass
 
-from pipelines.dag.storage import RunDir
+from pipelines.storage import RunDir
 
 RECORD = "_stage.json"
 STARTED = "_started.json"
 FAILED = "failed.json"
+ASIDE = "@"  # <stage dir>@<key>: a finished (or interrupted) output of another key, kept
 
 
 def stage_key(stage: str, config, inputs: dict[str, str] | None = None) -> str:
@@ -34,11 +40,48 @@ class Stage:
     name: str  # also its directory, e.g. "data" or "archs/resnet18/train"
     key: str
 
+    @property
+    def set_aside(self) -> str:
+        """Where this key's output waits while another key's output is the stage's current one."""
+        return f"{self.name}{ASIDE}{self.key}"
+
+    def _current_key(self) -> str | None:
+        for name in (RECORD, STARTED):
+            doc = self.run.read_json(f"{self.name}/{name}")
+            if doc and doc.get("key"):
+                return doc["key"]
+        return None
+
+    def _swap_in(self) -> bool:
+        """Take this key's set-aside output back (setting the current one aside); False when there is none."""
+        if not self.run.exists(self.set_aside):
+            return False
+        self._set_current_aside()
+        self.run.move(self.set_aside, self.name)
+        return True
+
+    def _set_current_aside(self) -> None:
+        """Move the stage's current output (another key's) to ``<name>@<its key>``; an output without a
+        key (nothing started) is just removed."""
+        if not self.run.exists(self.name):
+            return
+        key = self._current_key()
+        if key is None or key == self.key:
+            self.run.remove(self.name)
+            return
+        target = f"{self.name}{ASIDE}{key}"
+        self.run.remove(target)  # an older copy of that key's output, superseded by this one
+        self.run.move(self.name, target)
+
     def finished(self) -> dict | None:
-        """The record of a finished run of this very stage (same key), or None."""
+        """The record of a finished run of this very stage (same key), or None. A finished run of this key
+        that an earlier config change set aside is taken back first."""
         rec = self.run.read_json(f"{self.name}/{RECORD}")
         if rec and rec.get("key") == self.key and rec.get("status") == "done":
             return rec
+        aside = self.run.read_json(f"{self.set_aside}/{RECORD}")
+        if aside and aside.get("key") == self.key and aside.get("status") == "done" and self._swap_in():
+            return self.run.read_json(f"{self.name}/{RECORD}")
         return None
 
     def begin(self, *, resumable: bool) -> bool:
@@ -48,8 +91,12 @@ class Stage:
         interrupted run of the same key left; anything else, or a different key, starts from an empty dir.
         """
         started = self.run.read_json(f"{self.name}/{STARTED}")
+        if not (started and started.get("key") == self.key) and resumable:
+            self._swap_in()  # an interrupted run of this key, set aside by a config change since
+            started = self.run.read_json(f"{self.name}/{STARTED}")
         resume = resumable and bool(started) and started.get("key") == self.key
         if not resume:
+            self._set_current_aside()
             self.run.remove(self.name)
         else:
             self.run.remove(f"{self.name}/{FAILED}")
@@ -68,3 +115,24 @@ class Stage:
                "finished": time.time()}
         self.run.write_json(f"{self.name}/{FAILED}", rec)
         return rec
+
+
+def set_aside_outputs(run: RunDir, name: str = "", depth: int = 3) -> list[str]:
+    """Every set-aside stage output (relative names, e.g. ``archs/resnet18/train@3f2a...``); stage
+    directories lie at most ``depth`` levels down (``archs/<arch>/<stage>``)."""
+    found = []
+    for d in run.list_dirs(name):
+        rel = f"{name}/{d}" if name else d
+        if ASIDE in d:
+            found.append(rel)
+        elif depth > 1:
+            found += set_aside_outputs(run, rel, depth - 1)
+    return found
+
+
+def prune_set_aside(run: RunDir) -> list[str]:
+    """Delete every set-aside output (what no current stage refers to); returns what was deleted."""
+    gone = set_aside_outputs(run)
+    for rel in gone:
+        run.remove(rel)
+    return gone

@@ -4,28 +4,23 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 
 import ray
 
+from pipelines.dag import placement
 from pipelines.dag.config import RunConfig
-from pipelines.dag.graph import build_dag, plan_lines, plot_plan, stage_refs
+from pipelines.dag.graph import build_dag, plan_lines, plot_plan, submit
 from pipelines.dag.progress import RunBoard, follow
-from pipelines.dag.storage import RunDir
-from pipelines.ray_runtime import start_local
+from pipelines.storage import RunDir
+from pipelines import ray_runtime
 
 
-def connect(cfg: RunConfig) -> bool:
-    """Join the cluster (a job's RAY_ADDRESS, ``cfg.ray_address``) or start a local one.
-    Returns True when this call started Ray (and so should shut it down)."""
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        start_local(cfg.num_cpus)
-    return True
+def connect(cfg: RunConfig, address: str | None = None, dashboard: bool = True) -> bool:
+    """Join the cluster named by ``address``, ``cfg.ray_address`` or RAY_ADDRESS (a job's driver has it),
+    or start a new local one sized for the run. Returns True when this call started Ray (and so should
+    shut it down)."""
+    return ray_runtime.connect(address or cfg.ray_address, num_cpus=placement.local_cpus(cfg, os.cpu_count() or 1),
+                               dashboard=dashboard)
 
 
 def plan(cfg: RunConfig, png: str | None = None) -> list[str]:
@@ -42,19 +37,19 @@ def run(cfg: RunConfig, out=None) -> dict:
     """Execute the run (resuming whatever an earlier run of the same config finished). Returns the
     summary dict; ``summary["failed"]`` lists what failed."""
     out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
+    fit = placement.plan_on_cluster(cfg, cfg.train.placement_wait_s, out=out)  # ClusterTooSmall: refuse now
     RunDir(cfg.run_dir).makedirs("")
     board = RunBoard.remote()
     # Stages (and the Train/Data actors they start) name this cluster explicitly: Ray's "auto" address
     # lookup refuses to choose when several clusters run on one machine.
     ctx = ray.get_runtime_context()
-    dag = build_dag(cfg, board, {"env_vars": {"RAY_ADDRESS": ctx.gcs_address}}, driver_node=ctx.get_node_id())
+    dag = build_dag(cfg, board, {"env_vars": {"RAY_ADDRESS": ctx.gcs_address}}, driver_node=ctx.get_node_id(),
+                    lanes=fit.lanes)
     t0 = time.perf_counter()
-    print(f"visionflow run: {len(cfg.archs())} architectures, run dir {RunDir(cfg.run_dir).uri}", file=out, flush=True)
-    with warnings.catch_warnings():
-        # Ray 2.60 warns on every execute(); the DAG API is still the one that runs plain tasks like these.
-        warnings.filterwarnings("ignore", message=".*execute.*deprecated")
-        ref = dag.execute(_ray_cache_refs=True)
-    trainings = {n: r for n, r in stage_refs(dag).items() if n.startswith("train/")}
+    print(f"visionflow run: {len(cfg.archs())} architectures, {fit.line()}, run dir {RunDir(cfg.run_dir).uri}",
+          file=out, flush=True)
+    ref, refs = submit(dag)
+    trainings = {n: r for n, r in refs.items() if n.startswith("train/")}
     summary = follow(ref, board, trainings=trainings, out=out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ray.kill(board)

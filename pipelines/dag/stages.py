@@ -3,7 +3,7 @@
 Each stage takes the run directory's URI, its own config (plain dicts, so the DAG can ship them) and
 its inputs' records, checks its record (``pipelines.dag.records``) and either returns the record of an
 earlier identical run or does the work through the same entry points the CLI uses, then writes its
-record. Layout of a run directory::
+record (``run_stage`` does this for every recorded stage). Layout of a run directory::
 
     data/            coco/ (synth only), shards/{train,val}/, _stage.json
     archs/<arch>/    train/ (the trainer's run dir), eval/metrics.json, failed.json when the branch failed
@@ -21,11 +21,12 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from typing import Any, Callable
 
 import ray
 
 from pipelines.dag.records import Stage, stage_key
-from pipelines.dag.storage import RunDir
+from pipelines.storage import RunDir
 
 
 def _report(board, name: str, status: str, **info) -> None:
@@ -42,6 +43,35 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def run_stage(stage: Stage, label: str, config, inputs: dict, body: Callable[[bool], dict], *, board=None,
+              resumable: bool = False, result: Callable[[dict], Any] = lambda rec: rec,
+              failed: Callable[[str], Any] | None = None):
+    """What every recorded stage does around its work ``body``; ``label`` names it on the progress board.
+
+    The record of an earlier identical run (same key) is reported "skipped" and returned, marked
+    ``"skipped": True``, without running anything. Otherwise: report "running", ``stage.begin(resumable)``,
+    ``outputs = body(resumed)``, ``stage.done(config, inputs, outputs, seconds)``, report "done". Either
+    way the stage returns ``result(record)``. When ``body`` raises and ``failed`` is given, the traceback is
+    printed, ``failed(error text)`` is returned and "failed" reported; without ``failed`` the error propagates.
+    """
+    if rec := stage.finished():
+        return result(_skipped(board, label, rec))
+    try:
+        _report(board, label, "running")
+        t0 = time.perf_counter()
+        outputs = body(stage.begin(resumable=resumable))
+        rec = stage.done(config, inputs, outputs, time.perf_counter() - t0)
+        _report(board, label, "done", seconds=rec["seconds"])
+        return result(rec)
+    except Exception as e:
+        if failed is None:
+            raise
+        traceback.print_exc()
+        out = failed(_error_text(e))
+        _report(board, label, "failed", error=_error_text(e))
+        return out
+
+
 # --- data -------------------------------------------------------------------------------------------
 
 def data_stage(run_uri: str, data_cfg: dict, board=None) -> dict:
@@ -53,11 +83,11 @@ def data_stage(run_uri: str, data_cfg: dict, board=None) -> dict:
     run = RunDir(run_uri)
     ident = cfg.identity()
     stage = Stage(run, "data", stage_key("data", ident))
-    if rec := stage.finished():
-        return _skipped(board, "data", rec)
-    _report(board, "data", "running")
-    t0 = time.perf_counter()
-    stage.begin(resumable=False)
+    return run_stage(stage, "data", ident, {}, lambda _: _write_data(run, cfg), board=board)
+
+
+def _write_data(run: RunDir, cfg) -> dict:
+    """The data stage's work: the splits written (synth) and ingested; returns the stage's outputs."""
     from pipelines.data import ingest
 
     if cfg.source == "synth":
@@ -78,10 +108,7 @@ def data_stage(run_uri: str, data_cfg: dict, board=None) -> dict:
         manifest = ingest(annotations, images, run.path(f"data/shards/{split}"))
         counts[split] = {"images": manifest["num_images"], "instances": manifest["num_instances"],
                          "quarantined": len(manifest["quarantined"])}
-    outputs = {"data_dir": run.path("data/shards"), "counts": counts}
-    rec = stage.done(ident, {}, outputs, time.perf_counter() - t0)
-    _report(board, "data", "done", seconds=rec["seconds"])
-    return rec
+    return {"data_dir": run.path("data/shards"), "counts": counts}
 
 
 def write_synth_local(run: RunDir, s) -> str:
@@ -94,11 +121,10 @@ def write_synth_local(run: RunDir, s) -> str:
 
 # --- train and evaluate one architecture ----------------------------------------------------------
 
-def _branch_failed(run: RunDir, arch: str, step: str, error: str, board, task: str | None = None) -> dict:
-    """Record a failed branch at ``archs/<arch>/failed.json`` and report it."""
+def _branch_failure(run: RunDir, arch: str, step: str, error: str, task: str | None = None) -> dict:
+    """Record a failed branch at ``archs/<arch>/failed.json``; returns the branch's failed result."""
     doc = {"arch": arch, "task": task, "stage": step, "error": error, "time": time.time()}
     run.write_json(f"archs/{arch}/failed.json", doc)
-    _report(board, f"{step}/{arch}", "failed", error=error)
     return {"arch": arch, "task": task, "status": "failed", "stage": step, "error": error}
 
 
@@ -120,25 +146,22 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, after=N
     ``{"status": "failed", "error"}``."""
     run = RunDir(run_uri)
     name = f"archs/{arch}/train"
-    stage = Stage(run, name, stage_key("train", settings, {"data": data_rec["key"]}))
-    if rec := stage.finished():
-        run.remove(f"archs/{arch}/failed.json")
-        return _branch(arch, settings, _skipped(board, f"train/{arch}", rec))
-    try:
-        _report(board, f"train/{arch}", "running")
-        t0 = time.perf_counter()
-        resumed = stage.begin(resumable=True)
+    inputs = {"data": data_rec["key"]}
+    stage = Stage(run, name, stage_key("train", settings, inputs))
+
+    def train(resumed: bool) -> dict:
         run.remove(f"archs/{arch}/failed.json")
         from pipelines.dag import entry_points
 
         outputs = entry_points.train(settings, data_rec["outputs"]["data_dir"], run.path(name))
-        outputs["resumed"] = resumed
-        rec = stage.done(settings, {"data": data_rec["key"]}, outputs, time.perf_counter() - t0)
-        _report(board, f"train/{arch}", "done", seconds=rec["seconds"])
+        return {**outputs, "resumed": resumed}
+
+    def result(rec: dict) -> dict:
+        run.remove(f"archs/{arch}/failed.json")  # a finished training clears an earlier run's failure
         return _branch(arch, settings, rec)
-    except Exception as e:
-        traceback.print_exc()
-        return _branch_failed(run, arch, "train", _error_text(e), board, settings.get("task"))
+
+    return run_stage(stage, f"train/{arch}", settings, inputs, train, board=board, resumable=True, result=result,
+                     failed=lambda error: _branch_failure(run, arch, "train", error, settings.get("task")))
 
 
 def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_rec: dict, board=None) -> dict:
@@ -148,30 +171,23 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
         return train_rec
     run = RunDir(run_uri)
     name = f"archs/{arch}/eval"
-    stage = Stage(run, name, stage_key("eval", eval_cfg, {"train": train_rec["key"]}))
+    inputs = {"train": train_rec["key"]}
+    stage = Stage(run, name, stage_key("eval", eval_cfg, inputs))
     base = {k: train_rec[k] for k in ("arch", "task", "train_dir", "train_seconds")}
-    if rec := stage.finished():
-        run.remove(f"archs/{arch}/failed.json")
-        rec = _skipped(board, f"eval/{arch}", rec)
-        return {**base, **rec, "metrics": rec["outputs"]["metrics"]}
-    try:
-        _report(board, f"eval/{arch}", "running")
-        t0 = time.perf_counter()
-        stage.begin(resumable=False)
+
+    def evaluate(_) -> dict:
         from pipelines.dag import entry_points
 
         metrics = entry_points.evaluate(train_rec["outputs"]["run_dir"], data_rec["outputs"]["data_dir"],
                                         run.path(name))
-        run.write_json(f"{name}/metrics.json", metrics)
+        return {"metrics": metrics, "metrics_path": run.write_json(f"{name}/metrics.json", metrics)}
+
+    def result(rec: dict) -> dict:
         run.remove(f"archs/{arch}/failed.json")
-        rec = stage.done(eval_cfg, {"train": train_rec["key"]}, {"metrics": metrics,
-                                                                "metrics_path": run.path(f"{name}/metrics.json")},
-                         time.perf_counter() - t0)
-        _report(board, f"eval/{arch}", "done", seconds=rec["seconds"])
-        return {**base, **rec, "metrics": metrics}
-    except Exception as e:
-        traceback.print_exc()
-        return _branch_failed(run, arch, "eval", _error_text(e), board, base["task"])
+        return {**base, **rec, "metrics": rec["outputs"]["metrics"]}
+
+    return run_stage(stage, f"eval/{arch}", eval_cfg, inputs, evaluate, board=board, result=result,
+                     failed=lambda error: _branch_failure(run, arch, "eval", error, base["task"]))
 
 
 # --- compare, robustness, deploy, smoke -----------------------------------------------------------
@@ -198,16 +214,21 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
         if r.get("arch") is None:
             from vision.models import model_task
 
-            r.update(_branch_failed(run, arch, r.get("stage", "train"), r["error"], board, model_task(arch)))
+            r.update(_branch_failure(run, arch, r.get("stage", "train"), r["error"], model_task(arch)))
+            _report(board, f"{r['stage']}/{arch}", "failed", error=r["error"])
     ok = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
     inputs = {r["arch"]: r.get("key", r.get("error")) for r in results}
-    stage = Stage(run, "compare", stage_key("compare", {"chart": chart, "robustness": robustness}, inputs))
-    if rec := stage.finished():
-        return {**_skipped(board, "compare", rec)["outputs"], "branches": results}
-    _report(board, "compare", "running")
-    t0 = time.perf_counter()
-    stage.begin(resumable=False)
+    config = {"chart": chart, "robustness": robustness}
+    stage = Stage(run, "compare", stage_key("compare", config, inputs))
+    return run_stage(stage, "compare", config, inputs,
+                     lambda _: _compare_outputs(run, results, archs, ok, chart, robustness), board=board,
+                     result=lambda rec: {**rec["outputs"], "branches": results})
+
+
+def _compare_outputs(run: RunDir, results: list[dict], archs: list[str], ok: list[dict], chart: bool,
+                     robustness: dict | None) -> dict:
+    """The compare stage's work: the comparison table and chart, and the run's report; returns their paths."""
     outputs = {}
     if ok and chart:
         from pipelines.dag import entry_points
@@ -223,9 +244,7 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
         outputs["robustness"] = robustness
     report = _report_markdown(results, outputs)
     outputs["report"] = run.write_bytes("compare/report.md", report.encode())
-    rec = stage.done({"chart": chart, "robustness": robustness}, inputs, outputs, time.perf_counter() - t0)
-    _report(board, "compare", "done", seconds=rec["seconds"])
-    return {**outputs, "branches": results}
+    return outputs
 
 
 def _headline(metrics: dict) -> tuple[str, float | None]:
@@ -286,35 +305,24 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
     wanted = cfg.get("archs")
     results = [r for r in results if wanted is None or r["arch"] in wanted]
     inputs = {r["arch"]: r["key"] for r in results}
-    stage = Stage(run, "robustness", stage_key("robustness", cfg, inputs))
-    if rec := stage.finished():
-        return _skipped(board, "robustness", rec)["outputs"]
-    if not results:
+    if not results:  # (no record can match: a stage without classifiers never finishes)
         _report(board, "robustness", "skipped")
         return {"error": "no classifier finished training"}
-    _report(board, "robustness", "running")
-    t0 = time.perf_counter()
-    stage.begin(resumable=False)
-    from pipelines.dag import entry_points
+    stage = Stage(run, "robustness", stage_key("robustness", cfg, inputs))
 
-    try:
-        if run.remote:  # the report is written locally, then uploaded next to the rest of the run
-            with tempfile.TemporaryDirectory() as tmp:
-                local = entry_points.robustness([r["train_dir"] for r in results], data_rec["outputs"]["data_dir"],
-                                                tmp, cfg)
-                run.upload_dir(tmp, "robustness")
-                outputs = {k: v.replace(tmp, run.path("robustness")) if isinstance(v, str) else v
-                           for k, v in local.items()}
-        else:
-            outputs = entry_points.robustness([r["train_dir"] for r in results], data_rec["outputs"]["data_dir"],
-                                              str(run.local("robustness")), cfg)
-    except Exception as e:
-        traceback.print_exc()
-        _report(board, "robustness", "failed", error=_error_text(e))
-        return {"error": _error_text(e)}
-    rec = stage.done(cfg, inputs, outputs, time.perf_counter() - t0)
-    _report(board, "robustness", "done", seconds=rec["seconds"])
-    return outputs
+    def report(_) -> dict:
+        from pipelines.dag import entry_points
+
+        train_dirs, data_dir = [r["train_dir"] for r in results], data_rec["outputs"]["data_dir"]
+        if not run.remote:
+            return entry_points.robustness(train_dirs, data_dir, str(run.local("robustness")), cfg)
+        with tempfile.TemporaryDirectory() as tmp:  # written locally, then uploaded next to the rest of the run
+            local = entry_points.robustness(train_dirs, data_dir, tmp, cfg)
+            run.upload_dir(tmp, "robustness")
+            return {k: v.replace(tmp, run.path("robustness")) if isinstance(v, str) else v for k, v in local.items()}
+
+    return run_stage(stage, "robustness", cfg, inputs, report, board=board, result=lambda rec: rec["outputs"],
+                     failed=lambda error: {"error": error})
 
 
 def deploy_stage(run_uri: str, cfg: dict, compared: dict, board=None) -> dict:
@@ -345,8 +353,11 @@ def deploy_stage(run_uri: str, cfg: dict, compared: dict, board=None) -> dict:
     serve_args.pop("model", None)
     try:
         from pipelines.serve import deploy
+        from pipelines.serve.config import HttpOptions
 
-        url = deploy(serve_args, host=cfg["host"], port=cfg["port"])
+        http = HttpOptions.model_validate({k: cfg.get(k) for k in ("host", "port", "request_timeout_s", "proxy_location")
+                                           if cfg.get(k) is not None})
+        url = deploy(serve_args, http_options=http, timeout_s=cfg.get("timeout_s", 300.0))
     except Exception as e:
         traceback.print_exc()
         out = {"status": "failed", "error": _error_text(e)}

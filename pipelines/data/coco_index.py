@@ -7,12 +7,12 @@ driver never holds pixels.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipelines.data.fs import read_bytes, resolve
+from pipelines.data.validate import BadSegmentation, clean_segmentation, finite_number
+from pipelines.storage import read_bytes, resolve
 
 META_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -73,30 +73,13 @@ def category_map(categories: list[dict], source="annotations") -> list[dict]:
     return [{"id": cid, "name": seen[cid], "label": i + 1} for i, cid in enumerate(sorted(seen))]
 
 
-def _check_segmentation(seg, height: int, width: int) -> str | None:
-    """None when ``seg`` is a usable COCO segmentation (or absent), else what is wrong with it."""
-    if seg is None or seg == []:
-        return None  # absent: the box stands in for the mask
-    if isinstance(seg, list):
-        good = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)]
-        return None if good else "segmentation has no polygon with at least 3 points"
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2) or counts is None:
-            return "RLE segmentation needs 'size' [h, w] and 'counts'"
-        if list(size) != [height, width]:
-            return f"RLE size {size} does not match the image ({height}x{width})"
-        return None
-    return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}"
-
-
 def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
     """Parse and validate the COCO file ``annotations``; return a :class:`CocoIndex`.
 
     Images: a duplicate id or a missing/invalid size quarantines the image. Annotations: an unknown
-    image or category, a malformed/zero-area box or a broken segmentation drops the annotation (with
-    its reason); a box past the image edge is clipped to it. Images without annotations are kept.
+    image or category, a malformed/zero-area box or a broken segmentation (``validate.py``) drops the
+    annotation (with its reason); a box past the image edge is clipped to it, polygons past it are
+    clipped too. Images without annotations are kept.
     """
     data = load_json(annotations)
     categories = category_map(data["categories"], annotations)
@@ -132,17 +115,17 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
         if not isinstance(ann, dict):
             drop(f"annotation must be an object, got {type(ann).__name__}")
             continue
-        if iid not in images:
+        if type(iid) is not int or iid not in images:  # type first: a list is not hashable
             drop(f"unknown image_id {iid!r}")
             continue
         cid = ann.get("category_id")
-        if cid not in label_of:
+        if type(cid) is not int or cid not in label_of:
             drop(f"unknown category_id {cid!r}")
             continue
         im = images[iid]
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+                and all(finite_number(v) for v in bbox)):
             drop(f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
             continue
         x, y, bw, bh = (float(v) for v in bbox)
@@ -156,17 +139,17 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
             continue
         if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
             index.num_clipped += 1
-        seg = ann.get("segmentation")
-        problem = _check_segmentation(seg, im["height"], im["width"])
-        if problem:
-            drop(problem)
+        try:  # checked and clipped here, so that nothing unchecked reaches pycocotools' C code
+            seg = clean_segmentation(ann.get("segmentation"), im["height"], im["width"])
+        except BadSegmentation as e:
+            drop(str(e))
             continue
         area = ann.get("area")
         im["anns"].append({
             "category_id": cid, "label": label_of[cid], "box": [x1, y1, x2, y2],
             "iscrowd": 1 if ann.get("iscrowd") else 0,
-            "area": float(area) if isinstance(area, (int, float)) and math.isfinite(area) else None,
-            "segmentation": seg if seg not in (None, []) else None,
+            "area": float(area) if finite_number(area) else None,
+            "segmentation": seg,
         })
     del data
 

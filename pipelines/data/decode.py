@@ -7,50 +7,49 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from pipelines.data.fs import join, read_bytes
+from pipelines.data.image_decode import read_image
+from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES, image_path, read_image_file
 from pipelines.data.schema import CONVERTED, DECODED_SCHEMA, QUARANTINE
+from pipelines.data.validate import clean_segmentation
+
+DEFAULT_MAX_PIXELS = 8192 * 8192
+# Test-only: a worker decoding the image with this file_name kills itself (SIGKILL), as a native decoder
+# crash would. Read from the workers' environment, never from data; tests/test_data_faults.py sets it.
+TEST_CRASH_ENV = "VISIONFLOW_TEST_CRASH_ON"
 
 KEEP_FORMATS = {"JPEG", "PNG"}
 
 
-def check_image(raw: bytes, width: int, height: int) -> tuple[bytes, str | None]:
-    """Decode ``raw`` fully; return ``(RGB encoded bytes, conversion note or None)``.
+def check_image(raw: bytes, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str | None]:
+    """Decode ``raw`` fully (``image_decode.read_image``); return ``(RGB encoded bytes, conversion note
+    or None)``.
 
-    JPEG/PNG files that are already RGB keep their bytes; anything else (grayscale, CMYK, palette,
-    RGBA, other formats) is converted to RGB and re-encoded as PNG (lossless). Raises ValueError with
-    the reason when the file is empty, not an image, truncated, or not the size the JSON states.
+    8-bit RGB JPEG/PNG files without an EXIF orientation keep their bytes; anything else (grayscale,
+    CMYK, palette, RGBA, 16-bit samples, an EXIF rotation, other formats) is stored as what
+    ``read_image`` shows (RGB, 8 bits, upright), re-encoded as PNG (lossless). Raises ValueError with the
+    reason when the file is empty, not an image, over ``max_pixels``, truncated, or (once upright) not
+    the size the JSON states.
     """
-    if not raw:
-        raise ValueError("empty file")
-    try:
-        im = Image.open(io.BytesIO(raw))
-        fmt = im.format
-        im.load()  # a full decode: only this notices a truncated file
-    except UnidentifiedImageError:
-        raise ValueError("not decodable: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = str(e)
-        if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
-            raise ValueError(f"truncated: {msg}") from None
-        raise ValueError(f"not decodable: {msg}") from None
-    if im.size != (width, height):
-        raise ValueError(f"size mismatch: the JSON says {width}x{height}, the file is {im.size[0]}x{im.size[1]}")
-    if im.mode == "RGB" and fmt in KEEP_FORMATS:
+    decoded = read_image(raw, max_pixels)
+    rgb = decoded.image
+    if rgb.size != (width, height):
+        turned = " after its EXIF orientation" if decoded.oriented else ""
+        raise ValueError(f"size mismatch: the JSON says {width}x{height}, the file is "
+                         f"{rgb.size[0]}x{rgb.size[1]}{turned}")
+    if decoded.plain_rgb and decoded.format in KEEP_FORMATS:
         return raw, None
-    note = f"{fmt} {im.mode} -> RGB"
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        # Transparent pixels over white, as a browser shows them.
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(bg, rgba).convert("RGB")
-    else:
-        rgb = im.convert("RGB")
+    note = f"{decoded.format} {decoded.mode} -> RGB"
+    if decoded.deep:
+        note += ", 16 -> 8 bits"
+    if decoded.oriented:
+        note += ", EXIF orientation applied"
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     return buf.getvalue(), note
@@ -59,15 +58,16 @@ def check_image(raw: bytes, width: int, height: int) -> tuple[bytes, str | None]
 def to_rle(seg, box: list[float], height: int, width: int) -> dict:
     """Compressed COCO RLE ``{"size": [h, w], "counts": str}`` of one annotation's segmentation.
 
-    Polygons (dropping parts with fewer than 3 points) and uncompressed RLE are encoded with
-    pycocotools; compressed RLE passes through; an absent segmentation becomes the box.
+    ``seg`` is checked again (``validate.clean_segmentation``, cheap) before pycocotools sees it:
+    polygons (clipped to the image) and uncompressed RLE are encoded with pycocotools; compressed RLE
+    passes through; an absent segmentation becomes the box.
     """
     if seg is None:
         x1, y1, x2, y2 = box
         seg = [[x1, y1, x2, y1, x2, y2, x1, y2]]
+    seg = clean_segmentation(seg, height, width)
     if isinstance(seg, list):
-        polys = [[float(v) for v in p] for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
     elif isinstance(seg.get("counts"), list):
         rle = mask_utils.frPyObjects(seg, height, width)
     else:
@@ -77,13 +77,17 @@ def to_rle(seg, box: list[float], height: int, width: int) -> dict:
     return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-def decode_batch(meta: pa.Table, images_root: str, filesystem) -> pa.Table:
+def decode_batch(meta: pa.Table, images_root: str, filesystem, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Per-image metadata (``coco_index.META_SCHEMA``) -> shard rows plus the transient columns.
 
     A row that cannot be used keeps its ``image_id``/``file_name`` and gets its reason in
-    ``_quarantine``; one bad image never fails the batch.
+    ``_quarantine``; one bad image never fails the batch (one that kills the process is handled by
+    ``ingest``). Files are read only inside ``images_root`` and up to ``max_image_bytes``; images over
+    ``max_pixels`` are refused from their header.
     """
     cols = {name: [] for name in DECODED_SCHEMA.names}
+    crash_on = os.environ.get(TEST_CRASH_ENV)
     for row in meta.to_pylist():
         w, h = row["width"], row["height"]
         anns = json.loads(row["anns"])
@@ -91,8 +95,11 @@ def decode_batch(meta: pa.Table, images_root: str, filesystem) -> pa.Table:
                "image": None, "boxes": [], "category_ids": [], "labels": [], "iscrowd": [], "area": [],
                "segmentation": [], QUARANTINE: None, CONVERTED: None}
         try:
-            raw = read_bytes(filesystem, join(images_root, row["file_name"]))
-            out["image"], out[CONVERTED] = check_image(raw, w, h)
+            path = image_path(filesystem, images_root, row["file_name"])
+            raw = read_image_file(filesystem, path, max_image_bytes)
+            if crash_on and row["file_name"] == crash_on:
+                os.kill(os.getpid(), signal.SIGKILL)
+            out["image"], out[CONVERTED] = check_image(raw, w, h, max_pixels)
             for a in anns:
                 rle = to_rle(a["segmentation"], a["box"], h, w)
                 area = a["area"]

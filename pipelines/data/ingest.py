@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,31 +12,56 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from pipelines.data.coco_index import build_index
-from pipelines.data.decode import decode_batch
-from pipelines.data.fs import join, read_bytes, resolve
+from pipelines.data import split_commit
+from pipelines.data.coco_index import CocoIndex, build_index
+from pipelines.data.crash_recovery import recover_crashed
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, decode_batch
+from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES
 from pipelines.data.schema import QUARANTINE, SHARD_SCHEMA
-from pipelines.data.shard_sink import ShardSink
+from pipelines.data.shard_sink import ShardSink, empty_summary, merge_summaries
+from pipelines.data.split_commit import MANIFEST
+from pipelines.storage import join, read_bytes, resolve
 
 log = logging.getLogger(__name__)
-MANIFEST = "_manifest.json"
 # Images per decode batch: small enough that a block of encoded images stays a few MiB.
 DECODE_BATCH = 32
+# Ray's retries of a decode task whose worker died (Ray Data's default is forever). After them the
+# task's images are decoded one at a time (``recover_crashed``).
+DECODE_RETRIES = 2
 
 
-def _decoded(annotations, images, *, num_cpus: float = 1.0):
-    """(dataset of decoded rows incl. the transient ``_quarantine`` column, CocoIndex)."""
+@dataclass
+class _Plan:
+    ds: ray.data.Dataset | None
+    index: CocoIndex
+    meta: list = field(default_factory=list)  # ObjectRefs of the per-image metadata tables
+    image_ids: set = field(default_factory=set)
+    decode_kwargs: dict = field(default_factory=dict)
+    task_args: dict = field(default_factory=dict)
+
+
+def _decoded(annotations, images, *, num_cpus: float = 1.0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> _Plan:
+    """The dataset of decoded rows (incl. the transient ``_quarantine`` column) and what made it."""
+    if not (max_image_bytes >= 1 and max_pixels >= 1):
+        raise ValueError(f"max_image_bytes and max_pixels must be positive, got {max_image_bytes} and {max_pixels}")
     index = build_index(annotations, chunk_images=_chunk_size(annotations))
     fs, root = resolve(images)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"image directory not found: {images}")
+    plan = _Plan(None, index, decode_kwargs={"images_root": root, "filesystem": fs,
+                                             "max_image_bytes": int(max_image_bytes), "max_pixels": int(max_pixels)},
+                 task_args={"num_cpus": num_cpus, "max_retries": DECODE_RETRIES})
     if not index.tables:
-        return None, index
-    meta = ray.data.from_arrow(index.tables)
+        return plan
+    for table in index.tables:
+        plan.image_ids.update(table["image_id"].to_pylist())
+    plan.meta = [ray.put(t) for t in index.tables]
     index.tables = []  # the blocks now live in the object store
-    ds = meta.map_batches(decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH,
-                          fn_kwargs={"images_root": root, "filesystem": fs}, num_cpus=num_cpus)
-    return ds, index
+    plan.ds = ray.data.from_arrow_refs(plan.meta).map_batches(
+        decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH, fn_kwargs=plan.decode_kwargs,
+        **plan.task_args)
+    return plan
 
 
 def _chunk_size(annotations) -> int:
@@ -45,67 +71,92 @@ def _chunk_size(annotations) -> int:
     return 256 if size > 4 << 20 else 16
 
 
-def read_coco(annotations, images, *, num_cpus: float = 1.0) -> ray.data.Dataset:
-    """A COCO split as a Ray Dataset, one row per usable image (schema: DESIGN.md "Dataset rows").
+def read_coco(annotations, images, *, num_cpus: float = 1.0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> ray.data.Dataset:
+    """A COCO split as a Ray Dataset, one row per usable image (schema: docs/contracts.md, "Dataset schema").
 
     Takes the annotation JSON and the image directory (local paths or URIs pyarrow understands, such
     as ``s3://``). The JSON is parsed on the driver; images are read and checked in Ray tasks.
     Quarantined images and dropped annotations are left out (``ingest`` records them in the manifest).
+    An image that kills its worker process fails the dataset after ``DECODE_RETRIES`` (``ingest``
+    quarantines it instead).
     """
-    ds, index = _decoded(annotations, images, num_cpus=num_cpus)
+    plan = _decoded(annotations, images, num_cpus=num_cpus, max_image_bytes=max_image_bytes,
+                    max_pixels=max_pixels)
+    index = plan.index
     if index.dropped or index.quarantined:
         log.warning("%s: %d annotations dropped, %d images quarantined before decoding; "
                     "run `visionflow ingest` for the full report", annotations, len(index.dropped),
                     len(index.quarantined))
-    if ds is None:
+    if plan.ds is None:
         return ray.data.from_arrow(SHARD_SCHEMA.empty_table())
 
     def keep_good(batch):
         return batch.filter(pc.is_null(batch[QUARANTINE])).select(SHARD_SCHEMA.names)
 
-    return ds.map_batches(keep_good, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    return plan.ds.map_batches(keep_good, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                               **plan.task_args)
 
 
-def ingest(annotations, images, out, *, num_cpus: float = 1.0) -> dict:
+def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Validate one COCO split and write it as Parquet shards under ``out`` plus ``out/_manifest.json``.
 
     Takes the annotation JSON, the image directory and the output directory (local or URI). Returns
     the manifest: ``num_images``, ``num_instances``, ``categories`` ([{"id", "name", "label"}]),
     ``quarantined`` ([{"file_name", "image_id", "reason"}]), ``dropped``
     ([{"annotation_id", "image_id", "reason"}]), ``num_clipped_boxes``, ``converted_to_rgb``,
-    ``shards``, ``annotations``, ``images``. Shards of an earlier ingest into ``out`` are replaced.
+    ``shards``, ``annotations``, ``images``. Shards of an earlier ingest into ``out`` are replaced only
+    once the new ones are complete (``split_commit``): a run killed at any moment leaves the old split
+    readable. Image files over ``max_image_bytes`` or ``max_pixels``, or outside ``images``, are
+    quarantined; so is one whose decoding kills its worker process.
     """
     out_fs, out_root = resolve(out)
     info = out_fs.get_file_info(out_root)
     if info.type == pafs.FileType.File:
         raise NotADirectoryError(f"--out must be a directory, but {out} is a file")
-    ds, index = _decoded(annotations, images, num_cpus=num_cpus)
-    out_fs.create_dir(out_root, recursive=True)
-    for old in out_fs.get_file_info(pafs.FileSelector(out_root)):
-        name = old.path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet") or name == MANIFEST:
-            out_fs.delete_file(old.path)
-    summary = {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}}
-    if ds is not None:
-        sink = ShardSink(out_fs, out_root)
-        ds.write_datasink(sink)
-        summary = sink.summary
-    manifest = {
-        "num_images": summary["num_images"],
-        "num_instances": summary["num_instances"],
-        "categories": index.categories,
-        "quarantined": sorted(index.quarantined + summary["quarantined"],
-                              key=lambda q: (str(q["image_id"]), str(q["file_name"]))),
-        "dropped": index.dropped,
-        "num_clipped_boxes": index.num_clipped,
-        "converted_to_rgb": summary["converted"],
-        "shards": summary["files"],
-        "annotations": os.fspath(annotations),
-        "images": os.fspath(images),
-    }
-    with out_fs.open_output_stream(join(out_root, MANIFEST)) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+    plan = _decoded(annotations, images, num_cpus=num_cpus, max_image_bytes=max_image_bytes,
+                    max_pixels=max_pixels)
+    stage = split_commit.begin(out_fs, out_root)
+    try:
+        summary = _write_shards(plan, out_fs, stage)
+        index = plan.index
+        manifest = {
+            "num_images": summary["num_images"],
+            "num_instances": summary["num_instances"],
+            "categories": index.categories,
+            "quarantined": sorted(index.quarantined + summary["quarantined"],
+                                  key=lambda q: (str(q["image_id"]), str(q["file_name"]))),
+            "dropped": index.dropped,
+            "num_clipped_boxes": index.num_clipped,
+            "converted_to_rgb": summary["converted"],
+            "shards": summary["files"],
+            "annotations": os.fspath(annotations),
+            "images": os.fspath(images),
+        }
+        split_commit.commit(out_fs, out_root, stage, manifest)
+    finally:
+        split_commit.abandon(out_fs, out_root, stage)
     return manifest
+
+
+def _write_shards(plan: _Plan, fs, root: str) -> dict:
+    """Decode and write every image of ``plan`` into shards under ``root``; the sink's summary."""
+    if plan.ds is None:
+        return empty_summary()
+    # A block whose task still dies after Ray's retries is left out here, and its images are decoded
+    # one at a time below: only the image that kills its worker is lost.
+    plan.ds.context.max_errored_blocks = -1
+    sink = ShardSink(fs, root)
+    plan.ds.write_datasink(sink, ray_remote_args=plan.task_args)
+    summary = sink.summary or empty_summary()
+    missing = plan.image_ids - set(summary["image_ids"])
+    if missing:
+        log.warning("%d images were in decode tasks whose worker died; decoding them one at a time",
+                    len(missing))
+        merge_summaries(summary, recover_crashed(plan.meta, missing, plan.decode_kwargs, fs, root,
+                                                 num_cpus=plan.task_args["num_cpus"]))
+    return summary
 
 
 def read_manifest(split_dir) -> dict:

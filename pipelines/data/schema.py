@@ -1,4 +1,4 @@
-"""The Parquet schema of an ingested split: one row per image (DESIGN.md, "Dataset rows")."""
+"""The Parquet schema of an ingested split: one row per image (docs/contracts.md, "Dataset schema")."""
 from __future__ import annotations
 
 import pyarrow as pa

@@ -13,8 +13,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipelines.data.fs import join
+from pipelines.storage import join
 from pipelines.data.schema import CONVERTED, QUARANTINE, SHARD_SCHEMA
+
+
+def empty_summary() -> dict:
+    """What a sink reports: shard names, counts, quarantined items, conversion notes, and the ids of
+    every image it saw (good or quarantined), by which ``ingest`` finds the images of tasks that died."""
+    return {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}, "image_ids": []}
+
+
+def merge_summaries(total: dict, part: dict) -> dict:
+    """Add ``part`` into ``total`` (both as from :func:`empty_summary`); returns ``total``."""
+    for key in ("files", "quarantined", "image_ids"):
+        total[key] += part[key]
+    total["num_images"] += part["num_images"]
+    total["num_instances"] += part["num_instances"]
+    for k, v in part["converted"].items():
+        total["converted"][k] = total["converted"].get(k, 0) + v
+    total["files"].sort()
+    return total
 
 
 class ShardSink(Datasink):
@@ -26,12 +44,13 @@ class ShardSink(Datasink):
         self.summary: dict | None = None
 
     def write(self, blocks: Iterable, ctx) -> dict:
-        result = {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}}
+        result = empty_summary()
         writer = None
         path = join(self.root, f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet")
         try:
             for block in blocks:
                 table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                result["image_ids"] += table["image_id"].to_pylist()
                 bad = pc.is_valid(table[QUARANTINE])
                 for row in table.filter(bad).select(["file_name", "image_id", QUARANTINE]).to_pylist():
                     result["quarantined"].append({"file_name": row["file_name"], "image_id": row["image_id"],
@@ -53,13 +72,7 @@ class ShardSink(Datasink):
         return result
 
     def on_write_complete(self, write_result) -> None:
-        total = {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}}
+        total = empty_summary()
         for r in write_result.write_returns:
-            total["files"] += r["files"]
-            total["num_images"] += r["num_images"]
-            total["num_instances"] += r["num_instances"]
-            total["quarantined"] += r["quarantined"]
-            for k, v in r["converted"].items():
-                total["converted"][k] = total["converted"].get(k, 0) + v
-        total["files"].sort()
+            merge_summaries(total, r)
         self.summary = total

@@ -42,8 +42,28 @@ class StageResources(_Strict):
     num_cpus: float = Field(0.25, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
-    # Requests waiting for a replica beyond this are answered 503 (overloaded); -1 = unbounded.
-    max_queued_requests: int = Field(-1, ge=-1)
+    # Requests waiting for a replica beyond this are answered 503 (overloaded) with Retry-After; unset:
+    # 4 x max_ongoing_requests; -1 = unbounded (latency then grows without bound under overload).
+    max_queued_requests: Optional[int] = Field(None, ge=-1)
+    # The Retry-After (seconds) of those 503s, and of the 503 `unavailable` when a replica died.
+    retry_after_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounded_queue(self):
+        if self.max_queued_requests is None:
+            self.max_queued_requests = 4 * self.max_ongoing_requests
+        return self
+
+    def replicas(self) -> int:
+        """Replicas it may run (autoscaling: up to ``max_replicas``)."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
+    def cpus_asked(self) -> float:
+        """Logical CPUs its replicas hold, all of them together."""
+        return self.num_cpus * self.replicas()
+
+    def gpus_asked(self) -> float:
+        return self.num_gpus * self.replicas()
 
     def deployment_options(self) -> dict:
         """The keyword arguments for ``Deployment.options``."""
@@ -51,6 +71,8 @@ class StageResources(_Strict):
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            # Serve's own answer when this deployment's queue is full (503 + Retry-After).
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
@@ -110,11 +132,18 @@ class ModelSpec(_Strict):
 
 
 class Limits(_Strict):
-    """What a request may carry. Bigger bodies or images are answered 413."""
+    """What a request may carry and cost. Bigger bodies, images or mask answers are answered 413; a body
+    that does not arrive in time, 408."""
 
     max_body_bytes: int = Field(10 * 2**20, ge=1)
     # Width x height read from the header before decoding: a decompression bomb never gets decoded.
     max_image_pixels: int = Field(4096 * 4096, ge=1)
+    # /v1/segment: pixels of the image as sent that the returned masks cover together (each mask over its
+    # own region); 64 Mi = four full 4096 x 4096 masks. More is refused before any mask is resized.
+    max_mask_pixels: int = Field(64 * 2**20, ge=1)
+    # The whole body must have arrived within this many seconds of the request reaching the Ingress
+    # (slow clients hold an Ingress slot while they send).
+    body_timeout_s: float = Field(30.0, gt=0)
 
 
 class ServeArgs(_Strict):
@@ -128,7 +157,10 @@ class ServeArgs(_Strict):
     nms_batching: Batching = Field(default_factory=lambda: Batching(max_batch_size=32, batch_wait_timeout_s=0.002))
     preprocess: StageResources = Field(default_factory=StageResources)
     postprocess: StageResources = Field(default_factory=StageResources)
-    ingress: StageResources = Field(default_factory=lambda: StageResources(num_cpus=0.25, max_ongoing_requests=256))
+    # The Ingress holds a request while its body arrives: many slots (cheap, async) so that slow clients
+    # do not crowd out others; its queue is Serve's proxy, which buffers the bodies of queued requests.
+    ingress: StageResources = Field(default_factory=lambda: StageResources(
+        num_cpus=0.25, max_ongoing_requests=1024, max_queued_requests=256))
 
     @field_validator("models")
     @classmethod
@@ -138,6 +170,15 @@ class ServeArgs(_Strict):
         if dup:
             raise ValueError(f"model names must be unique; repeated: {dup}")
         return models
+
+    def stages(self) -> dict[str, "StageResources"]:
+        """Every deployment's resources by where the config sets them (``models[<name>].model``, ...)."""
+        return {**{f"models[{m.name}].model": m.model for m in self.models}, "nms_stage": self.nms_stage,
+                "preprocess": self.preprocess, "postprocess": self.postprocess, "ingress": self.ingress}
+
+    def cpus_asked(self) -> float:
+        """Logical CPUs every deployment of the application asks for, all replicas together."""
+        return sum(s.cpus_asked() for s in self.stages().values())
 
     def missing_weights(self) -> list[str]:
         """Names of models with neither a checkpoint nor an explicit ``random_weights``."""
@@ -151,9 +192,12 @@ class HttpOptions(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: Optional[float] = Field(None, gt=0)
     keep_alive_timeout_s: Optional[float] = Field(None, gt=0)
+    # The Serve YAML's top-level ``proxy_location`` (HeadOnly, EveryNode, Disabled); None: Serve's default.
+    proxy_location: Optional[Literal["HeadOnly", "EveryNode", "Disabled"]] = None
 
     def serve_options(self) -> dict:
-        return self.model_dump(exclude_none=True)
+        """Serve's ``http_options`` (``proxy_location`` is its own argument of ``serve.start``)."""
+        return self.model_dump(exclude_none=True, exclude={"proxy_location"})
 
 
 class ServeFile(BaseModel):
@@ -174,6 +218,9 @@ def load_serve_file(path: str | Path) -> tuple[HttpOptions, dict, ServeArgs]:
         raise FileNotFoundError(f"serve config {path} does not exist; expected a YAML like cluster/serve/detection.yaml")
     raw = yaml.safe_load(path.read_text()) or {}
     sf = ServeFile.model_validate(raw)
+    if raw.get("proxy_location") is not None:
+        sf.http_options = HttpOptions.model_validate({**sf.http_options.model_dump(exclude_none=True),
+                                                      "proxy_location": raw["proxy_location"]})
     apps = [a for a in sf.applications if str(a.get("import_path", "")).startswith("pipelines.serve.app:")]
     if len(apps) != 1:
         raise ValueError(f"{path}: expected one application with import_path pipelines.serve.app:build_app, "

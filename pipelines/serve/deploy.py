@@ -1,10 +1,15 @@
 """Python API: ``deploy(...)`` starts Serve and the application, returns the base URL; ``shutdown()``."""
 from __future__ import annotations
 
+import math
+import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+from pipelines.ray_private import running_serve_http
+from pipelines.ray_runtime import connect
 from pipelines.serve.config import HttpOptions, ModelSpec, ServeArgs, load_serve_file
 
 APP_NAME = "visionflow"
@@ -45,53 +50,134 @@ def resolve_args(config: str | Path | dict | ServeArgs | None = None, *, checkpo
     return http, args
 
 
+class DeployError(RuntimeError):
+    """The application could not be deployed: too big for the cluster, failed, or not up in time."""
+
+
+class Interrupted(RuntimeError):
+    """Deploying was stopped (Ctrl-C / SIGTERM) before it finished."""
+
+
+def check_fits(args: ServeArgs, cpus: float, gpus: float) -> None:
+    """Refuse (DeployError, one line) an application whose replicas ask for more CPUs or GPUs than the
+    cluster has, naming the deployment to shrink; Serve would wait forever to place them."""
+    stages = args.stages()
+    for kind, has, asked_of in (("CPU", cpus, lambda s: s.cpus_asked()), ("GPU", gpus, lambda s: s.gpus_asked())):
+        asked = sum(asked_of(s) for s in stages.values())
+        if asked <= has + 1e-9:
+            continue
+        biggest, res = max(stages.items(), key=lambda kv: asked_of(kv[1]))
+        per = res.num_cpus if kind == "CPU" else res.num_gpus
+        raise DeployError(f"the application asks for {asked:g} {kind}s but the cluster has {has:g}: shrink {biggest} "
+                          f"({res.replicas()} replica(s) x {per:g} {kind}), or the other deployments, or add nodes")
+
+
 def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: str | None = None,
            random_weights: bool = False, host: str | None = None, port: int | None = None,
-           timeout_s: float = 300.0) -> str:
-    """Start Serve (HTTP on ``host:port``, default 127.0.0.1:8000 or the YAML's ``http_options``), deploy
-    the application and wait until ``/healthz`` answers. Returns the base URL, e.g. ``http://127.0.0.1:8000``.
+           timeout_s: float = 300.0, stop: threading.Event | None = None,
+           http_options: HttpOptions | None = None) -> str:
+    """Start Serve (HTTP on ``host:port``, default 127.0.0.1:8000 or the YAML's ``http_options``, which
+    also set ``request_timeout_s`` and ``proxy_location``), deploy the application and wait until
+    ``/healthz`` answers. Returns the base URL, e.g. ``http://127.0.0.1:8000``.
 
-    Uses the running Ray cluster, or starts a local one. Raises ``ValueError`` for a model without weights.
-    """
+    Uses the Ray cluster this process is connected to, or starts a local one sized for the application's
+    replicas (``pipelines.ray_runtime.connect``). Raises ``ValueError`` for a model without weights,
+    ``DeployError`` for an application the cluster cannot hold, one that failed, or one not up within
+    ``timeout_s`` (with each deployment's state), ``Interrupted`` when ``stop`` is set meanwhile. On any
+    failure the application is deleted again."""
     import ray
-    from ray import serve
 
     from pipelines.serve.app import build_app
 
     http, args = resolve_args(config, checkpoint=checkpoint, random_weights=random_weights)
+    if http_options is not None:
+        http = http.model_copy(update=http_options.model_dump(exclude_unset=True))
     http = http.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None})
     application = build_app(args)  # validates before touching the cluster
-    if not ray.is_initialized():
-        ray.init()
+    connect(num_cpus=local_cpus(args))
+    res = ray.cluster_resources()
+    check_fits(args, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
     _start_serve(http)
-    serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
-    _wait_healthy(url, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        _run_until_running(application, deadline, timeout_s, stop)
+        _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
+    except BaseException:
+        delete_app()
+        raise
     return url
 
 
-def _start_serve(http: HttpOptions) -> None:
-    """Start Serve on ``http``; a Serve already running elsewhere is restarted (its options are fixed)."""
+def _run_until_running(application, deadline: float, timeout_s: float, stop: threading.Event | None) -> None:
+    """``serve.run`` in a helper thread (it waits for the application with no deadline), watched from
+    here: fails on DEPLOY_FAILED or at the deadline with each deployment's state, stops on ``stop``."""
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.exceptions import RayServeException
 
-    try:
-        running = _get_global_client(raise_if_no_controller_running=True)
-    except RayServeException:
-        running = None
-    if running is not None:
-        cur = running.http_config
-        if (cur.host, cur.port) == (http.host, http.port):
+    outcome: dict = {}
+
+    def run():
+        try:
+            serve.run(application, name=APP_NAME, route_prefix="/")
+            outcome["ok"] = True
+        except BaseException as e:  # noqa: BLE001 -- reported by the watcher below
+            outcome["error"] = e
+
+    threading.Thread(target=run, name="serve-run", daemon=True).start()
+    while True:
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped while deploying")
+        if "error" in outcome:
+            e = outcome["error"]
+            raise DeployError(f"deployment failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise DeployError(f"deployment failed: {_states(status)}")
+        if outcome.get("ok"):
             return
+        if time.monotonic() >= deadline:
+            raise DeployError(f"the application was not running after {timeout_s:g}s (--timeout): "
+                              f"{_states(status) if status is not None else 'not created yet'}")
+        time.sleep(0.5)
+
+
+def _states(app) -> str:
+    """Each deployment's state and Serve's message about it (why a replica cannot be placed or crashed)."""
+    parts = [f"{name}: {d.status}" + (f" ({' '.join(d.message.split())[:300]})" if d.message else "")
+             for name, d in app.deployments.items() if d.status != "HEALTHY"]
+    return "; ".join(parts) or (app.message or str(app.status))
+
+
+def local_cpus(args: ServeArgs) -> int:
+    """Logical CPUs of a local cluster started to serve ``args``: what every replica asks for, plus one
+    for the work around them, and never fewer than the cores (replicas mostly wait on requests)."""
+    return max(os.cpu_count() or 1, math.ceil(args.cpus_asked()) + 1)
+
+
+def _start_serve(http: HttpOptions) -> None:
+    """Start Serve on ``http``. A Serve already running with other HTTP options is restarted only when it
+    runs no other application; otherwise DeployError (restarting would stop the others)."""
+    from ray import serve
+
+    running = running_serve_http()
+    if running is not None:
+        if running == (http.host, http.port):
+            return
+        others = [a for a in serve.status().applications if a != APP_NAME]
+        if others:
+            raise DeployError(f"Serve already runs on this cluster at {running[0]}:{running[1]} with applications "
+                              f"{others}; deploy on that port (--port {running[1]}) instead of {http.port}")
         serve.shutdown()
-    serve.start(http_options=http.serve_options())
+    opts = {"proxy_location": http.proxy_location} if http.proxy_location else {}
+    serve.start(http_options=http.serve_options(), **opts)
 
 
-def _wait_healthy(url: str, timeout_s: float) -> None:
+def _wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped while waiting for /healthz")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 if r.status == 200:
@@ -99,13 +185,22 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
         except Exception as e:  # the proxy comes up a little after the app
             last = e
         time.sleep(0.5)
-    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s}s (last error: {last})")
+    raise DeployError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last error: {last})")
 
 
-def shutdown() -> None:
-    """Delete the application and stop Serve on this cluster (a no-op when Serve is not running)."""
+def delete_app() -> None:
+    """Delete visionflow's application only: other Serve applications on the cluster keep running."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        serve.shutdown()
+    if ray.is_initialized() and running_serve_http() is not None:
+        try:
+            serve.delete(APP_NAME)
+        except Exception:  # noqa: BLE001 -- already gone
+            pass
+
+
+def shutdown() -> None:
+    """Stop serving: delete visionflow's application (a no-op when Serve is not running). Serve itself and
+    other applications keep running; a local cluster started for serving goes with ``ray.shutdown()``."""
+    delete_app()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 
@@ -40,6 +41,10 @@ class _BatchedModel:
     def describe(self) -> dict:
         return {**self.info.describe(), "device": str(self.device), "torch_threads": torch.get_num_threads(),
                 "max_batch_size": self.spec.batching.max_batch_size}
+
+    def pid(self) -> int:
+        """The replica's process id (tests read its memory from /proc, or kill it)."""
+        return os.getpid()
 
     def recent_batch_sizes(self) -> list[int]:
         """Sizes of the last batches run (at most 1000): shows that dynamic batching happens."""

@@ -4,13 +4,11 @@ Pure functions (PIL + torch); the Preprocess deployment calls them.
 """
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.data.image_decode import BrokenImage, ImageError, TooManyPixels, UnknownFormat, open_image
 from pipelines.serve.errors import not_an_image, too_large, unsupported_type
 
 # Only these decoders may run on client bytes.
@@ -28,7 +26,8 @@ def check_content_type(content_type: str | None) -> None:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode JPEG/PNG bytes to an RGB ``uint8`` array ``H x W x 3``.
+    """Decode JPEG/PNG bytes to an upright RGB ``uint8`` array ``H x W x 3`` (the decoder ingest uses:
+    ``pipelines.data.image_decode``, so EXIF orientation and 16-bit samples are handled as in training).
 
     Raises 400 for bytes that are not a JPEG/PNG image and 413 when width x height exceeds ``max_pixels``
     (checked from the header, so a decompression bomb is refused before it is decoded).
@@ -36,26 +35,16 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise not_an_image("the request body is empty; expected JPEG or PNG image bytes")
     try:
-        with warnings.catch_warnings():
-            # PIL warns (or raises) about huge images itself; our own pixel limit below is the rule.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except Image.DecompressionBombError as e:
-        raise too_large(f"image is too large to decode ({e}); the limit is {max_pixels} pixels") from None
-    except Exception:
+        rgb = open_image(data, max_pixels, formats=list(ALLOWED_FORMATS))
+    except TooManyPixels as e:
+        raise too_large(f"image is {e.width}x{e.height} = {e.width * e.height} pixels; "
+                        f"the limit is {max_pixels} pixels") from None
+    except UnknownFormat:
         raise not_an_image("the body is not a JPEG or PNG image") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise too_large(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels} pixels")
-    if w < 1 or h < 1:
-        raise not_an_image(f"image has an empty size {w}x{h}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            rgb = img.convert("RGB")
-            rgb.load()
-    except Exception as e:
-        raise not_an_image(f"the image could not be decoded: {type(e).__name__}: {e}") from None
+    except BrokenImage as e:
+        raise not_an_image(f"the image could not be decoded: {e}") from None
+    except ImageError as e:  # PIL's own decompression-bomb limit
+        raise too_large(f"image is too large to decode ({e})") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 

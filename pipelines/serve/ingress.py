@@ -1,10 +1,13 @@
-"""Ingress deployment: the FastAPI app of DESIGN.md's HTTP contract, orchestrating the stages.
+"""Ingress deployment: the FastAPI app of the HTTP contract in docs/contracts.md, orchestrating the stages.
 
 POST /v1/detect|segment|classify -> Preprocess -> model (batched) -> NMS stage -> Postprocess.
-Every refusal is ``{"error": {"code", "message"}}`` with 400/413/415/422/503, never a 500 for bad input.
+Every refusal is ``{"error": {"code", "message"}}`` with 400/408/413/415/422/503, never a 500 for bad input;
+a stage whose queue is full or whose replica died answers 503 with ``Retry-After``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types on the route signatures.
 
+import asyncio
+import os
 import time
 from typing import AsyncIterator, Optional
 
@@ -12,13 +15,15 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import OutOfMemoryError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from pipelines.serve.config import ENDPOINT_TASK, ServeArgs
-from pipelines.serve.errors import ApiError, bad_parameter, not_an_image, overloaded, too_large
+from pipelines.serve.config import ENDPOINT_TASK, ServeArgs, StageResources
+from pipelines.serve.errors import (ApiError, bad_parameter, not_an_image, overloaded, request_timeout, too_large,
+                                    unavailable)
 from pipelines.serve.images import check_content_type
 from vision.structures import Detections
 
@@ -26,8 +31,8 @@ app = FastAPI(title="visionflow", version="0.1.0",
               description="Detection, instance segmentation and classification of the visionflow models.")
 
 
-def _error(e: ApiError, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
 @app.exception_handler(ApiError)
@@ -68,10 +73,21 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
+async def _body(request: Request, limit: int, timeout_s: Optional[float]) -> bytes:
+    """The body within ``limit`` bytes (413) and ``timeout_s`` seconds (408): a client sending its body
+    slowly holds an Ingress slot, so it gets a deadline whatever Serve's proxy timeout is."""
+    try:
+        return await asyncio.wait_for(_limited(request.stream(), limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise request_timeout(f"the request body did not arrive within {timeout_s:g} s (limits.body_timeout_s); "
+                              f"send the whole body at once") from None
+
+
+async def read_image_bytes(request: Request, max_bytes: int, timeout_s: Optional[float] = None) -> bytes:
     """The image bytes of a request: the raw body, or the multipart field ``file``.
 
-    Raises 413 (too many bytes), 415 (content type not JPEG/PNG/octet-stream/multipart), 400 (no file field).
+    Raises 413 (too many bytes), 415 (content type not JPEG/PNG/octet-stream/multipart), 400 (no file field),
+    408 (the body took longer than ``timeout_s``).
     """
     ctype = request.headers.get("content-type", "")
     declared = request.headers.get("content-length")
@@ -80,8 +96,8 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
         raise too_large(f"request body is {declared} bytes; the limit is {max_bytes} bytes")
     if not ctype.lower().startswith("multipart/form-data"):
         check_content_type(ctype)
-        return await _limited(request.stream(), max_bytes)
-    body = await _limited(request.stream(), max_bytes + slack)
+        return await _body(request, max_bytes, timeout_s)
+    body = await _body(request, max_bytes + slack, timeout_s)
 
     async def replay():
         yield body
@@ -119,8 +135,15 @@ class Ingress:
 
     async def _describe(self, name: str) -> dict:
         if name not in self._info:
-            self._info[name] = await self.models[name].describe.remote()
+            self._info[name] = await self._call(self._stage(name), self.models[name].describe)
         return self._info[name]
+
+    def pid(self) -> int:
+        """The replica's process id (a handle method, not a route; tests read its memory from /proc)."""
+        return os.getpid()
+
+    def _stage(self, name: str) -> StageResources:
+        return next(m.model for m in self.args.models if m.name == name)
 
     def _pick(self, task: str, model: Optional[str]) -> str:
         names = [n for n, t in self.tasks.items() if t == task]
@@ -132,16 +155,24 @@ class Ingress:
             raise bad_parameter(f"model: unknown {task} model {model!r}; expected one of {names}")
         return model
 
-    async def _call(self, handle, *a, **kw):
+    async def _call(self, stage: StageResources, handle, *a, **kw):
+        """``handle.remote(*a, **kw)``; a full queue or a replica that died is a 503 with Retry-After (a
+        JSON answer, not Serve's 500 with internal text)."""
         try:
             return await handle.remote(*a, **kw)
         except BackPressureError as e:
-            raise overloaded(f"the service is overloaded ({e}); retry later") from None
+            retry = e.retry_after_s if e.retry_after_s is not None else stage.retry_after_s
+            raise overloaded(f"the service is overloaded ({e}); retry later", retry) from None
+        except (RayActorError, DeploymentUnavailableError, OutOfMemoryError) as e:
+            name = getattr(handle, "deployment_name", "a stage")
+            raise unavailable(f"{name} is unavailable ({type(e).__name__}: a replica stopped while serving this "
+                              f"request; Serve replaces it); retry later", stage.retry_after_s) from None
 
     async def _prepare(self, request: Request, name: str, square: bool):
         info = await self._describe(name)
-        data = await read_image_bytes(request, self.args.limits.max_body_bytes)
-        prep = await self._call(self.preprocess, data, info["image_size"], square)
+        limits = self.args.limits
+        data = await read_image_bytes(request, limits.max_body_bytes, limits.body_timeout_s)
+        prep = await self._call(self.args.preprocess, self.preprocess, data, info["image_size"], square)
         if isinstance(prep, ApiError):
             raise prep
         return info, prep
@@ -150,11 +181,11 @@ class Ingress:
         t0 = time.perf_counter()
         name = self._pick(task, model)
         info, prep = await self._prepare(request, name, square=False)
-        cands = await self._call(self.models[name], prep["image"])
+        cands = await self._call(self._stage(name), self.models[name], prep["image"])
         nms = self.args.nms
         dets = cands["dets"]
         # Masks skip the NMS stage (it needs boxes only); the kept ones rejoin their boxes here.
-        kept = await self._call(self.nms, {
+        kept = await self._call(self.args.nms_stage, self.nms, {
             "dets": Detections(dets.boxes, dets.scores, dets.labels),
             "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
             "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
@@ -162,8 +193,11 @@ class Ingress:
         out = kept["dets"]
         if dets.masks is not None:
             out = Detections(out.boxes, out.scores, out.labels, dets.masks[kept["keep"]])
-        post = await self._call(self.postprocess.detections, out, tuple(prep["image"].shape[-2:]),
-                                prep["size"], info["categories"])
+        post = await self._call(self.args.postprocess, self.postprocess.detections, out,
+                                tuple(prep["image"].shape[-2:]), prep["size"], info["categories"],
+                                self.args.limits.max_mask_pixels)
+        if isinstance(post, ApiError):  # e.g. the masks would cover more than limits.max_mask_pixels
+            raise post
         w, h = prep["size"]
         body = {"model": name, "task": task, "image": {"width": w, "height": h}, "detections": post["items"]}
         total = (time.perf_counter() - t0) * 1e3
@@ -195,10 +229,10 @@ class Ingress:
         t0 = time.perf_counter()
         name = self._pick("classification", model)
         info, prep = await self._prepare(request, name, square=True)
-        out = await self._call(self.models[name], prep["image"])
+        out = await self._call(self._stage(name), self.models[name], prep["image"])
         spec = next(m for m in self.args.models if m.name == name)
         k = top_k or max_detections or spec.top_k
-        post = await self._call(self.postprocess.classes, out["probs"], k, info["categories"])
+        post = await self._call(self.args.postprocess, self.postprocess.classes, out["probs"], k, info["categories"])
         items = [p for p in post["items"] if score_threshold is None or p["score"] >= score_threshold]
         w, h = prep["size"]
         total = (time.perf_counter() - t0) * 1e3

@@ -1,6 +1,7 @@
 """Preprocess deployment: client bytes -> checked, decoded, resized ``uint8`` tensor."""
 from __future__ import annotations
 
+import os
 import time
 
 from ray import serve
@@ -19,6 +20,10 @@ class Preprocess:
 
     def __init__(self, max_image_pixels: int):
         self.max_image_pixels = int(max_image_pixels)
+
+    def pid(self) -> int:
+        """The replica's process id (tests read its memory from /proc)."""
+        return os.getpid()
 
     def __call__(self, data: bytes, size: int, square: bool):
         t0 = time.perf_counter()

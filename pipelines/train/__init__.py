@@ -2,6 +2,8 @@
 from pipelines.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipelines.train.config import TrainConfig
 from pipelines.train.evaluate import evaluate_checkpoint
-from pipelines.train.trainer import fit
+from pipelines.train.run_record import RunMismatch
+from pipelines.train.trainer import TrainingDiverged, fit
 
-__all__ = ["TrainConfig", "evaluate_checkpoint", "fit", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["RunMismatch", "TrainConfig", "TrainingDiverged", "evaluate_checkpoint", "fit", "latest_checkpoint",
+           "load_checkpoint"]

@@ -2,51 +2,151 @@
 
 ``path`` may be a run directory (its latest checkpoint), a checkpoint directory (``.../epoch_NNNN``) or the
 ``checkpoint.pt`` file itself, on a local path or a URI. Serve, eval, attack and the DAG load through here.
+
+A run directory's checkpoints are the ones Ray Train *registered*: its controller records a checkpoint in
+``RUN_DIR/checkpoints/checkpoint_manager_snapshot.json`` only once the upload is complete, so an
+``epoch_NNNN`` folder it never registered (a worker killed while uploading) is never taken. The newest
+registered checkpoint is loaded; if its file is unreadable (a torn write), the one registered before it is,
+with a warning. A run without that registry (none was written) falls back to its ``epoch_*`` folders,
+newest first, with the same readability fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import logging
+import warnings
 
 import torch
 import torch.nn as nn
 
-from pipelines.train import storage
+from pipelines import storage
 from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint registry in its run folder
+
+
+def registered_checkpoints(run_dir: str) -> list[str] | None:
+    """Names of the checkpoint folders Ray Train registered for the run directory, oldest first (the last
+    is the latest); None when the run has no registry. Read through ``ray.train.Result.from_path``; when that
+    refuses the registry (a format of another Ray version it cannot parse, or a registered folder that was
+    deleted since), the list is read from the registry file itself."""
+    run = storage.RunDir(run_dir)
+    if not run.exists(f"{CHECKPOINTS}/{SNAPSHOT}"):
+        return None
+    try:
+        from ray.train import Result
+
+        with _quiet(_RAY_CHECKPOINT_LOGGER):  # its INFO line about resuming a training is not for a loader
+            result = Result.from_path(run.path(CHECKPOINTS))
+        names = [_base_name(c.path) for c, _ in result.best_checkpoints or []]
+        latest = _base_name(result.checkpoint.path) if result.checkpoint is not None else None
+        if latest is not None and latest in names:  # the latest last, whatever order the list has
+            names = [n for n in names if n != latest] + [latest]
+        return names
+    except Exception as e:  # noqa: BLE001 -- any refusal: read the registry file itself
+        try:
+            snapshot = json.loads(run.read_bytes(f"{CHECKPOINTS}/{SNAPSHOT}"))
+            names = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+        except (ValueError, KeyError, TypeError, OSError) as unreadable:
+            warnings.warn(f"{run.path(CHECKPOINTS)}/{SNAPSHOT} is unreadable ({unreadable}; Ray Train: {e}); "
+                          "taking the checkpoint folders as they are", RuntimeWarning, stacklevel=2)
+            return None
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest in names:
+            names = [n for n in names if n != latest] + [latest]
+        return names
+
+
+_RAY_CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _base_name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def checkpoint_candidates(run_dir: str) -> list[str]:
+    """Paths (or URIs) of a run directory's ``checkpoint.pt`` files, newest first: the registered ones when
+    the run has a registry, otherwise every ``epoch_*`` folder's (zero-padded, so names sort in order)."""
+    names = registered_checkpoints(run_dir)
+    if names is None:
+        names = sorted(d for d in storage.list_dirs(run_dir, CHECKPOINTS) if d.startswith("epoch_"))
+    found = []
+    for name in reversed(names):
+        rel = f"{CHECKPOINTS}/{name}/{CHECKPOINT_FILE}"
+        if storage.exists(run_dir, rel):
+            found.append(storage.join(str(run_dir), rel))
+    return found
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """Path (or URI) of the newest ``checkpoint.pt`` of a run directory; None when it has none yet."""
-    epochs = [d for d in storage.list_dirs(run_dir, CHECKPOINTS) if d.startswith("epoch_")]
-    for name in sorted(epochs, reverse=True):  # zero-padded epoch numbers sort in order
-        rel = f"{CHECKPOINTS}/{name}/{CHECKPOINT_FILE}"
-        if storage.exists(run_dir, rel):
-            return storage.join(str(run_dir), rel)
-    return None
+    """Path (or URI) of the newest registered ``checkpoint.pt`` of a run directory; None when it has none
+    yet. The file is not read: ``load_payload`` falls back to an older one when it is unreadable."""
+    found = checkpoint_candidates(run_dir)
+    return found[0] if found else None
 
 
 def checkpoint_file(path) -> str:
-    """The ``checkpoint.pt`` that ``path`` (run dir, checkpoint dir or file) designates; FileNotFoundError
-    naming what was looked for otherwise."""
+    """The ``checkpoint.pt`` that ``path`` (run dir, checkpoint dir or file) designates (for a run directory
+    its newest registered one); FileNotFoundError naming what was looked for otherwise."""
+    files, _ = _checkpoint_files(path)
+    return files[0]
+
+
+def _checkpoint_files(path) -> tuple[list[str], bool]:
+    """What ``path`` designates, to try in order, and whether it is a run directory (newest first)."""
     path = str(path)
     if path.endswith(".pt"):
         if not storage.exists(path):
             raise FileNotFoundError(f"checkpoint file {path} does not exist")
-        return path
+        return [path], False
     if storage.exists(path, CHECKPOINT_FILE):
-        return storage.join(path, CHECKPOINT_FILE)
-    found = latest_checkpoint(path)
-    if found is None:
+        return [storage.join(path, CHECKPOINT_FILE)], False
+    found = checkpoint_candidates(path)
+    if not found:
         raise FileNotFoundError(f"no checkpoint under {path}: expected a run directory of `visionflow train` "
                                 f"({CHECKPOINTS}/epoch_NNNN/{CHECKPOINT_FILE}), a checkpoint directory or a .pt file")
-    return found
+    return found, True
+
+
+def _read(file: str, map_location) -> dict:
+    fs, inner = storage.resolve(file)
+    payload = torch.load(io.BytesIO(storage.read_bytes(fs, inner)), map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise ValueError("not a visionflow checkpoint (no 'model' state dict)")
+    return payload
 
 
 def load_payload(path, map_location="cpu") -> dict:
-    """The saved dict {"model", "optimizer", "epoch", "config"} (tensors only: ``weights_only=True``)."""
-    file = checkpoint_file(path)
-    fs, inner = storage.resolve(file)
-    data = storage.read_bytes(fs, inner)
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    """The saved dict {"model", "optimizer", "epoch", "config"} (tensors only: ``weights_only=True``).
+
+    For a run directory: the newest registered checkpoint that reads; each unreadable one (a torn write) is
+    skipped with a warning naming it. A checkpoint file or directory named directly is read as it is."""
+    files, run_dir = _checkpoint_files(path)
+    if not run_dir:
+        return _read(files[0], map_location)
+    errors = []
+    for file in files:
+        try:
+            return _read(file, map_location)
+        except Exception as e:  # noqa: BLE001 -- torch.load of a torn file raises several kinds
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            errors.append(f"{file} ({reason})")
+            warnings.warn(f"checkpoint {file} is unreadable ({reason}); trying the one before it",
+                          RuntimeWarning, stacklevel=2)
+    raise RuntimeError(f"no readable checkpoint under {path}: " + "; ".join(errors))
 
 
 def build_from_config(config: dict) -> nn.Module:

@@ -10,13 +10,21 @@ TASKS = ("classification", "localization", "detection", "segmentation")
 
 
 class Chaos(BaseModel):
-    """Fault injection to check fault tolerance: the rank-``rank`` worker kills its own process with SIGKILL
-    at the start of epoch ``kill_at_epoch``, once (the ``marker`` file records that it happened)."""
+    """Fault injection for tests, on the rank-``rank`` worker: with ``kill_at_epoch`` it kills its own process
+    with SIGKILL at the start of that epoch, once (the ``marker`` file records that it happened); with
+    ``nan_loss_at_step`` its loss becomes NaN at that step of the run (counted from 0 over the epochs)."""
 
     model_config = ConfigDict(extra="forbid")
-    kill_at_epoch: int = Field(ge=0)
-    marker: str
+    kill_at_epoch: Optional[int] = Field(None, ge=0)
+    marker: Optional[str] = None
     rank: int = Field(0, ge=0)
+    nan_loss_at_step: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _marker_with_kill(self):
+        if self.kill_at_epoch is not None and not self.marker:
+            raise ValueError("chaos.kill_at_epoch needs chaos.marker (the file that records the kill)")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -56,7 +64,7 @@ class TrainConfig(BaseModel):
     aux_weight: float = Field(0.3, ge=0, description="weight of GoogLeNet's auxiliary classifier losses")
     amp: bool = Field(True, description="mixed precision (only where a GPU runs the step)")
     seed: int = 0
-    # adversarial defenses (classification; pipelines/adversarial_training.py)
+    # adversarial defenses (classification; pipelines/train/defenses.py)
     adversarial: Literal["none", "fgsm", "pgd"] = Field("none", description="adversarial training attack")
     adv_eps: float = Field(8 / 255, ge=0, le=1, description="adversarial training epsilon (L-infinity, pixels in [0, 1])")
     adv_ratio: float = Field(0.5, ge=0, le=1, description="share of each batch replaced by adversarial images")

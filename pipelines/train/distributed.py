@@ -19,3 +19,11 @@ def all_reduce_sums(sums: dict[str, float], op: str = "sum") -> dict[str, float]
     t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
+
+
+def any_bad_rank(bad: bool, rank: int) -> int | None:
+    """Every worker learns whether any worker is ``bad`` (one all-reduce): the highest such rank, or None.
+    Workers that must stop together (a non-finite loss on one of them) stop at the same step, so none waits
+    in a collective the others left."""
+    flag = all_reduce_sums({"bad_rank": float(rank) if bad else -1.0}, op="max")["bad_rank"]
+    return int(flag) if flag >= 0 else None

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from pipelines.train import storage
+from pipelines import storage
 
 
 def _inference_rate(model, batches: list, repeats: int = 2) -> float | None:

@@ -17,9 +17,14 @@ Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<t
 
 Each epoch: one progress line (images/s, metrics), one ``metrics.jsonl`` record and one checkpoint
 ``RUN_DIR/checkpoints/epoch_NNNN/checkpoint.pt`` = {"model", "optimizer", "epoch", "config"}.
+
+A non-finite loss stops every worker at the same step (one all-reduced flag per step), and weights that are
+not finite are never saved (checked before each checkpoint): rank 0 writes ``RUN_DIR/diverged.json`` and
+``fit`` raises ``TrainingDiverged`` with one line; the last good checkpoint stays the latest.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -32,14 +37,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipelines.train import storage
+from pipelines import storage
 from pipelines.train.config import TrainConfig
 from pipelines.train.devices import is_multi_device
-from pipelines.train.distributed import all_reduce_sums
+from pipelines.train.distributed import all_reduce_sums, any_bad_rank
 from pipelines.train.tasks import get_task
 
 CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/epoch_NNNN/
 CHECKPOINT_FILE = "checkpoint.pt"
+DIVERGED = "diverged.json"  # RUN_DIR/diverged.json: why the last run stopped on non-finite numbers
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped at a non-finite loss (or weights); the message is one line with the advice."""
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -94,6 +104,43 @@ def _chaos(cfg: TrainConfig, epoch: int, rank: int, wait_s: float = 600.0) -> No
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _chaos_loss(cfg: TrainConfig, loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Fault injection for tests: the configured rank's loss becomes NaN at the configured step of the run."""
+    c = cfg.chaos
+    if c and c.nan_loss_at_step is not None and step == c.nan_loss_at_step and rank == c.rank:
+        return loss * float("nan")
+    return loss
+
+
+def _finite_state(model: nn.Module) -> bool:
+    """Whether every floating tensor of the model's state (weights, batch-norm statistics) is finite."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+
+
+def _divergence(cfg: TrainConfig, what: str, *, epoch: int, step: int | None, loss: float | None,
+                last_finite: float | None, bad_rank: int) -> dict:
+    """The record of a stop on non-finite numbers, with its one line (epochs and steps 1-based as in the
+    progress lines)."""
+    where = f"epoch {epoch + 1}/{cfg.epochs}" + (f", step {step + 1}" if step is not None else "")
+    worker = f" on worker {bad_rank}" if bad_rank != 0 else ""
+    if what == "loss":
+        shown = f"is {loss}" if loss is not None else "is not finite"
+        head = f"training diverged: the loss {shown}{worker} at {where}"
+    else:
+        head = f"training diverged: the weights are not finite{worker} after {where}"
+    last = f"last finite loss {last_finite:.6g}" if last_finite is not None else "no finite loss before it in this run"
+    if epoch > 0:
+        kept = f"nothing of epoch {epoch + 1} was saved; the latest checkpoint stays epoch {epoch}'s"
+        advice = f"lower --lr (now {cfg.learning_rate():g}) and rerun the same command to resume from it"
+    else:
+        kept = "no checkpoint was saved"
+        advice = f"lower --lr (now {cfg.learning_rate():g}) and rerun"
+    return {"what": what, "epoch": epoch, "step": step, "loss": None if loss is None else str(loss),
+            "last_finite_loss": last_finite, "worker": bad_rank, "lr": cfg.learning_rate(),
+            "message": f"{head} ({last}); {kept}: {advice}"}
+
+
 def _load_payload(checkpoint, device) -> dict:
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
@@ -119,7 +166,9 @@ def _release(shard) -> None:
     barrier, so no worker reads that shard any more."""
     import ray
 
-    coordinator = getattr(shard, "_coord_actor", None)  # StreamSplitDataIterator's actor; absent otherwise
+    from pipelines.ray_private import split_coordinator
+
+    coordinator = split_coordinator(shard)  # absent for a shard that is not a streaming split
     if coordinator is not None:
         ray.kill(coordinator, no_restart=True)
 
@@ -174,6 +223,7 @@ def train_loop(config: dict) -> None:
 
     min_batch = getattr(task, "MIN_BATCH", 1)
     next_shard = None
+    steps, last_finite, diverged = 0, None, None
     for epoch in range(start, cfg.epochs):
         _chaos(cfg, epoch, rank)
         lr = _set_lr(optimizer, cfg, epoch)
@@ -182,23 +232,35 @@ def train_loop(config: dict) -> None:
         shard = next_shard if next_shard is not None else ray.train.get_dataset_shard(f"train_{epoch}")
         # The next epoch's split coordinator (an actor process) starts while this epoch trains.
         next_shard = ray.train.get_dataset_shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
-        for raw in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2):
+        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+        for step, raw in enumerate(batches):
             n = len(next(iter(raw.values())))
             if n < min_batch:  # equal shards: every worker skips the same step, DDP stays in step
                 continue
             batch = task.collate(raw, device)
             with autocast():
                 loss, stats = task.train_step(net, batch, cfg)
+            loss = _chaos_loss(cfg, loss, rank, steps)
+            value = float(loss.detach())
+            # Before the backward pass, so that no worker enters DDP's gradient all-reduce alone.
+            bad = any_bad_rank(not math.isfinite(value), rank)
+            if bad is not None:
+                diverged = _divergence(cfg, "loss", epoch=epoch, step=step, last_finite=last_finite, bad_rank=bad,
+                                       loss=value if not math.isfinite(value) else None)
+                break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            steps, last_finite = steps + 1, value
             w = float(stats.get("n", n))
-            sums["loss"] += float(loss.detach()) * w
+            sums["loss"] += value * w
             for k, v in stats.items():
                 if k != "n":
                     sums[k] = sums.get(k, 0.0) + float(v) * w
             images += int(w)
+        if diverged is not None:
+            break
         seconds = time.perf_counter() - t0
 
         net.eval()
@@ -220,10 +282,17 @@ def train_loop(config: dict) -> None:
                   "val_seconds": slowest["val_seconds"]}
         if "val_images" in record:
             record["val_images_per_s"] = record["val_images"] / max(slowest["val_seconds"], 1e-9)
+        bad = any_bad_rank(not _finite_state(model), rank)  # never checkpoint non-finite weights
+        if bad is not None:
+            diverged = _divergence(cfg, "weights", epoch=epoch, step=None, loss=None, last_finite=last_finite,
+                                   bad_rank=bad)
+            break
         _save_and_report(record, model, optimizer, cfg, epoch, rank)
         if rank == 0:
             _say(format_progress(record, cfg.epochs))
             _release(shard)
+    if diverged is not None and rank == 0:  # every worker stopped at the same step; fit raises
+        storage.write_json(cfg.out, DIVERGED, diverged)
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -255,14 +324,18 @@ def _own_sigint_handler():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
-def fit(cfg: TrainConfig) -> dict:
+def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     """Train ``cfg`` on Ray Train; rerunning the same config on the same ``out`` resumes from its last
-    checkpoint. Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
-    Raises ValueError for bad input (data directory, architecture) and RuntimeError if training fails."""
+    checkpoint (``--epochs``, ``--lr`` and the other optimisation settings may change; the data and the model
+    may not: ``pipelines/train/run_record.py``). ``restart`` deletes the run's checkpoints and metrics first.
+    Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
+    Raises ValueError for bad input (data directory, architecture; ``RunMismatch`` for a run directory of other
+    data or another model), ``TrainingDiverged`` at a non-finite loss and RuntimeError if training fails."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.data import load_split
+    from pipelines.train import run_record
 
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
@@ -273,6 +346,8 @@ def fit(cfg: TrainConfig) -> dict:
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
 
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
+    run_record.start(out, cfg, restart=restart)  # RunMismatch before anything of the run is touched
+    storage.RunDir(out).remove(DIVERGED)
     storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
@@ -290,6 +365,9 @@ def fit(cfg: TrainConfig) -> dict:
         result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training {cfg.arch} failed: {result.error}") from result.error
+    diverged = storage.read_json(out, DIVERGED)
+    if diverged is not None:
+        raise TrainingDiverged(diverged["message"])
     records = storage.read_metrics(out)
     return {"run_dir": out, "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "metrics": records[-1] if records else {}, "epochs_run": len(records),

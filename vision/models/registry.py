@@ -1,7 +1,9 @@
 """One registry for every architecture (after timm's `_registry.py`).
 
 A builder is registered with its task; a Ray worker needs only a name and a dict to
-rebuild any model: ``create_model(name, num_classes, **kw)``.
+rebuild any model: ``create_model(name, num_classes, **kw)``. Segmentation models also say which kind
+they are (``ModelEntry.segmentation``): ``"instance"`` (per-object masks, scored by COCO mask AP) or
+``"semantic"`` (a class per pixel, scored by mIoU).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Callable
 import torch.nn as nn
 
 TASKS = ("classification", "localization", "detection", "segmentation")
+SEGMENTATION_KINDS = ("instance", "semantic")
 
 
 @dataclass(frozen=True)
@@ -20,23 +23,30 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    segmentation: str | None = None  # task "segmentation" only: one of SEGMENTATION_KINDS
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str | None = None, *, task: str, description: str = "", **defaults):
+def register_model(name: str | None = None, *, task: str, description: str = "", segmentation: str | None = None,
+                   **defaults):
     """Decorator: ``@register_model("resnet18", task="classification")`` over a builder
-    ``fn(num_classes, **kw) -> nn.Module``."""
+    ``fn(num_classes, **kw) -> nn.Module``; segmentation models add ``segmentation="instance"`` or
+    ``"semantic"``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if (task == "segmentation") != (segmentation is not None) or segmentation not in (None, *SEGMENTATION_KINDS):
+        raise ValueError(f"segmentation={segmentation!r} with task {task!r}: segmentation models take one of "
+                         f"{SEGMENTATION_KINDS}, other tasks none")
 
     def wrap(fn):
         key = name or fn.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
-        _REGISTRY[key] = ModelEntry(key, task, fn, doc if isinstance(doc, str) else "".join(doc), dict(defaults))
+        _REGISTRY[key] = ModelEntry(key, task, fn, doc if isinstance(doc, str) else "".join(doc), dict(defaults),
+                                    segmentation)
         return fn
 
     return wrap

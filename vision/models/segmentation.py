@@ -17,10 +17,8 @@ _STD = (0.229, 0.224, 0.225)
 
 
 class SemanticSegmenter(nn.Module):
-    """A torchvision segmentation network with normalization inside; ``semantic = True`` tells the
-    trainer to build per-pixel targets."""
-
-    semantic = True
+    """A torchvision segmentation network with normalization inside (registered with
+    ``segmentation="semantic"``, which tells the trainer to build per-pixel targets)."""
 
     def __init__(self, net: nn.Module, num_classes: int):
         super().__init__()
@@ -45,22 +43,23 @@ class SemanticSegmenter(nn.Module):
         return self.forward(x)["out"].argmax(1)
 
 
-def _backbone_weights(pretrained: bool):
-    return "DEFAULT" if pretrained else None
-
-
-@register_model("fcn_resnet50", task="segmentation", description="FCN (fully convolutional), ResNet-50 (torchvision)")
-def fcn_resnet50(num_classes: int, *, pretrained: bool = False, **kw) -> SemanticSegmenter:
-    """FCN-ResNet50 with ``num_classes + 1`` per-pixel classes."""
-    net = tvseg.fcn_resnet50(weights=None, weights_backbone=_backbone_weights(pretrained),
-                             num_classes=num_classes + 1, aux_loss=False, **kw)
+def _semantic(build, num_classes: int, pretrained: bool, **kw) -> SemanticSegmenter:
+    """torchvision's segmentation builder ``build`` with ``num_classes + 1`` per-pixel classes, no auxiliary
+    head, and ImageNet backbone weights when ``pretrained``."""
+    net = build(weights=None, weights_backbone="DEFAULT" if pretrained else None, num_classes=num_classes + 1,
+                aux_loss=False, **kw)
     return SemanticSegmenter(net, num_classes)
 
 
-@register_model("deeplabv3_mobilenet_v3", task="segmentation",
+@register_model("fcn_resnet50", task="segmentation", segmentation="semantic",
+                description="FCN (fully convolutional), ResNet-50 (torchvision)")
+def fcn_resnet50(num_classes: int, *, pretrained: bool = False, **kw) -> SemanticSegmenter:
+    """FCN-ResNet50 with ``num_classes + 1`` per-pixel classes."""
+    return _semantic(tvseg.fcn_resnet50, num_classes, pretrained, **kw)
+
+
+@register_model("deeplabv3_mobilenet_v3", task="segmentation", segmentation="semantic",
                 description="DeepLabV3 (atrous spatial pyramid pooling), MobileNetV3-Large (torchvision)")
 def deeplabv3_mobilenet_v3(num_classes: int, *, pretrained: bool = False, **kw) -> SemanticSegmenter:
     """DeepLabV3-MobileNetV3-Large with ``num_classes + 1`` per-pixel classes (small enough for CPU)."""
-    net = tvseg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=_backbone_weights(pretrained),
-                                             num_classes=num_classes + 1, aux_loss=False, **kw)
-    return SemanticSegmenter(net, num_classes)
+    return _semantic(tvseg.deeplabv3_mobilenet_v3_large, num_classes, pretrained, **kw)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines.adversarial_training import adversarial_images, tempered_loss, uses_temperature
+from pipelines.train.defenses import adversarial_images, tempered_loss, uses_temperature
 from pipelines.train.devices import tower_devices, wants_devices
 from pipelines.train.distributed import all_reduce_sums
 

@@ -1,7 +1,8 @@
 """Segmentation: instance masks (Mask R-CNN: COCO bbox + segm AP) or semantic masks rendered from the
 COCO instances (FCN / DeepLabV3: per-pixel cross-entropy, mean IoU and pixel accuracy).
 
-The architecture's registry builder says which: semantic models carry ``semantic = True``.
+The architecture's registry entry says which: ``get_entry(cfg.arch).segmentation`` is ``"instance"`` or
+``"semantic"``.
 """
 from __future__ import annotations
 
@@ -58,13 +59,15 @@ def padded_batch(images: list[torch.Tensor], targets: list[dict]) -> tuple[torch
     return x, y
 
 
-def _is_semantic(model) -> bool:
-    return bool(getattr(getattr(model, "module", model), "semantic", False))
+def _is_semantic(cfg) -> bool:
+    from vision.models import get_entry
+
+    return get_entry(cfg.arch).segmentation == "semantic"
 
 
 def train_step(model, batch, cfg) -> tuple[torch.Tensor, dict]:
     """Mask R-CNN: the sum of its losses (each in stats). Semantic: per-pixel cross-entropy per image."""
-    if not _is_semantic(model):
+    if not _is_semantic(cfg):
         return _det.train_step(model, batch, cfg)
     images, targets = batch
     x, y = padded_batch(images, targets)
@@ -76,7 +79,7 @@ def train_step(model, batch, cfg) -> tuple[torch.Tensor, dict]:
 def evaluate(model, batches, cfg) -> dict:
     """Instance models: COCO ``bbox/...`` and ``segm/...`` (12 numbers each) and ``images``.
     Semantic models: ``miou`` (over classes 0..K present in prediction or truth), ``pixel_acc``, ``images``."""
-    if not _is_semantic(model):
+    if not _is_semantic(cfg):
         return _det.coco_evaluate(model, batches, cfg, ("bbox", "segm"))
     k = cfg.num_classes + 1
     conf = torch.zeros(k * k, dtype=torch.float64)

@@ -80,7 +80,7 @@ def fasterrcnn_mobilenet_v3_fpn(num_classes: int, *, min_size: int = 320, max_si
     return TorchvisionDetector(net, candidates_per_img=candidates_per_img)
 
 
-@register_model("maskrcnn_resnet18_fpn", task="segmentation",
+@register_model("maskrcnn_resnet18_fpn", task="segmentation", segmentation="instance",
                 description="Mask R-CNN: Faster R-CNN + a mask head per region (torchvision)")
 def maskrcnn_resnet18_fpn(num_classes: int, *, min_size: int = 320, max_size: int = 512, pretrained: bool = False,
                           candidates_per_img: int = 100, **kw) -> TorchvisionDetector:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from pipelines.train.checkpoint import load_checkpoint
 from vision.adversarial import adversarial_batch, distillation_loss, tempered_cross_entropy
 
 _TEACHERS: dict[tuple[str, str], nn.Module] = {}
@@ -30,8 +31,6 @@ def adversarial_images(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 def teacher(path: str, device: torch.device, num_classes: int) -> nn.Module:
     """The distillation teacher of ``path`` (loaded once per process and device), in eval mode."""
-    from pipelines.train import load_checkpoint
-
     key = (str(path), str(device))
     if key not in _TEACHERS:
         model, config = load_checkpoint(path, device=device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.robustness import load_crops
+from pipelines.reports.robustness import load_crops
 
 
 def visualize_checkpoint(checkpoint, data_dir, out_dir, layers=("conv1", "conv2"), *, images: int = 128,

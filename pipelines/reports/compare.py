@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from pipelines.train import storage
+from pipelines import storage
 
 MAIN_METRIC = {"classification": "top1", "localization": "loc_acc", "detection": "bbox/AP",
                "segmentation": "segm/AP"}
@@ -109,9 +109,46 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+def place_labels(points: list[tuple[float, float]], box: tuple[float, float], step: float = 4.0,
+                 rings: int = 12) -> list[tuple[float, float]]:
+    """Offsets (in points, like ``annotate``'s ``xytext``) for one label of size ``box`` (w, h, in points)
+    per point (given in points on the page), chosen greedily so that no two labels overlap each other:
+    each label tries positions on growing rings around its point and takes the first free one."""
+    w, h = box
+    placed: list[tuple[float, float, float, float]] = []
+    offsets = []
+    dirs = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for x, y in points:
+        choice = None
+        for ring in range(1, rings + 1):
+            for dx, dy in dirs:
+                ox, oy = dx * ring * step, dy * ring * step
+                x0 = x + ox - (w if dx < 0 else 0 if dx > 0 else w / 2)
+                y0 = y + oy - (h if dy < 0 else 0 if dy > 0 else h / 2)
+                rect = (x0, y0, x0 + w, y0 + h)
+                if all(rect[2] <= p[0] or rect[0] >= p[2] or rect[3] <= p[1] or rect[1] >= p[3] for p in placed):
+                    choice = (ox, oy, rect)
+                    break
+            if choice:
+                break
+        if choice is None:  # crowded beyond the rings: stack it above everything placed
+            top = max((p[3] for p in placed), default=y)
+            choice = (0.0, top - y + step, (x - w / 2, top + step, x + w / 2, top + step + h))
+        placed.append(choice[2])
+        offsets.append(choice[:2])
+    return offsets
+
+
+def _ranked(rows: list[dict], task: str) -> list[dict]:
+    """The finished rows of ``task`` with a metric, best first (the numbers on the chart)."""
+    pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r["accuracy"] is not None]
+    return sorted(pts, key=lambda r: (-r["accuracy"], r["arch"]))
+
+
 def chart(rows: list[dict], path: str) -> bytes:
-    """PNG: accuracy against GFLOPs, one point per architecture, marker area by parameters, a colour per
-    task. Returns the PNG bytes (also written to ``path`` when given)."""
+    """PNG: one panel per task, accuracy (the task's metric) against GFLOPs, marker area by parameters.
+    Points carry numbers placed without overlap (``place_labels``); beside each panel its table, sorted by
+    the metric, names every number. Returns the PNG bytes (also written to ``path`` when given)."""
     import io
 
     import matplotlib
@@ -119,37 +156,60 @@ def chart(rows: list[dict], path: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "done" and r["gflops"] and r["accuracy"] is not None]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     colours = {"classification": "tab:blue", "localization": "tab:orange", "detection": "tab:green",
                "segmentation": "tab:red"}
-    biggest = max((r["params"] or 1 for r in ok), default=1)
-    for task in colours:
-        pts = [r for r in ok if r["task"] == task]
-        if not pts:
-            continue
-        ax.scatter([r["gflops"] for r in pts], [r["accuracy"] for r in pts],
-                   s=[40 + 1500 * (r["params"] or 0) / biggest for r in pts], alpha=0.55,
-                   color=colours[task], edgecolors="black", label=f"{task} ({METRIC_LABEL[task]})")
-        for r in pts:
-            ax.annotate(r["arch"], (r["gflops"], r["accuracy"]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
+    tasks = [t for t in colours if _ranked(rows, t)]
     failed = [r["arch"] for r in rows if r["status"] != "done"]
-    if failed:
-        ax.text(0.01, 0.01, "failed: " + ", ".join(failed), transform=ax.transAxes, fontsize=8, color="tab:red")
-    if ok:
+    n = max(1, len(tasks))
+    tallest = max((len(_ranked(rows, t)) for t in tasks), default=1)
+    fig = plt.figure(figsize=(12, max(3.2, 0.22 * tallest + 1.6) * n), dpi=110)
+    grid = fig.add_gridspec(n, 2, width_ratios=[1.5, 1], hspace=0.45, wspace=0.05)
+    biggest = max((r["params"] or 1 for r in rows if r["status"] == "done"), default=1)
+    for i, task in enumerate(tasks):
+        pts = _ranked(rows, task)
+        ax, side = fig.add_subplot(grid[i, 0]), fig.add_subplot(grid[i, 1])
+        xs = [r["gflops"] or 1e-3 for r in pts]
+        ys = [r["accuracy"] for r in pts]
+        ax.scatter(xs, ys, s=[30 + 900 * (r["params"] or 0) / biggest for r in pts], alpha=0.5,
+                   color=colours[task], edgecolors="black")
         ax.set_xscale("log")
-        ax.legend(loc="best", fontsize=8, markerscale=0.4)
-    ax.set_ylim(0, 1.05)  # accuracies and APs are fractions: a fixed axis keeps runs comparable
-    ax.set_xlabel("GFLOPs per 224x224 image (log)")
-    ax.set_ylabel("accuracy (the task's main metric)")
-    ax.set_title("accuracy vs compute; marker area ~ parameters")
-    ax.grid(True, alpha=0.3)
+        lo, hi = min(ys), max(ys)
+        pad = max(0.05, (hi - lo) * 0.15)
+        ax.set_ylim(max(0.0, lo - pad), min(1.05, hi + pad))
+        ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
+        ax.set_xlabel("GFLOPs per 224x224 image (log)")
+        ax.set_ylabel(METRIC_LABEL[task])
+        ax.set_title(f"{task}: {METRIC_LABEL[task]} vs compute (marker area ~ parameters)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        fig.canvas.draw()
+        to_pt = 72.0 / fig.dpi
+        page = [tuple(v * to_pt for v in ax.transData.transform((x, y))) for x, y in zip(xs, ys)]
+        width = 7.0 * len(str(len(pts))) + 4
+        for k, ((x, y), (ox, oy)) in enumerate(zip(zip(xs, ys), place_labels(page, (width, 11.0))), start=1):
+            ax.annotate(str(k), (x, y), xytext=(ox, oy), textcoords="offset points", fontsize=8,
+                        ha="left" if ox > 0 else "right" if ox < 0 else "center",
+                        va="bottom" if oy > 0 else "top" if oy < 0 else "center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#555555"})
+        side.axis("off")
+        cells = [[str(k), r["arch"], _num(r["accuracy"], ".3f"), _num(r["gflops"], ".2f"),
+                  _num(r["params"] and r["params"] / 1e6, ".1f")] for k, r in enumerate(pts, start=1)]
+        table = side.table(cellText=cells, colLabels=["#", "architecture", METRIC_LABEL[task], "GFLOPs", "M params"],
+                           loc="upper left", cellLoc="left", colLoc="left", colWidths=[0.06, 0.52, 0.14, 0.14, 0.14])
+        table.auto_set_font_size(False)
+        table.set_fontsize(7.5)
+        table.scale(1, 1.1)
+    if not tasks:
+        fig.text(0.5, 0.5, "no finished run with a metric", ha="center")
+    if failed:
+        fig.text(0.01, 0.005, "failed: " + ", ".join(failed), fontsize=8, color="tab:red")
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
-    return buf.getvalue()
+    data = buf.getvalue()
+    if path:
+        with open(path, "wb") as f:
+            f.write(data)
+    return data
 
 
 def compare(run_dirs: list[str], out_dir: str) -> dict:

@@ -1,0 +1,61 @@
+"""What every benchmark records with its figures, and its refusal to record figures from a loaded machine.
+
+``begin(args)`` at the start of a run notes the command, the date, the 1-minute load average and the core
+count; ``write(path, doc, start)`` adds them to the results file. A figure taken while other heavy work
+runs is not a figure: when the load average at the start exceeds half the cores, ``write`` refuses (the
+run still prints its figures) unless ``--allow-load`` was given, which the file then records.
+``docs/benchmarks.md`` (``python -m benchmarks.report``) shows these fields beside every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-load", action="store_true",
+                        help="write the results file even when the machine was loaded at the start "
+                             "(load average above half the cores); the file records it")
+
+
+def _command() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None and spec.name else f"python {sys.argv[0]}"
+    return " ".join([prog, *sys.argv[1:]])
+
+
+def begin(args: argparse.Namespace | None = None) -> dict:
+    """The run's provenance, taken now (before the benchmark loads the machine itself)."""
+    load1 = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    state = {"command": _command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": round(load1, 2),
+             "cores": cores, "allow_load": bool(getattr(args, "allow_load", False))}
+    if load1 > cores / 2:
+        print(f"warning: load average {load1:.2f} on {cores} cores at the start: the figures of this run will "
+              f"not be written{' (--allow-load: they will, marked)' if state['allow_load'] else ''}",
+              file=sys.stderr, flush=True)
+    return state
+
+
+def loaded(state: dict) -> bool:
+    return state["load_average"] > state["cores"] / 2
+
+
+def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
+    """Write ``doc`` plus the provenance to ``path``; False (and nothing written) when the machine was
+    loaded at the start and ``--allow-load`` was not given."""
+    if loaded(state) and not state["allow_load"]:
+        print(f"not writing {path}: load average {state['load_average']} > half of {state['cores']} cores at the "
+              f"start (rerun on an idle machine, or pass --allow-load)", file=sys.stderr, flush=True)
+        return False
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**doc, **{k: v for k, v in state.items() if k != "allow_load"},
+                                **({"allow_load": True} if state["allow_load"] and loaded(state) else {})},
+                               indent=indent, default=str))
+    return True

@@ -1,0 +1,312 @@
+"""Generate ``docs/benchmarks.md`` from ``benchmarks/results/*.json``: ``python -m benchmarks.report``.
+
+Every figure on that page is read from a results file here; none is typed by hand. One section per
+results file: what it measures (the only hand-written text, and it holds no measured figure), where the
+run's command, date, load average and core count come from (``not recorded`` when the file lacks them;
+nothing is guessed), then the file's figures as tables.
+
+``python -m benchmarks.report --check`` exits 1 when ``docs/benchmarks.md`` differs from what the
+results would give now (``tests/test_docs.py`` runs the same comparison).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUTPUT = ROOT / "docs" / "benchmarks.md"
+COMMAND = "python -m benchmarks.report"
+NOT_RECORDED = "not recorded"
+
+# Field names a results file may use for the facts of the run itself (first found wins). Looked up at
+# the top level of the file and in its ``config`` section.
+PROVENANCE = {
+    "command": ("command", "argv", "cmdline"),
+    "date": ("date", "datetime", "timestamp", "started_at", "measured_at"),
+    "load average": ("load_average", "loadavg", "load_avg", "load"),
+    "cores": ("cores", "cpu_count", "num_cores"),
+}
+
+# What each results file measures and how to read it. Hand-written; must not hold a measured figure.
+DESCRIPTIONS = {
+    "adversarial_cost": (
+        "Throughput of attacks, adversarial-input detectors and the deconvnet projection against plain "
+        "inference of the same model (ZFNet, random weights, CPU), in one run. `ratio_to_inference` is "
+        "each case's images/s over inference's. `deconvnet_over_gradient` compares the deconvnet's "
+        "backward rules with a plain gradient projection of the same activation."),
+    "coco_eval": (
+        "`vision.metrics.CocoEvaluator` against pycocotools called directly (`loadRes` + `COCOeval`) on "
+        "the same synth images, bbox and segm; the 12 numbers of each type are checked equal. The plain "
+        "side gets its inputs ready-made (a ground-truth JSON on disk, result dicts in memory); ours also "
+        "builds the ground truth from dataset rows and RLE-encodes every predicted mask. `ratio` = ours / "
+        "plain (above 1: slower). `metrics` are the COCOeval numbers of the benchmark's synthetic "
+        "predictions, not of a trained model."),
+    "data_ingest_memory": (
+        "Peak memory of writing a synth set and ingesting it (`python -m benchmarks.data_throughput "
+        "--ingest-memory N`): the driver's peak RSS (`getrusage`), the summed peak RSS of the cluster's "
+        "other processes (raylet, GCS, workers; sampled from `/proc`, shared pages counted once per "
+        "process that maps them) and the object store's peak (`ray memory --stats-only`)."),
+    "data_throughput": (
+        "One epoch of the Ray Data pipeline (`load_split` -> `augment(task=\"detection\")` -> "
+        "`iter_batches` + `collate_detection`, execution start-up included) against "
+        "`torchvision.datasets.CocoDetection` + `DataLoader` with the same flip, scale jitter, sanitize "
+        "and to-float. Rounds of the two sides alternate; `images_per_s` is the best round of each side, "
+        "`all_runs` every round. The decode ceilings are decoding alone, in one and in four processes. "
+        "Target: `ratio_ray_vs_dataloader` >= 1.0."),
+    "detection_diagnosis": (
+        "A trained detector scored four ways (`python -m benchmarks.detection_diagnosis RUN DATA --label "
+        "NAME`): on val and on train (seen without augmentation), each class-aware and class-agnostic "
+        "(every class merged into one, so only finding the objects counts). A high agnostic AP with a low "
+        "class-aware AP means the objects are found but misnamed; train far above val means memorized. "
+        "Each entry is its own run, named by its label."),
+    "detection_quality": (
+        "Each detector trained from scratch (`weights=None`) with the task plug-ins on synth shapes and "
+        "scored with COCOeval on the val split, next to a chance baseline (random boxes of ground-truth "
+        "sizes) scored the same way in the same run. `engine` `ray` trains through Ray Train's `fit()`. "
+        "`seconds` is the wall time of the whole run (Ray start-up, training, the val evaluation after "
+        "every epoch); `train_images` counts images seen over all epochs. Each column is its own run. "
+        "Targets: Faster R-CNN bbox AP50 >= 0.7, Mask R-CNN segm AP50 >= 0.6, YOLO bbox AP50 >= 0.5, "
+        "SSDlite and R-CNN clearly above chance."),
+    "nms": (
+        "`vision.ops` NMS against a baseline on the same random boxes (80 classes, IoU threshold as "
+        "recorded); kept indices are checked equal and calls of the two sides interleave. `batched_nms` "
+        "is torchvision's kernel behind input checks (the baseline is torchvision's own); Soft-NMS's "
+        "baseline is the paper's per-box Python loop. `ratio` = ours / baseline (below 1: faster)."),
+    "serve_load": (
+        "The Serve graph (HTTP -> Ingress -> Preprocess -> detector with dynamic batching -> NMS stage -> "
+        "Postprocess) under concurrent clients, against the same model's `candidates` + NMS called "
+        "in-process at several batch sizes in the same run (the best batch is `in_process_limit`). "
+        "`vs_in_process` is Serve's throughput over that limit (target: >= 0.7 at the highest "
+        "concurrency); `batching_gain` is the highest concurrency's throughput over concurrency 1's. "
+        "`nms_p50_ms` is the median of the NMS stage's `Server-Timing` entry (the whole batched call)."),
+    "train_overhead": (
+        "Ray Train with 2 workers (DDP over gloo, one thread each) against one plain PyTorch process, same "
+        "crops held in memory, same ResNet-18, same global batch; the first epoch of each side is untimed. "
+        "Target: `ratio` (Ray Train / plain) >= 0.9."),
+    "train_quality": (
+        "ResNet-18 trained from scratch with `pipelines.train.fit` (Ray Train and the real data pipeline) "
+        "on synth crops: classification (val top-1) and localization (val localization accuracy: class "
+        "right and IoU >= 0.5). Each column is its own run (`--tasks` runs one of the two); `target`, "
+        "`chance` and `met` are part of the file."),
+}
+
+PREAMBLE = """\
+Every figure below is read from a file in [`benchmarks/results/`](../benchmarks/results/), written by the
+benchmark named in its section ([`benchmarks/`](../benchmarks/); `make bench` runs them all at their
+default sizes, `python -m benchmarks.run_all NAME...` some of them). Speed benchmarks measure a ratio
+against a baseline in the same run, so read the ratios: absolute speeds depend on the machine and on what
+else ran on it. Quality benchmarks report a metric next to its target and to chance.
+
+For each file the page says where its command, date, load average and core count come from. A results
+file that does not hold one of them says **not recorded**. Several files note that they were measured on
+a shared 2-core machine; none recorded the machine's load while it ran.
+"""
+
+def _fmt(value) -> str:
+    """One value as table text: floats to 4 significant digits (thousands grouped), lists joined."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        if value == int(value) and abs(value) < 1e15:
+            return _fmt(int(value))
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys; lists of scalars stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not _is_table(v):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_rows(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def _is_table(v) -> bool:
+    """A dict whose values are all dicts: one run (or row) per key."""
+    return isinstance(v, dict) and bool(v) and all(isinstance(x, dict) for x in v.values())
+
+
+def _label(rows: list[dict], index: int) -> str:
+    """Column name of row ``index`` in a transposed table: the first field whose values tell rows apart."""
+    for key in rows[0]:
+        values = [r.get(key) for r in rows]
+        if all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values) and len(set(values)) == len(rows):
+            v = values[index]
+            return str(v) if isinstance(v, str) else f"{key} {v}"
+    return f"#{index + 1}"
+
+
+def _table(rows: list[dict], labels: list[str] | None = None) -> list[str]:
+    """A Markdown table of ``rows`` (dicts, flattened). Few rows with many fields are transposed:
+    one line per field, one column per row."""
+    flat = [_flatten(r) for r in rows]
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    if labels is not None or (len(keys) > 8 and len(flat) <= 6):
+        names = labels or [_label(rows, i) for i in range(len(rows))]
+        lines = ["| field | " + " | ".join(_fmt(n) for n in names) + " |",
+                 "| --- |" + " ---: |" * len(names)]
+        for k in keys:
+            lines.append(f"| `{k}` | " + " | ".join(_fmt(r[k]) if k in r else "" for r in flat) + " |")
+        return lines
+    lines = ["| " + " | ".join(f"`{k}`" for k in keys) + " |", "|" + " --- |" * len(keys)]
+    for r in flat:
+        lines.append("| " + " | ".join(_fmt(r[k]) if k in r else "" for k in keys) + " |")
+    return lines
+
+
+def _lookup(data: dict, names: tuple[str, ...]) -> tuple[str, object] | None:
+    for where, section in (("", data), ("config.", data.get("config"))):
+        if isinstance(section, dict):
+            for n in names:
+                if n in section and section[n] not in (None, ""):
+                    return where + n, section[n]
+    return None
+
+
+def _writers(name: str) -> list[str]:
+    """The benchmark modules whose source names ``<name>.json``: the ones that write this file."""
+    found = []
+    for src in sorted((ROOT / "benchmarks").glob("*.py")):
+        if src.stem in ("report", "run_all", "__init__"):
+            continue
+        if f"{name}.json" in src.read_text():
+            found.append(f"python -m benchmarks.{src.stem}")
+    return found
+
+
+def _runs(data) -> list[dict]:
+    """The per-run entries of a results file whose rows are separate runs (empty otherwise)."""
+    if _is_table(data):
+        return list(data.values())
+    if _is_rows(data):
+        return data
+    if isinstance(data, dict):
+        return [r for v in data.values() if _is_rows(v) or _is_table(v)
+                for r in (v if isinstance(v, list) else v.values())]
+    return []
+
+
+def _provenance(name: str, data) -> list[str]:
+    lines = []
+    writers = _writers(name)
+    for what, names in PROVENANCE.items():
+        hit = _lookup(data, names) if isinstance(data, dict) and not _is_table(data) else None
+        in_rows = [n for n in names if any(n in r for r in _runs(data))]
+        if hit is not None:
+            field, value = hit
+            text = f"`{_fmt(value)}`" if what == "command" else _fmt(value)
+            lines.append(f"- {what}: {text} (field `{field}`)")
+        elif in_rows:
+            lines.append(f"- {what}: per run, field `{in_rows[0]}` of the table below")
+        elif what == "command" and writers:
+            lines.append(f"- command: {NOT_RECORDED} (the file is written by "
+                         + " or ".join(f"`{w}`" for w in writers) + "; the flags of this run are not in it)")
+        else:
+            lines.append(f"- {what}: {NOT_RECORDED}")
+    return lines
+
+
+def _figures(data) -> list[str]:
+    """Tables of a results file: its scalar fields (dotted), then each list of rows or table of runs."""
+    if _is_table(data):  # the whole file is one entry per run
+        return _table(list(data.values()), labels=list(data))
+    if _is_rows(data):
+        return _table(data)
+    scalars, blocks = {}, []
+    for key, value in data.items():
+        if key == "note":
+            continue
+        if _is_rows(value):
+            blocks.append((key, _table(value)))
+        elif _is_table(value):
+            blocks.append((key, _table(list(value.values()), labels=list(value))))
+        elif isinstance(value, dict):
+            scalars.update(_flatten(value, key + "."))
+        else:
+            scalars[key] = value
+    lines = []
+    if scalars:
+        lines += ["| field | value |", "| --- | ---: |"]
+        lines += [f"| `{k}` | {_fmt(v)} |" for k, v in scalars.items()]
+    for key, table in blocks:
+        lines += (["", ] if lines else []) + [f"`{key}`:", ""] + table
+    return lines
+
+
+def section(path: Path) -> list[str]:
+    """The Markdown section of one results file."""
+    name = path.stem
+    data = json.loads(path.read_text())
+    lines = [f"## {name}", "", f"File: [`benchmarks/results/{path.name}`](../benchmarks/results/{path.name}).", ""]
+    lines += [DESCRIPTIONS.get(name, "No description yet: add one to `DESCRIPTIONS` in `benchmarks/report.py`."), ""]
+    lines += ["How it ran:", ""] + _provenance(name, data) + [""]
+    if isinstance(data, dict) and data.get("note"):
+        lines += [f"Note in the file: {_fmt(data['note'])}", ""]
+    lines += _figures(data) + [""]
+    return lines
+
+
+def render(results: Path = RESULTS) -> str:
+    """The whole of ``docs/benchmarks.md`` as the results files give it now."""
+    files = sorted(results.glob("*.json"))
+    lines = ["# Benchmarks", "",
+             f"**Generated** by `{COMMAND}` from `benchmarks/results/*.json`: do not edit this file by hand; "
+             f"rerun the command after a benchmark writes new results. `tests/test_docs.py` fails when this "
+             f"page and its results disagree.", "", PREAMBLE.rstrip("\n"), "", "Results files:", ""]
+    lines += [f"- [{p.stem}](#{p.stem})" for p in files] + [""]
+    for p in files:
+        lines += section(p)
+    lines += ["## Limits", "",
+              "- Only what a results file holds is here. Figures measured once by hand (the wall time of "
+              "`make run` or `make test`, training curves by epoch) have no results file and are not shown.",
+              "- Command, date, load average and core count appear only where the benchmark wrote them into "
+              "its file; everything marked not recorded is unknown, not zero.",
+              "- None of the results files records a GPU run.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date")
+    ap.add_argument("--out", default=str(OUTPUT), help="where to write (default: docs/benchmarks.md)")
+    args = ap.parse_args(argv)
+    text = render()
+    out = Path(args.out)
+    if args.check:
+        current = out.read_text() if out.is_file() else ""
+        if current != text:
+            print(f"{out} is out of date: run `{COMMAND}`", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} from {len(list(RESULTS.glob('*.json')))} results files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

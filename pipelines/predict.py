@@ -1,0 +1,291 @@
+"""Running a trained checkpoint on a user's own images, without a server: ``visionflow predict``.
+
+The path an image takes is the one Serve's graph takes (``pipelines/serve``'s pure functions: the shared
+decoder, the resize, the model's pre-NMS candidates, the NMS stage's ``suppress``, the postprocess that
+maps boxes back to the image and masks to COCO RLE), so a prediction here equals the endpoint's answer.
+
+Outputs in ``out``:
+
+- ``predictions.json``: detection/segmentation: COCO results (``image_id``, the checkpoint's original
+  ``category_id``, ``bbox`` as x, y, w, h, ``score``, and ``segmentation`` RLE for masks), which
+  ``COCO.loadRes`` takes; classification: ``[{"image_id", "file_name", "top_k": [{"category_id",
+  "label", "score"}]}]``.
+- ``images.json``: ``[{"id", "file_name", "width", "height"}]`` (ids from ``--annotations`` when given,
+  so the results line up with that dataset; else 1..N), and ``errors`` for files that could not be read.
+- ``overlays/<name>.png``: each image with its boxes, labels and masks drawn (detection, segmentation).
+
+A few files run in this process; more (above ``in_process_max``) run batched on Ray Data with an actor
+pool, each actor holding one copy of the model.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+
+from pipelines import storage
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def list_inputs(inputs: list[str]) -> list[str]:
+    """Image files named by ``inputs``: files, folders (searched recursively) or globs; local paths or
+    storage URIs (folders and files only). Sorted, each once; ValueError when nothing matches."""
+    import pyarrow.fs as pafs
+
+    found: list[str] = []
+    for item in inputs:
+        if "://" in item:
+            fs, path = storage.resolve(item)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                found.append(item)
+            elif info.type == pafs.FileType.Directory:
+                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                scheme = item.split("://", 1)[0]
+                found += [f"{scheme}://{i.path}" for i in sel if i.type == pafs.FileType.File
+                          and i.path.lower().endswith(IMAGE_EXTS)]
+            else:
+                raise ValueError(f"{item}: no such file or folder")
+            continue
+        paths = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
+        if not paths:
+            raise ValueError(f"{item}: no file matches")
+        for p in paths:
+            if os.path.isdir(p):
+                found += [os.path.join(root, f) for root, _, files in os.walk(p) for f in sorted(files)
+                          if f.lower().endswith(IMAGE_EXTS)]
+            elif os.path.isfile(p):
+                found.append(p)
+            else:
+                raise ValueError(f"{p}: no such file or folder")
+    found = list(dict.fromkeys(found))
+    if not found:
+        raise ValueError(f"no JPEG or PNG images in {inputs}")
+    return found
+
+
+def read_file(path: str) -> bytes:
+    fs, inner = storage.resolve(path)
+    return storage.read_bytes(fs, inner)
+
+
+class Predictor:
+    """One checkpoint, ready to answer ``predict(list of encoded images)`` like the endpoint does."""
+
+    def __init__(self, checkpoint: str, *, score_threshold: float = 0.3, iou_threshold: float = 0.5,
+                 max_detections: int = 100, top_k: int = 5, max_pixels: int | None = None):
+        from pipelines.serve.config import Limits, ModelSpec
+        from pipelines.serve.models import load_served_model
+
+        self.model, self.info = load_served_model(ModelSpec(name="model", checkpoint=str(checkpoint)))
+        self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
+        self.max_detections, self.top_k = max_detections, top_k
+        self.max_pixels = max_pixels or Limits().max_image_pixels
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    def _decode(self, data: bytes):
+        from pipelines.serve.images import decode_image, to_tensor
+
+        rgb = decode_image(data, self.max_pixels)
+        tensor, _ = to_tensor(rgb, self.info.image_size, square=self.task == "classification")
+        return rgb, tensor
+
+    def predict(self, images: list[bytes]) -> list[dict]:
+        """One result per image: ``{"width", "height", "items"}`` (the endpoint's detections or top-k
+        predictions), or ``{"error"}`` for bytes that are not a usable image."""
+        from pipelines.serve.errors import ApiError
+
+        results: list[dict] = [{} for _ in images]
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                rgb, tensor = self._decode(data)
+            except ApiError as e:
+                results[i] = {"error": e.message}
+                continue
+            decoded.append((i, rgb, tensor))
+            results[i] = {"width": rgb.shape[1], "height": rgb.shape[0]}
+        if not decoded:
+            return results
+        if self.task == "classification":
+            from pipelines.serve.models import run_classifier
+            from pipelines.serve.postprocess import top_k_items
+
+            probs = run_classifier(self.model, torch.stack([t for _, _, t in decoded]))
+            for (i, _, _), p in zip(decoded, probs):
+                results[i]["items"] = top_k_items(p, self.top_k, self.info.categories)
+            return results
+        from pipelines.serve.models import run_candidates
+        from pipelines.serve.nms_stage import suppress
+        from pipelines.serve.postprocess import detection_items
+        from vision.structures import Detections
+
+        cands = run_candidates(self.model, [t for _, _, t in decoded])
+        kept = suppress([{"dets": Detections(c.boxes, c.scores, c.labels), "iou_threshold": self.iou_threshold,
+                          "score_threshold": self.score_threshold, "max_detections": self.max_detections}
+                         for c in cands], torch.device("cpu"))
+        for (i, rgb, tensor), c, (dets, keep) in zip(decoded, cands, kept):
+            if c.masks is not None:
+                dets = Detections(dets.boxes, dets.scores, dets.labels, c.masks[keep])
+            results[i]["items"] = detection_items(dets, tuple(tensor.shape[-2:]), (rgb.shape[1], rgb.shape[0]),
+                                                  self.info.categories)
+        return results
+
+    def overlay(self, data: bytes, result: dict) -> bytes:
+        """PNG of the image with its boxes, labels and masks drawn."""
+        import io
+
+        from PIL import Image
+        from pycocotools import mask as mask_utils
+        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+        rgb, _ = self._decode(data)
+        img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        items = result.get("items") or []
+        palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
+        colours = [palette[int(it["category_id"]) % len(palette)] for it in items]
+        masks = [it["mask"] for it in items if "mask" in it]
+        if masks:
+            rles = [{"size": m["size"], "counts": m["counts"].encode() if isinstance(m["counts"], str) else m["counts"]}
+                    for m in masks]
+            stack = torch.from_numpy(np.asarray(mask_utils.decode(rles), dtype=bool)).permute(2, 0, 1)
+            img = draw_segmentation_masks(img, stack, alpha=0.45, colors=colours[: len(masks)])
+        if items:
+            boxes = torch.tensor([it["box"] for it in items], dtype=torch.float32)
+            labels = [f"{it['label']} {it['score']:.2f}" for it in items]
+            img = draw_bounding_boxes(img, boxes, labels=labels, colors=colours, width=2)
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def coco_results(image_id: int, result: dict) -> list[dict]:
+    """COCO result entries of one image's detections (bbox x, y, w, h; segmentation RLE)."""
+    out = []
+    for it in result.get("items") or []:
+        x1, y1, x2, y2 = it["box"]
+        entry = {"image_id": image_id, "category_id": int(it["category_id"]),
+                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)], "score": it["score"]}
+        if "mask" in it:
+            entry["segmentation"] = it["mask"]
+        out.append(entry)
+    return out
+
+
+def image_ids(paths: list[str], annotations: str | None) -> list[int]:
+    """Each file's image id: its ``file_name``'s id in the COCO ``annotations`` (matched on the path's
+    tail), else 1..N. ValueError naming the files a given COCO JSON does not list."""
+    if not annotations:
+        return list(range(1, len(paths) + 1))
+    doc = json.loads(read_file(annotations))
+    by_name = {str(im["file_name"]): int(im["id"]) for im in doc.get("images", [])}
+    ids, missing = [], []
+    for p in paths:
+        parts = PurePosixPath(p.replace(os.sep, "/")).parts
+        hit = next((by_name[t] for t in ("/".join(parts[-k:]) for k in range(len(parts), 0, -1)) if t in by_name), None)
+        ids.append(hit if hit is not None else -1)
+        if hit is None:
+            missing.append(p)
+    if missing:
+        raise ValueError(f"{len(missing)} images are not in {annotations} (e.g. {missing[0]}); predict them "
+                         f"without --annotations, or point it at the JSON that lists them")
+    return ids
+
+
+def _overlay_name(path: str, image_id: int) -> str:
+    stem = PurePosixPath(path.replace(os.sep, "/")).stem
+    return f"overlays/{image_id:06d}_{stem}.png"
+
+
+class _PredictBatch:
+    """Ray Data actor: a batch of ``{"path", "image_id"}`` rows -> their results (overlays written)."""
+
+    def __init__(self, checkpoint: str, options: dict, out: str, draw: bool):
+        self.predictor = Predictor(checkpoint, **options)
+        self.out, self.draw = out, draw
+
+    def __call__(self, batch: dict) -> dict:
+        paths = [str(p) for p in batch["path"]]
+        ids = [int(i) for i in batch["image_id"]]
+        rows = _predict_files(self.predictor, paths, ids, self.out, self.draw)
+        return {"row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def _predict_files(predictor: Predictor, paths: list[str], ids: list[int], out: str, draw: bool) -> list[dict]:
+    """Rows ``{"file_name", "image_id", "width", "height", "items"[, "overlay"]}`` or ``{..., "error"}``."""
+    datas: list[bytes | None] = []
+    for p in paths:
+        try:
+            datas.append(read_file(p))
+        except OSError:
+            datas.append(None)
+    readable = [d for d in datas if d is not None]
+    results = iter(predictor.predict(readable) if readable else [])
+    outs = []
+    for p, image_id, data in zip(paths, ids, datas):
+        res = {"error": "could not be read"} if data is None else next(results)
+        row = {"file_name": p, "image_id": image_id, **res}
+        if "error" not in res and draw and predictor.task != "classification":
+            row["overlay"] = storage.write_bytes(out, _overlay_name(p, image_id), predictor.overlay(data, res))
+        outs.append(row)
+    return outs
+
+
+def predict(checkpoint: str, inputs: list[str], out: str, *, annotations: str | None = None,
+            score_threshold: float = 0.3, iou_threshold: float = 0.5, max_detections: int = 100, top_k: int = 5,
+            batch_size: int = 8, in_process_max: int = 16, actors: int = 2, draw: bool = True,
+            progress_out=None) -> dict:
+    """Predict every image of ``inputs`` with ``checkpoint`` into ``out`` (see the module docstring).
+    Returns ``{"images", "errors", "predictions", "images_json", "overlays", "engine", "task"}``."""
+    from pipelines.console import Progress
+
+    paths = list_inputs(inputs)
+    ids = image_ids(paths, annotations)
+    options = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+               "max_detections": max_detections, "top_k": top_k}
+    rows: list[dict] = []
+    engine = "in-process" if len(paths) <= in_process_max else "ray-data"
+    with Progress(len(paths), "predict", unit="img", out=progress_out) as bar:
+        if engine == "in-process":
+            predictor = Predictor(checkpoint, **options)
+            task = predictor.task
+            for k in range(0, len(paths), batch_size):
+                chunk = _predict_files(predictor, paths[k:k + batch_size], ids[k:k + batch_size], out, draw)
+                rows += chunk
+                bar.update(len(chunk))
+        else:
+            import ray
+
+            from pipelines.train.checkpoint import load_payload
+
+            task = load_payload(checkpoint)["config"]["task"]
+            ds = ray.data.from_items([{"path": p, "image_id": i} for p, i in zip(paths, ids)],
+                                     override_num_blocks=max(1, min(len(paths) // batch_size, 64)))
+            ds = ds.map_batches(_PredictBatch, fn_constructor_kwargs={"checkpoint": str(checkpoint), "options": options,
+                                                                      "out": str(out), "draw": draw},
+                                batch_size=batch_size, concurrency=(1, max(1, actors)), num_cpus=1)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                chunk = [json.loads(r) for r in batch["row"]]
+                rows += chunk
+                bar.update(len(chunk))
+    rows.sort(key=lambda r: (r["image_id"], r["file_name"]))
+    errors = [{"file_name": r["file_name"], "error": r["error"]} for r in rows if "error" in r]
+    good = [r for r in rows if "error" not in r]
+    if task == "classification":
+        preds = [{"image_id": r["image_id"], "file_name": r["file_name"], "top_k": r["items"]} for r in good]
+    else:
+        preds = [e for r in good for e in coco_results(r["image_id"], r)]
+    images = [{"id": r["image_id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]}
+              for r in good]
+    return {"task": task, "engine": engine, "images": len(good), "errors": errors,
+            "predictions": storage.write_json(out, "predictions.json", preds),
+            "images_json": storage.write_json(out, "images.json", {"images": images, "errors": errors}),
+            "overlays": [r["overlay"] for r in good if r.get("overlay")]}

@@ -1,0 +1,78 @@
+"""Every private Ray API visionflow uses, fenced in one module.
+
+Ray has no public way yet to do what each function below does. Each one names the private attribute it
+reaches, and ``tests/test_ray_private.py`` calls every one of them against the installed Ray, so a Ray
+upgrade that moves or removes one fails that test by name instead of failing a run in the field.
+Nothing else in the project imports ``ray._private``, ``ray.*._private`` or an underscore attribute of Ray.
+"""
+from __future__ import annotations
+
+
+def system_config(settings: dict) -> dict:
+    """Keyword arguments that pass Ray system settings (``ray.init(_system_config=...)``) to a new local
+    cluster; on ``ray start`` clusters the same settings are ``RAY_<name>`` environment variables."""
+    return {"_system_config": dict(settings)}
+
+
+def auto_address() -> str | None:
+    """The GCS address that ``address="auto"`` names here: the cluster ``ray start`` last started on this
+    machine (the ``ray_current_cluster`` file in Ray's temp folder, ``services.find_bootstrap_address``),
+    or None. The address may be stale: the file outlives a head whose processes were killed. (Ray's own
+    "auto" falls back to any Ray process it finds, including another program's local cluster.)"""
+    from ray._private import services
+
+    return services.find_bootstrap_address(None) or None
+
+
+def split_coordinator(shard):
+    """The actor behind a ``streaming_split`` shard (``StreamSplitDataIterator._coord_actor``), or None."""
+    return getattr(shard, "_coord_actor", None)
+
+
+def running_serve_http():
+    """``(host, port)`` of the Serve instance running on the connected cluster, or None when Serve is not
+    running (``ray.serve.context._get_global_client``)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        client = _get_global_client(raise_if_no_controller_running=True)
+    except RayServeException:
+        return None
+    if client is None:
+        return None
+    return client.http_config.host, client.http_config.port
+
+
+def build_serve_app(builder, args: dict):
+    """What ``serve run module:builder`` does with a YAML's ``import_path`` and ``args``
+    (``ray.serve._private.api.call_user_app_builder_with_args_if_necessary``): the Application."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    return call_user_app_builder_with_args_if_necessary(builder, args)
+
+
+def validate_cluster_yaml(config: dict) -> dict:
+    """What ``ray up`` does to a cluster YAML before it talks to a cloud: defaults merged in, then the
+    schema and its checks (``ray.autoscaler._private.util``). Returns the prepared config."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
+
+
+def actor_table() -> dict:
+    """``{actor id: {"ActorClassName", "State", ...}}`` from the GCS (``ray._private.state.actors``); the
+    public State API needs the dashboard, which tests and benchmarks run without."""
+    from ray._private import state
+
+    return state.actors()
+
+
+def object_store_summary(gcs_address: str) -> str:
+    """The object-store memory summary of the cluster at ``gcs_address`` as text
+    (``ray._private.internal_api.memory_summary``)."""
+    from ray._private.internal_api import memory_summary
+
+    return memory_summary(gcs_address, stats_only=True)

@@ -1,0 +1,247 @@
+"""Hostile input to ingest: segmentations that would crash pycocotools, file names that leave the images
+folder, files over the byte or pixel caps, 16-bit and EXIF-rotated images. Real files, real pycocotools,
+the session's Ray cluster."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipelines.data import ingest
+from pipelines.data.image_decode import TooManyPixels, open_image
+from vision.transforms import decode_image  # what the task views decode shard bytes with
+
+CATS = [{"id": 1, "name": "thing"}]
+RNG = np.random.default_rng(0)
+PIXELS = RNG.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+
+
+def _jpeg(path, arr=PIXELS, **kw):
+    Image.fromarray(arr).save(path, "JPEG", **kw)
+    return path.name
+
+
+def _split(root, images, anns=()):
+    """Write ``root/instances.json`` (Python's json: NaN and Infinity are written as such)."""
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": list(anns), "categories": CATS}))
+    return ann_file
+
+
+def _rows(out):
+    return {r["image_id"]: r for r in pq.read_table(out).to_pylist()}
+
+
+def _png16(arr: np.ndarray, color_type: int) -> bytes:
+    """A PNG with 16-bit samples (PIL cannot write 16-bit RGB): ``arr`` uint16 HxW (type 0) or HxWx3 (2)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    h, w = arr.shape[:2]
+    big = arr.astype(">u2")
+    raw = b"".join(b"\0" + big[y].tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+# --- 1. segmentations that would crash pycocotools' C code -------------------------------------------
+
+def test_hostile_segmentations_are_dropped_before_pycocotools(ray_cluster, tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    images = [{"id": 1, "file_name": _jpeg(imgs / "a.jpg"), "width": 50, "height": 40},
+              {"id": 2, "file_name": _jpeg(imgs / "b.jpg"), "width": 50, "height": 40}]
+    good = [[10, 10, 30, 10, 30, 30, 10, 30]]
+    box = [0, 0, 50, 40]
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:15, 20:35] = 1
+    compressed = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+    wider = mask_utils.encode(np.asfortranarray(np.zeros((40, 60), np.uint8)))["counts"].decode()
+    segs = {
+        10: good,
+        11: [[0, 0, 4e7, 0, 4e7, 4e7]],                          # huge: clipped to the image, kept
+        12: [[10, 10, 20, 10, 20, 20], [1, float("nan"), 3, 4, 5, 6]],  # a NaN among the points
+        13: [[10, 10, 20, 10, 20, 20, 5]],                       # odd count
+        14: [[1e6, 1e6, 2e6, 1e6, 2e6, 2e6]],                    # nothing left inside the image
+        15: [[0, 0, float("inf"), 0, 5, 5]],
+        16: {"size": [40, 50], "counts": [5, 10**9]},            # uncompressed RLE: sum != h*w
+        17: {"size": [40, 50], "counts": [-5, 2005]},            # negative run
+        18: {"size": [41, 50], "counts": [2050]},                # size is not the image's
+        19: {"size": [40, 50], "counts": 12345},                 # compressed RLE: not a string
+        20: {"size": [40, 50], "counts": wider},                 # valid string, runs for 40x60
+        21: {"size": [40, 50], "counts": compressed},            # fine
+        22: [[10, 10, 30, 10, 30, 30, 10, 30], [5, 5, 10, 5, "x", 10]],
+    }
+    anns = [{"id": aid, "image_id": 1, "category_id": 1, "bbox": box, "segmentation": s, "iscrowd": 0}
+            for aid, s in segs.items()]
+    anns.append({"id": 30, "image_id": 2, "category_id": 1, "bbox": [2, 2, 10, 10], "segmentation": good,
+                 "iscrowd": 0})
+    ann_file = _split(tmp_path, images, anns)
+    assert "NaN" in ann_file.read_text() and "Infinity" in ann_file.read_text()
+
+    manifest = ingest(ann_file, imgs, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    dropped = {d["annotation_id"]: d["reason"] for d in manifest["dropped"]}
+    assert set(dropped) == {12, 13, 14, 15, 16, 17, 18, 19, 20, 22}
+    assert "non-finite" in dropped[12] and "non-finite" in dropped[15]
+    assert "odd number" in dropped[13]
+    assert "inside the image" in dropped[14]
+    assert "add up to" in dropped[16] and "add up to" in dropped[20]
+    assert "non-negative" in dropped[17]
+    assert "does not match the image" in dropped[18]
+    assert "list or a string" in dropped[19]
+    assert "list of numbers" in dropped[22]
+    # The image and its other instances stay.
+    assert manifest["quarantined"] == [] and set(rows) == {1, 2}
+    assert manifest["num_instances"] == 4 and len(rows[1]["segmentation"]) == 3
+    masks = [mask_utils.decode({"size": s["size"], "counts": s["counts"].encode()}) for s in rows[1]["segmentation"]]
+    huge = masks[1]  # the 4e7 triangle clipped: the part of the image where y <= x
+    assert huge[2, 45] and huge[30, 45] and not huge[35, 5] and not huge[20, 10]
+    assert abs(int(huge.sum()) - (50 * 40 - 40 * 40 / 2)) < 60
+    assert (masks[2] == mask).all()
+
+
+# --- 2. file names that leave the images folder, byte and pixel caps ---------------------------------
+
+def test_file_names_outside_the_images_root_are_quarantined(ray_cluster, tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    secret = tmp_path / "secret.jpg"  # a real image, outside the images folder
+    _jpeg(secret)
+    _jpeg(imgs / "inside.jpg")
+    (imgs / "link_out.jpg").symlink_to(secret)
+    (imgs / "link_in.jpg").symlink_to(imgs / "inside.jpg")
+    (imgs / "sub").mkdir()
+    names = {1: "inside.jpg", 2: "../secret.jpg", 3: str(secret), 4: "link_out.jpg", 5: "link_in.jpg",
+             6: "sub/../inside.jpg", 7: "sub/../../secret.jpg"}
+    images = [{"id": i, "file_name": n, "width": 50, "height": 40} for i, n in names.items()]
+    manifest = ingest(_split(tmp_path, images), imgs, tmp_path / "out")
+    reasons = {q["image_id"]: q["reason"] for q in manifest["quarantined"]}
+    assert set(reasons) == {2, 3, 4, 7}
+    assert all(r.startswith("outside images root") for r in reasons.values()), reasons
+    assert set(_rows(tmp_path / "out")) == {1, 5, 6}
+
+
+def test_object_store_names_may_not_climb_out():
+    import pyarrow.fs as pafs
+
+    from pipelines.data.image_files import OutsideRoot, image_path
+
+    remote = pafs.SubTreeFileSystem("/data", pafs.LocalFileSystem())  # not local paths: the URI rules
+    assert image_path(remote, "bucket/coco", "train/a.jpg") == "bucket/coco/train/a.jpg"
+    for name in ("../x.jpg", "train/../../x.jpg", "/etc/x.jpg", "s3://other/x.jpg", "..\\x.jpg"):
+        with pytest.raises(OutsideRoot, match="outside images root"):
+            image_path(remote, "bucket/coco", name)
+
+
+def test_byte_cap_and_pixel_limit(ray_cluster, tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    small = _jpeg(imgs / "small.jpg", PIXELS[:8, :8].copy())
+    big = _jpeg(imgs / "big.jpg")
+    # A 10000 x 5000 PNG header with truncated pixel data: the header alone must refuse it (a decode
+    # first would report it truncated).
+    buf = io.BytesIO()
+    Image.new("1", (10000, 5000)).save(buf, "PNG")
+    (imgs / "bomb.png").write_bytes(buf.getvalue()[:200])
+    images = [{"id": 1, "file_name": small, "width": 8, "height": 8},
+              {"id": 2, "file_name": big, "width": 50, "height": 40},
+              {"id": 3, "file_name": "bomb.png", "width": 10000, "height": 5000}]
+    cap = (imgs / "big.jpg").stat().st_size - 1
+    assert (imgs / "small.jpg").stat().st_size <= cap
+    manifest = ingest(_split(tmp_path, images), imgs, tmp_path / "out", max_image_bytes=cap, max_pixels=1_000_000)
+    reasons = {q["image_id"]: q["reason"] for q in manifest["quarantined"]}
+    assert set(reasons) == {2, 3} and manifest["num_images"] == 1
+    assert "max_image_bytes" in reasons[2] and str(cap) in reasons[2]
+    assert reasons[3].startswith("too many pixels") and "10000x5000" in reasons[3]
+    # The same cap from the command line.
+    from pipelines.cli import main
+
+    assert main(["ingest", "--annotations", str(tmp_path / "instances.json"), "--images", str(imgs),
+                 "--out", str(tmp_path / "cli"), "--max-image-bytes", str(cap)]) == 0
+    cli = json.loads((tmp_path / "cli" / "_manifest.json").read_text())
+    assert {q["image_id"]: q["reason"] for q in cli["quarantined"]}[2] == reasons[2]
+
+
+# --- 5. 16-bit samples and EXIF orientation ----------------------------------------------------------
+
+def _exif_jpeg(path, orientation: int):
+    """A 50 x 40 JPEG (red top-left corner) whose EXIF says how to turn it for display."""
+    arr = np.zeros((40, 50, 3), np.uint8)
+    arr[...] = (0, 0, 200)
+    arr[:10, :10] = (230, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(path, "JPEG", exif=exif, quality=95)
+    return path.name
+
+
+def test_open_image_scales_16_bit_and_applies_exif(tmp_path):
+    gray = np.full((4, 5), 1000, np.uint16)
+    for im in (Image.fromarray(gray),                                                   # I;16
+               Image.frombytes("I;16B", (5, 4), gray.astype(">u2").tobytes()),          # I;16B
+               Image.fromarray(gray.astype(np.int32))):                                 # I
+        buf = io.BytesIO()
+        im.save(buf, "TIFF")
+        rgb = open_image(buf.getvalue(), max_pixels=100)
+        assert rgb.mode == "RGB" and (np.asarray(rgb) == 3).all(), im.mode
+    assert (np.asarray(open_image(_png16(gray, 0), 100)) == 3).all()
+    rgb16 = np.zeros((4, 5, 3), np.uint16)
+    rgb16[...] = (1000, 65535, 256)
+    assert (np.asarray(open_image(_png16(rgb16, 2), 100)) == (3, 255, 1)).all()
+    upright = np.asarray(open_image((tmp_path / _exif_jpeg(tmp_path / "r.jpg", 6)).read_bytes(), 10_000))
+    assert upright.shape == (50, 40, 3)  # orientation 6: turned 90 degrees clockwise for display
+    assert upright[:8, -8:, 0].mean() > 200 and upright[:8, :8, 0].mean() < 30  # red corner now top-right
+    with pytest.raises(TooManyPixels):
+        open_image(_png16(gray, 0), max_pixels=19)
+
+
+def test_ingest_stores_16_bit_and_rotated_images_as_8_bit_upright(ray_cluster, tmp_path):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    (imgs / "gray16.png").write_bytes(_png16(np.full((40, 50), 1000, np.uint16), 0))
+    rgb16 = np.zeros((40, 50, 3), np.uint16)
+    rgb16[...] = (1000, 65535, 256)
+    (imgs / "rgb16.png").write_bytes(_png16(rgb16, 2))
+    images = [{"id": 1, "file_name": "gray16.png", "width": 50, "height": 40},
+              {"id": 2, "file_name": "rgb16.png", "width": 50, "height": 40},
+              # COCO gives the size the image is shown at: 40 wide, 50 high once turned.
+              {"id": 3, "file_name": _exif_jpeg(imgs / "turned.jpg", 6), "width": 40, "height": 50},
+              {"id": 4, "file_name": _exif_jpeg(imgs / "turned_wrong.jpg", 6), "width": 50, "height": 40}]
+    anns = [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [30, 0, 10, 10], "iscrowd": 0,
+             "segmentation": [[30, 0, 40, 0, 40, 10, 30, 10]]}]
+    manifest = ingest(_split(tmp_path, images, anns), imgs, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    assert set(rows) == {1, 2, 3}
+    assert "size mismatch" in manifest["quarantined"][0]["reason"] and "EXIF" in manifest["quarantined"][0]["reason"]
+    views = {i: decode_image(rows[i]["image"]).permute(1, 2, 0).numpy() for i in rows}
+    assert (views[1] == 3).all()  # 1000 >> 8, not clipped to 255
+    assert (views[2] == (3, 255, 1)).all()
+    for i in (1, 2, 3):
+        with Image.open(io.BytesIO(rows[i]["image"])) as stored:
+            assert stored.format == "PNG" and stored.mode == "RGB" and not stored.getexif().get(0x0112)
+    turned = views[3]
+    assert turned.shape == (50, 40, 3) and turned[:8, -8:, 0].mean() > 200 and turned[-8:, :8, 0].mean() < 30
+    expected = np.asarray(open_image((imgs / "turned.jpg").read_bytes(), 10_000))
+    assert (turned == expected).all()
+    assert manifest["converted_to_rgb"] == {"PNG I;16 -> RGB, 16 -> 8 bits": 1, "PNG RGB -> RGB, 16 -> 8 bits": 1,
+                                            "JPEG RGB -> RGB, EXIF orientation applied": 1}
+
+
+def test_serve_decoder_is_the_shared_one(tmp_path):
+    from pipelines.serve.errors import ApiError
+    from pipelines.serve.images import decode_image as serve_decode
+
+    assert (serve_decode(_png16(np.full((4, 5), 1000, np.uint16), 0), 100) == 3).all()
+    assert serve_decode((tmp_path / _exif_jpeg(tmp_path / "r.jpg", 6)).read_bytes(), 10_000).shape == (50, 40, 3)
+    with pytest.raises(ApiError) as e:
+        serve_decode(_png16(np.zeros((40, 50), np.uint16), 0), 1999)
+    assert e.value.status == 413 and "50x40" in e.value.message

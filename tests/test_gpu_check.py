@@ -1,0 +1,29 @@
+"""`make gpu-check` on a machine without a GPU says what it skipped and exits 0; its checks' code runs (tiny,
+on the CPU) so that the day a GPU is lent the script works."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: make gpu-check measures it")
+def test_without_a_gpu_it_skips_in_one_line_and_exits_0(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "ddp" in lines[0] and "serve" in lines[0]
+    assert not out.exists()
+
+
+def test_the_checks_run_tiny_on_the_cpu():
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--cpu-smoke", "--checks", "nms", "amp", "alexnet2012"]) == 0

@@ -1,0 +1,104 @@
+"""`visionflow predict`: a checkpoint on image files and folders, in-process and on Ray Data, writing
+overlays and a COCO results JSON that pycocotools' ``loadRes`` takes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from pipelines.cli import main
+
+
+def _checkpoint(run_dir, arch: str, task: str, categories: list[dict], image_size: int = 96):
+    """A run directory as `visionflow train` leaves it (random weights)."""
+    from vision.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, len(categories))
+    config = {"task": task, "arch": arch, "num_classes": len(categories), "categories": categories,
+              "data": "unused", "out": str(run_dir), "image_size": image_size}
+    path = run_dir / "checkpoints" / "epoch_0000" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "config": config}, path)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def categories(synth_dir):
+    doc = json.loads((synth_dir / "annotations" / "instances_val.json").read_text())
+    return [{"id": c["id"], "name": c["name"], "label": i} for i, c in enumerate(doc["categories"], start=1)]
+
+
+def _load_res(synth_dir, preds_path):
+    gt = COCO(str(synth_dir / "annotations" / "instances_val.json"))
+    preds = json.loads(preds_path.read_text())
+    assert preds, "a random detector at score 0 finds something"
+    return gt, preds, gt.loadRes(str(preds_path))
+
+
+def test_segmenter_on_files_in_process_writes_overlays_and_coco_results(tmp_path, synth_dir, categories, capsys):
+    ckpt = _checkpoint(tmp_path / "run", "maskrcnn_resnet18_fpn", "segmentation", categories)
+    files = sorted((synth_dir / "val").glob("*.jpg"))[:3]
+    out = tmp_path / "out"
+    assert main(["predict", *map(str, files), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--annotations", str(synth_dir / "annotations" / "instances_val.json"),
+                 "--score-threshold", "0", "--max-detections", "5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["engine"] == "in-process" and summary["images"] == 3 and summary["overlays"] == 3
+    gt, preds, res = _load_res(synth_dir, out / "predictions.json")
+    # The dataset's own image ids and category ids, xywh boxes, RLE masks of each image's size.
+    ids = {im["id"] for im in gt.loadImgs(gt.getImgIds()) if im["file_name"] in {f.name for f in files}}
+    assert {p["image_id"] for p in preds} <= ids and len(ids) == 3
+    assert {p["category_id"] for p in preds} <= {c["id"] for c in categories}
+    for p in preds:
+        im = gt.loadImgs(p["image_id"])[0]
+        assert p["segmentation"]["size"] == [im["height"], im["width"]]
+        assert p["bbox"][2] >= 0 and p["bbox"][3] >= 0
+    assert len(res.getAnnIds()) == len(preds)
+    for f in (out / "overlays").glob("*.png"):
+        with Image.open(f) as img:
+            assert img.size == (96, 96)
+
+
+def test_detector_on_a_folder_runs_on_ray_data_with_the_same_answers(ray_cluster, tmp_path, synth_dir,
+                                                                      categories, capsys):
+    ckpt = _checkpoint(tmp_path / "run", "ssdlite_mobilenet_v3", "detection", categories)
+    ann = str(synth_dir / "annotations" / "instances_val.json")
+    common = ["--checkpoint", str(ckpt), "--annotations", ann, "--score-threshold", "0.05", "--no-overlays"]
+    assert main(["predict", str(synth_dir / "val"), "--out", str(tmp_path / "ray"), "--in-process-max", "0",
+                 "--batch-size", "4", *common]) == 0
+    on_ray = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["predict", str(synth_dir / "val" / "*.jpg"), "--out", str(tmp_path / "local"),
+                 "--in-process-max", "1000", "--batch-size", "4", *common]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = len(list((synth_dir / "val").glob("*.jpg")))
+    assert on_ray["engine"] == "ray-data" and local["engine"] == "in-process"
+    assert on_ray["images"] == local["images"] == n
+    gt, ray_preds, _ = _load_res(synth_dir, tmp_path / "ray" / "predictions.json")
+    local_preds = json.loads((tmp_path / "local" / "predictions.json").read_text())
+    key = lambda p: (p["image_id"], p["category_id"], round(p["score"], 3))  # noqa: E731
+    assert sorted(map(key, ray_preds)) == sorted(map(key, local_preds))
+
+
+def test_classifier_writes_top_k_and_bad_files_are_skipped_with_a_reason(tmp_path, synth_dir, categories, capsys):
+    ckpt = _checkpoint(tmp_path / "run", "resnet18", "classification", categories, image_size=32)
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image")
+    good = sorted((synth_dir / "val").glob("*.jpg"))[0]
+    out = tmp_path / "out"
+    assert main(["predict", str(good), str(bad), "--checkpoint", str(ckpt), "--out", str(out), "--top-k", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "notes.png" in captured.err and "not a JPEG or PNG" in captured.err
+    (pred,) = json.loads((out / "predictions.json").read_text())
+    assert pred["file_name"] == str(good) and len(pred["top_k"]) == 2
+    assert pred["top_k"][0]["score"] >= pred["top_k"][1]["score"]
+    assert {p["category_id"] for p in pred["top_k"]} <= {c["id"] for c in categories}
+
+
+def test_bad_arguments_get_one_line(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nothing-here"), "--checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file or folder" in err[0]

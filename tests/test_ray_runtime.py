@@ -1,0 +1,152 @@
+"""How visionflow reaches Ray (``pipelines/ray_runtime.py``), with a real second cluster on the machine: a
+``ray start --head`` as users start one, then killed with ``kill -9`` to leave its stale address behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.ray_runtime import RayUnreachable, wait_reachable
+
+RAY = str(Path(sys.executable).with_name("ray"))
+CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records the address "auto" finds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _head_processes(address: str) -> list[int]:
+    """Pids of the cluster whose GCS is at ``address`` (its processes name it on their command lines)."""
+    port = address.rsplit(":", 1)[1]
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and (f"--gcs_server_port={port}" in cmd or address in cmd):
+            found.append(int(proc.name))
+    return found
+
+
+def _kill_head(address: str) -> None:
+    for pid in _head_processes(address):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _probe(code: str, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh Python (this one is already connected to the test cluster); it prints one
+    JSON line last."""
+    # Not this session's Ray settings (its local start turned RAY_AUTH_MODE on in this process).
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    full.update(env or {})
+    res = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+REPORT = ("import json, ray\n"
+          "def report(**extra):\n"
+          "    print(json.dumps({'gcs': ray.get_runtime_context().gcs_address,\n"
+          "                      'cpus': ray.cluster_resources().get('CPU'), **extra}), flush=True)\n"
+          "from pipelines.ray_runtime import connect\n")
+
+
+@pytest.fixture(scope="module")
+def other_head():
+    """A `ray start --head` cluster with 1 CPU: someone else's cluster on the same machine."""
+    before = CURRENT.read_text() if CURRENT.exists() else None
+    port = _free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    address = CURRENT.read_text().strip()
+    assert address.endswith(f":{port}")
+    yield {"address": address}
+    _kill_head(address)
+    if before is None:
+        CURRENT.unlink(missing_ok=True)
+    else:
+        CURRENT.write_text(before)
+
+
+def test_a_local_cluster_is_a_new_one_and_joining_happens_only_when_asked(other_head):
+    head = other_head["address"]
+    out = _probe(REPORT + (
+        "connect(num_cpus=3, dashboard=False, log_to_driver=False)\n"
+        "local = ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU')\n"
+        "ray.shutdown()\n"
+        f"connect({head!r}, log_to_driver=False)\n"
+        "explicit = ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU')\n"
+        "ray.shutdown()\n"
+        "connect('local', num_cpus=2, dashboard=False, log_to_driver=False)\n"
+        "report(local=local, explicit=explicit)\n"))
+    # No address: a new 3-CPU cluster, although a head runs here (before: joined it, then failed on num_cpus).
+    assert out["local"][0] != head and out["local"][1] == 3
+    # An explicit address joins that cluster (its 1 CPU).
+    assert out["explicit"] == [head, 1]
+    # "local" stays local even with RAY_ADDRESS naming the head.
+    assert out["gcs"] != head and out["cpus"] == 2
+
+
+def test_ray_address_in_the_environment_is_joined_with_token_auth(other_head):
+    # `ray start --head` turns token auth on: its clients say RAY_AUTH_MODE=token.
+    out = _probe(REPORT + "connect(num_cpus=3, log_to_driver=False)\nreport()\n",
+                 env={"RAY_ADDRESS": other_head["address"], "RAY_AUTH_MODE": "token"})
+    assert out == {"gcs": other_head["address"], "cpus": 1}
+    # Without it, one line that says what to set.
+    out = _probe("import json\nfrom pipelines.ray_runtime import RayUnreachable, connect\n"
+                 "try:\n    connect(log_to_driver=False)\nexcept RayUnreachable as e:\n"
+                 "    print(json.dumps({'error': str(e)}))\n", env={"RAY_ADDRESS": other_head["address"]})
+    assert "RAY_AUTH_MODE=token" in out["error"] and other_head["address"] in out["error"]
+
+
+def test_an_address_that_does_not_answer_fails_fast_naming_it():
+    port = _free_port()  # nothing listens there
+    t0 = time.monotonic()
+    # What connect() does first with an address (this process is already connected to the test cluster).
+    with pytest.raises(RayUnreachable, match=f"127.0.0.1:{port}"):
+        wait_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(RayUnreachable, match="not HOST:PORT"):
+        wait_reachable("nonsense", timeout_s=2)
+
+
+def test_the_cli_says_in_one_line_within_30s_that_the_address_is_dead(tmp_path):
+    port = _free_port()
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "pipelines", "ingest", "--annotations", str(tmp_path / "a.json"),
+                          "--images", str(tmp_path), "--out", str(tmp_path / "out"),
+                          "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert res.returncode == 1
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "Traceback" not in res.stderr, lines
+    assert took < 45, took  # 30 s of retries plus Python's start-up
+
+
+def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_start(other_head):
+    """Last in this module: it kills the head."""
+    _kill_head(other_head["address"])
+    deadline = time.monotonic() + 30
+    while _head_processes(other_head["address"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert CURRENT.read_text().strip() == other_head["address"], "the stale file is what this test is about"
+    t0 = time.monotonic()
+    with pytest.raises(RayUnreachable, match=other_head["address"]):
+        wait_reachable("auto", timeout_s=3)
+    assert time.monotonic() - t0 < 10
+    out = _probe(REPORT + "connect(num_cpus=2, dashboard=False, log_to_driver=False)\nreport()\n")
+    assert out["gcs"] != other_head["address"] and out["cpus"] == 2
