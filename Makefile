@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= pipelines/configs/quickstart.yaml
 
-.PHONY: run test test-slow bench gpu-check setup clean
+.PHONY: run test test-slow bench gpu-check setup clean cluster-demo
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all
+
+# A real multi-node Ray cluster on this machine (a head and two worker nodes, token auth) until Ctrl-C.
+cluster-demo: setup
+	$(BIN)/python tests/multinode.py
 
 # The GPU paths (NCCL, AMP, two-tower AlexNet, Faster R-CNN steps, the Serve NMS stage on the GPU) in a few
 # minutes; on a machine without a GPU it says what it skipped and exits 0.

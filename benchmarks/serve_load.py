@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -270,11 +269,8 @@ def main() -> None:
     }
     if hostile is not None:
         summary["hostile"] = hostile
-        summary["command"] = "python -m benchmarks.serve_load " + " ".join(sys.argv[1:])
-        summary["load_average"] = list(os.getloadavg())
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    provenance.write(out, summary, start)
+    written = provenance.write(out, summary, start)
 
     print(f"\n{'mode':<22}{'req/s':>9}{'x limit':>9}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}{'NMS p50 ms':>12}")
     print(f"{'in-process (batch ' + str(best_batch) + ')':<22}{limit:>9.2f}{1.0:>9.2f}{'-':>9}{'-':>9}{best_batch:>7}{'-':>12}")
@@ -287,7 +283,8 @@ def main() -> None:
         print(f"hostile mix at concurrency {args.hostile_concurrency}: good throughput "
               f"{hostile['good_throughput_ratio']:.2f}x the clean run (target >= 0.8); 5xx other than 503: "
               f"{hostile['unexpected_5xx']} (must be 0)")
-    print(f"wrote {out}")
+    if written:
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ def _module(name: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="visionflow", description="The computer-vision canon, AlexNet to "
+                                     "Mask R-CNN, as one distributed pipeline on Ray.")
+    parser.add_argument("--version", action="version", version=f"visionflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     for name, help_text in COMMANDS.items():
@@ -41,10 +43,39 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visionflow")
+    except PackageNotFoundError:  # run from a checkout that was not pip-installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Usage errors exit 2 (argparse's message); a command's refusal of its input is
+    one line ``visionflow <cmd>: ...`` on stderr with exit 2, a failure one line with exit 1 (the
+    traceback only with VISIONFLOW_DEBUG=1)."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return int(_module(args.command).main(args) or 0)
+    try:
+        return int(_module(args.command).main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"visionflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as e:
+        if os.environ.get("VISIONFLOW_DEBUG"):
+            raise
+        print(f"visionflow {args.command}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 -- one line for the user; VISIONFLOW_DEBUG=1 for the traceback
+        if os.environ.get("VISIONFLOW_DEBUG"):
+            raise
+        print(f"visionflow {args.command}: {type(e).__name__}: {' '.join(str(e).split())[:500]} "
+              f"(VISIONFLOW_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Progress:
         self.fields: dict = {}
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._pending = False  # into a pipe: an update not written yet (it came between two lines)
+        self._final_written = False
         self._tty = bool(getattr(self.out, "isatty", lambda: False)())
 
     def line(self) -> str:
@@ -56,15 +58,23 @@ class Progress:
                 self.out.write("\r" + self.line() + "\033[K")
                 self.out.flush()
                 self._last = now
-        elif final or now - self._last >= self.every_s:
+        elif (final and not self._final_written) or now - self._last >= self.every_s:
             self.out.write(self.line() + "\n")
             self.out.flush()
-            self._last = now
+            self._last, self._pending, self._final_written = now, False, final
+        else:
+            self._pending = True
 
     def close(self) -> None:
+        """Ends the bar: on a terminal the line is finished; into a pipe the last state is written unless
+        it already was (work that stopped short of ``total``, or came between two lines)."""
         if self._tty:
             self.out.write("\r" + self.line() + "\033[K\n")
             self.out.flush()
+        elif self._pending:
+            self.out.write(self.line() + "\n")
+            self.out.flush()
+            self._pending = False
 
     def __enter__(self) -> "Progress":
         return self

@@ -124,13 +124,13 @@ def test_bad_inputs_get_clear_errors(checkpoints, data_dir, tmp_path, capsys):
     teacher, _ = checkpoints
     assert cli(["attack", "--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir),
                 "--out", str(tmp_path / "r")]) == 2
-    assert "no checkpoint under" in capsys.readouterr().out
+    assert "no checkpoint under" in capsys.readouterr().err  # errors go to stderr
     assert cli(["attack", "--checkpoint", teacher.out, "--data", str(data_dir), "--eps", "2",
                 "--out", str(tmp_path / "r")]) == 2
-    assert "epsilons must lie in [0, 1]" in capsys.readouterr().out
+    assert "epsilons must lie in [0, 1]" in capsys.readouterr().err  # errors go to stderr
     assert cli(["visualize", "--checkpoint", teacher.out, "--data", str(data_dir), "--layer", "conv99",
                 "--out", str(tmp_path / "v")]) == 2
-    assert "conv1..conv20" in capsys.readouterr().out
+    assert "conv1..conv20" in capsys.readouterr().err  # errors go to stderr
     with pytest.raises(SystemExit):
         cli(["attack", "--checkpoint", teacher.out, "--data", str(data_dir), "--attacks", "carlini"])
     with pytest.raises(ValueError, match="classification options"):

@@ -111,7 +111,7 @@ def test_hostile_segmentations_are_dropped_before_pycocotools(ray_cluster, tmp_p
 
 # --- 2. file names that leave the images folder, byte and pixel caps ---------------------------------
 
-def test_file_names_outside_the_images_root_are_quarantined(ray_cluster, tmp_path):
+def test_file_names_outside_the_images_root_and_unsafe_formats_are_quarantined(ray_cluster, tmp_path):
     imgs = tmp_path / "images"
     imgs.mkdir()
     secret = tmp_path / "secret.jpg"  # a real image, outside the images folder
@@ -120,11 +120,13 @@ def test_file_names_outside_the_images_root_are_quarantined(ray_cluster, tmp_pat
     (imgs / "link_out.jpg").symlink_to(secret)
     (imgs / "link_in.jpg").symlink_to(imgs / "inside.jpg")
     (imgs / "sub").mkdir()
+    Image.new("RGB", (50, 40)).save(imgs / "postscript.eps", "EPS")  # PIL would hand it to Ghostscript
     names = {1: "inside.jpg", 2: "../secret.jpg", 3: str(secret), 4: "link_out.jpg", 5: "link_in.jpg",
-             6: "sub/../inside.jpg", 7: "sub/../../secret.jpg"}
+             6: "sub/../inside.jpg", 7: "sub/../../secret.jpg", 8: "postscript.eps"}
     images = [{"id": i, "file_name": n, "width": 50, "height": 40} for i, n in names.items()]
     manifest = ingest(_split(tmp_path, images), imgs, tmp_path / "out")
     reasons = {q["image_id"]: q["reason"] for q in manifest["quarantined"]}
+    assert reasons.pop(8) == "not decodable: not a recognised image format"  # refused from its header
     assert set(reasons) == {2, 3, 4, 7}
     assert all(r.startswith("outside images root") for r in reasons.values()), reasons
     assert set(_rows(tmp_path / "out")) == {1, 5, 6}

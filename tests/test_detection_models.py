@@ -18,8 +18,14 @@ SMALL = {
     "yolo_v1": dict(image_size=64),
     "sliding_window_resnet18": dict(scales=(1.0,)),
     "rcnn_resnet18": dict(max_proposals=20, rois_per_image=8),
+    # torchvision's published detectors (vision/models/detection/torchvision_zoo.py), shrunk the same way
+    "fasterrcnn_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "fasterrcnn_resnet50_fpn_v2": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "maskrcnn_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
+    "retinanet_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, topk_candidates=20),
+    "ssd300_vgg16": dict(candidates_per_img=100000, topk_candidates=20),
 }
-DETECTORS = list_models("detection") + ["maskrcnn_resnet18_fpn"]
+DETECTORS = list_models("detection") + ["maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn"]
 
 
 def images_and_targets(masks=False):
@@ -41,6 +47,8 @@ def test_registry_holds_every_detector():
     assert {"fasterrcnn_resnet18_fpn", "ssdlite_mobilenet_v3", "yolo_v1", "sliding_window_resnet18",
             "rcnn_resnet18"} <= names
     assert "maskrcnn_resnet18_fpn" in list_models("segmentation")
+    assert {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn", "ssd300_vgg16"} <= names
+    assert "maskrcnn_resnet50_fpn" in list_models("segmentation")
 
 
 @pytest.mark.parametrize("name", DETECTORS)

@@ -32,6 +32,12 @@ def train_argv(data, out, **flags) -> list[str]:
     return argv
 
 
+def cli_lines(capsys) -> list[str]:
+    """The command's own lines (``visionflow train: ...``), on stdout or stderr."""
+    captured = capsys.readouterr()
+    return [l for l in (captured.out + captured.err).splitlines() if l.startswith("visionflow train:")]
+
+
 def copy_run(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest)
     return dest
@@ -75,7 +81,7 @@ def test_a_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint
     code = cli.main(train_argv(data_dir, run, epochs=3, lr=1e30))
     out, err = capsys.readouterr()
     assert code == 1
-    (line,) = [l for l in out.splitlines() if l.startswith("visionflow train:")]
+    (line,) = [l for l in (out + err).splitlines() if l.startswith("visionflow train:")]  # stdout or stderr
     assert "training diverged: the loss is nan at epoch 3/3, step 2" in line
     assert "last finite loss " in line and "lower --lr (now 1e+30)" in line
     assert "the latest checkpoint stays epoch 2's" in line
@@ -112,13 +118,13 @@ def test_a_rerun_with_other_data_or_model_is_refused_and_restart_trains_from_scr
     capsys.readouterr()
 
     assert cli.main(train_argv(other_data_dir, run)) == 2
-    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("visionflow train:")]
+    (line,) = cli_lines(capsys)
     assert line.startswith(f"visionflow train: {run} holds a run of other data or another model (the train and val "
                            f"data (--data {data_dir} then, {other_data_dir} now))")
     assert "pass --restart" in line and "a new --out" in line
 
     assert cli.main(train_argv(data_dir, run, image_size=48)) == 2
-    (line,) = [l for l in capsys.readouterr().out.splitlines() if l.startswith("visionflow train:")]
+    (line,) = cli_lines(capsys)
     assert "(--image-size 32 then, 48 now)" in line
     assert {p: p.read_bytes() for p in untouched} == untouched and checkpoint_dirs(run) == ["epoch_0000", "epoch_0001"]
 

@@ -3,6 +3,7 @@ trained, distilled): accuracy against epsilon per attack as Markdown/JSON, a PNG
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipelines.reports.robustness import DEFAULT_ATTACKS, DEFAULT_EPSILONS, robustness_report
 
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
                                    detect=not args.no_detect, fpr=args.fpr, examples=args.examples,
                                    visualize=args.visualize, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"visionflow attack: {e}")
+        print(f"visionflow attack: {e}", file=sys.stderr)
         return 2
     with open(result["markdown"]) as f:
         print(f.read())

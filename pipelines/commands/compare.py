@@ -7,7 +7,7 @@ import argparse
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="run directories of `visionflow train` (or holding failed.json)")
-    parser.add_argument("--out", default="comparison", help="where comparison.{md,png,json} go (default ./comparison)")
+    parser.add_argument("--out", default="comparison", help="where comparison.{md,png,json} and curves.png go (default ./comparison)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -15,5 +15,5 @@ def main(args: argparse.Namespace) -> int:
 
     result = compare(args.run_dirs, args.out)
     print(result["markdown"])
-    print(f"table: {result['table']}\nchart: {result['chart']}")
+    print(f"table: {result['table']}\nchart: {result['chart']}\ncurves: {result['curves']}")
     return 0 if all(r["status"] == "done" for r in result["rows"]) else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 
@@ -26,13 +27,20 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         out = os.path.join(args.checkpoint, "eval") if os.path.isdir(args.checkpoint) else "."
+    from pipelines.train.checkpoint import checkpoint_file
+
+    try:
+        checkpoint_file(args.checkpoint)  # a wrong path is refused before Ray starts
+    except FileNotFoundError as e:
+        print(f"visionflow eval: {e}", file=sys.stderr)
+        return 2
     if not connect_for("eval", args):
         return 1
     try:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, out, split=args.split,
                                       batch_size=args.batch_size, device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"visionflow eval: {e}")
+        print(f"visionflow eval: {e}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, default=str))
     return 0

@@ -7,8 +7,9 @@ import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="pipelines/configs/quickstart.yaml",
-                        help="run config YAML (default: pipelines/configs/quickstart.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="run config YAML (default: the quickstart that ships with visionflow, "
+                             "pipelines/configs/quickstart.yaml)")
     parser.add_argument("--run-dir", help="override the config's run_dir (a local path or s3://bucket/prefix)")
     parser.add_argument("--archs", help="comma-separated architectures to train (default: the config's list)")
     parser.add_argument("--plan", action="store_true",

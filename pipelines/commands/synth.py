@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 
@@ -26,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
         counts = write_synth(args.out, images=args.images, size=args.size, seed=args.seed,
                              val_fraction=args.val_fraction, progress=progress)
     except ValueError as e:
-        print(f"visionflow synth: {e}")
+        print(f"visionflow synth: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), **counts}))
     return 0

@@ -1,5 +1,6 @@
 """`visionflow train`: one architecture on Ray Train (rerun the same command to resume; ``--restart`` to start
-the run directory over). Exit codes: 0 trained, 1 training failed or diverged (one line), 2 bad input or a
+the run directory over). Exit codes: 0 trained, 1 training failed or diverged, or ``--pretrained`` weights
+could not be downloaded (one line), 2 bad input (an ``--init-from`` file that does not load or match) or a
 run directory of other data or another model (one line)."""
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ SKIP = {"categories", "chaos"}  # filled from the data / test-only
 def _flag_type(annotation):
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        base = next(a for a in typing.get_args(annotation) if a is not type(None))  # Optional[X] -> X
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(kinds) > 1:  # e.g. workers: N or MIN-MAX; the config's validator parses the text
+            return str, None
+        base = kinds[0]  # Optional[X] -> X
     if typing.get_origin(base) is typing.Literal:
         return str, list(typing.get_args(base))
     if base is dict:
@@ -32,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description or name.replace('_', ' ')} (default: {default!r})"
+        what = field.description or name.replace("_", " ")
+        help_text = f"{what} (required)" if field.is_required() else f"{what} (default: {default!r})"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
@@ -51,14 +56,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _local_cpus(cfg) -> int:
     # Train workers hold their CPUs for the whole run; Ray Data's augmentation tasks need some left over.
-    return max(os.cpu_count() or 1, int(cfg.workers * cfg.cpus_per_worker + 2 * cfg.augment_cpus + 1))
+    return max(os.cpu_count() or 1, int(cfg.max_workers * cfg.cpus_per_worker + 2 * cfg.augment_cpus + 1))
 
 
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from pipelines.ray_runtime import connect_for
-    from pipelines.train import TrainingDiverged, fit
+    from pipelines.train import TrainingDiverged, WeightsUnavailable, fit
     from pipelines.train.config import TrainConfig
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
@@ -74,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"visionflow train: {e}")
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, WeightsUnavailable) as e:  # --pretrained offline: one line, try --init-from
         print(f"visionflow train: {e}")
         return 1
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"],

@@ -4,6 +4,7 @@ their top-9 activations and the image patches that caused them."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
 
     for name in ("images", "maps", "top"):
         if getattr(args, name) < 1:
-            print(f"visionflow visualize: --{name} must be >= 1, got {getattr(args, name)}")
+            print(f"visionflow visualize: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
     if not connect_for("visualize", args, num_cpus=2):
         return 1
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
                                       maps=args.maps, top=args.top, method=args.method, split=args.split,
                                       device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"visionflow visualize: {e}")
+        print(f"visionflow visualize: {e}", file=sys.stderr)
         return 2
     print(f"{result['method']}: " + ", ".join(v["png"] for v in result["layers"].values()))
     return 0

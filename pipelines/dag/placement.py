@@ -40,8 +40,8 @@ def lane_needs(cfg: RunConfig, arch: str) -> tuple[float, float]:
     from pipelines.train.config import TrainConfig
 
     t = TrainConfig.model_validate({**cfg.train_settings(arch), "data": "-", "out": "-"})
-    cpus = t.workers * t.cpus_per_worker + max(DATA_CPUS, t.augment_cpus)
-    gpus = t.workers * t.gpus_per_worker
+    cpus = t.max_workers * t.cpus_per_worker + max(DATA_CPUS, t.augment_cpus)
+    gpus = t.max_workers * t.gpus_per_worker
     if cfg.eval.enabled:
         cpus = max(cpus, cfg.eval.num_cpus + DATA_CPUS)
         gpus = max(gpus, cfg.eval.num_gpus)

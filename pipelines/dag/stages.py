@@ -50,9 +50,10 @@ def run_stage(stage: Stage, label: str, config, inputs: dict, body: Callable[[bo
 
     The record of an earlier identical run (same key) is reported "skipped" and returned, marked
     ``"skipped": True``, without running anything. Otherwise: report "running", ``stage.begin(resumable)``,
-    ``outputs = body(resumed)``, ``stage.done(config, inputs, outputs, seconds)``, report "done". Either
-    way the stage returns ``result(record)``. When ``body`` raises and ``failed`` is given, the traceback is
-    printed, ``failed(error text)`` is returned and "failed" reported; without ``failed`` the error propagates.
+    ``outputs = body(resumed)`` plus ``node_id`` (the Ray node that ran it), ``stage.done(config, inputs,
+    outputs, seconds)``, report "done". Either way the stage returns ``result(record)``. When ``body``
+    raises and ``failed`` is given, the traceback is printed, ``failed(error text)`` is returned and
+    "failed" reported; without ``failed`` the error propagates.
     """
     if rec := stage.finished():
         return result(_skipped(board, label, rec))
@@ -60,6 +61,8 @@ def run_stage(stage: Stage, label: str, config, inputs: dict, body: Callable[[bo
         _report(board, label, "running")
         t0 = time.perf_counter()
         outputs = body(stage.begin(resumable=resumable))
+        # Which Ray node ran the stage (on a cluster: a worker node, the head, the driver's node).
+        outputs = {**outputs, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
         rec = stage.done(config, inputs, outputs, time.perf_counter() - t0)
         _report(board, label, "done", seconds=rec["seconds"])
         return result(rec)
@@ -236,7 +239,7 @@ def _compare_outputs(run: RunDir, results: list[dict], archs: list[str], ok: lis
         try:
             # Every branch directory, failed ones included: the table lists them with their error.
             outputs = entry_points.compare([run.path(f"archs/{a}") for a in archs], run.path("compare"))
-            outputs = {k: outputs[k] for k in ("table", "chart", "json") if k in outputs}
+            outputs = {k: outputs[k] for k in ("table", "chart", "curves", "json") if k in outputs}
         except Exception as e:  # the run's own report below still lists every branch
             traceback.print_exc()
             outputs = {"compare_error": _error_text(e)}
@@ -270,7 +273,7 @@ def _report_markdown(results: list[dict], outputs: dict) -> str:
         else:
             err = str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:160]
             lines.append(f"| {r['arch']} | {r.get('task', '')} | failed ({r.get('stage', '?')}) | | {err} | |")
-    links = [(k, outputs[k]) for k in ("table", "chart", "json") if outputs.get(k)]
+    links = [(k, outputs[k]) for k in ("table", "chart", "curves", "json") if outputs.get(k)]
     rob = outputs.get("robustness") or {}
     if rob.get("error"):
         links.append(("robustness", f"failed: {rob['error']}"))

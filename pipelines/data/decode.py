@@ -25,6 +25,9 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 TEST_CRASH_ENV = "VISIONFLOW_TEST_CRASH_ON"
 
 KEEP_FORMATS = {"JPEG", "PNG"}
+# The PIL decoders ingest runs on dataset files ("JPEG" includes the MPO files many cameras write). Not
+# EPS, which PIL hands to Ghostscript, nor the other rare plugins.
+INGEST_FORMATS = ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF", "PPM"]
 
 
 def check_image(raw: bytes, width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str | None]:
@@ -32,12 +35,12 @@ def check_image(raw: bytes, width: int, height: int, max_pixels: int = DEFAULT_M
     or None)``.
 
     8-bit RGB JPEG/PNG files without an EXIF orientation keep their bytes; anything else (grayscale,
-    CMYK, palette, RGBA, 16-bit samples, an EXIF rotation, other formats) is stored as what
+    CMYK, palette, RGBA, 16-bit samples, an EXIF rotation, the other ``INGEST_FORMATS``) is stored as what
     ``read_image`` shows (RGB, 8 bits, upright), re-encoded as PNG (lossless). Raises ValueError with the
     reason when the file is empty, not an image, over ``max_pixels``, truncated, or (once upright) not
     the size the JSON states.
     """
-    decoded = read_image(raw, max_pixels)
+    decoded = read_image(raw, max_pixels, INGEST_FORMATS)
     rgb = decoded.image
     if rgb.size != (width, height):
         turned = " after its EXIF orientation" if decoded.oriented else ""

@@ -131,6 +131,7 @@ def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: 
             "num_clipped_boxes": index.num_clipped,
             "converted_to_rgb": summary["converted"],
             "shards": summary["files"],
+            "shard_nodes": summary.get("shard_nodes", {}),
             "annotations": os.fspath(annotations),
             "images": os.fspath(images),
         }

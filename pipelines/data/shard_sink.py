@@ -11,6 +11,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data import Datasink
 
 from pipelines.storage import join
@@ -19,8 +20,10 @@ from pipelines.data.schema import CONVERTED, QUARANTINE, SHARD_SCHEMA
 
 def empty_summary() -> dict:
     """What a sink reports: shard names, counts, quarantined items, conversion notes, and the ids of
-    every image it saw (good or quarantined), by which ``ingest`` finds the images of tasks that died."""
-    return {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}, "image_ids": []}
+    every image it saw (good or quarantined), by which ``ingest`` finds the images of tasks that died;
+    ``shard_nodes``: ``{shard name: id of the Ray node whose task wrote it}``."""
+    return {"files": [], "num_images": 0, "num_instances": 0, "quarantined": [], "converted": {}, "image_ids": [],
+            "shard_nodes": {}}
 
 
 def merge_summaries(total: dict, part: dict) -> dict:
@@ -31,6 +34,7 @@ def merge_summaries(total: dict, part: dict) -> dict:
     total["num_instances"] += part["num_instances"]
     for k, v in part["converted"].items():
         total["converted"][k] = total["converted"].get(k, 0) + v
+    total.setdefault("shard_nodes", {}).update(part.get("shard_nodes", {}))
     total["files"].sort()
     return total
 
@@ -63,6 +67,8 @@ class ShardSink(Datasink):
                 if writer is None:
                     writer = pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=self.filesystem)
                     result["files"].append(path.rsplit("/", 1)[-1])
+                    # The decode is fused into this write task: the node that decoded the shard's images.
+                    result["shard_nodes"][result["files"][-1]] = ray.get_runtime_context().get_node_id()
                 writer.write_table(good, row_group_size=64)
                 result["num_images"] += good.num_rows
                 result["num_instances"] += int(pc.sum(pc.list_value_length(good["labels"])).as_py() or 0)

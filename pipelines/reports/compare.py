@@ -1,4 +1,4 @@
-"""The overall comparison of trained architectures: a Markdown table and a PNG chart.
+"""The overall comparison of trained architectures: a Markdown table, a PNG chart and the training curves.
 
 For each run directory: architecture, task, parameters, GFLOPs (the trained model at 224x224, measured by
 ``torch.utils.flop_counter``), the accuracy it reached (the task's main metric: top-1, localization
@@ -212,9 +212,26 @@ def chart(rows: list[dict], path: str) -> bytes:
     return data
 
 
+def curve_runs(rows: list[dict]) -> list[dict]:
+    """The finished runs' per-epoch records for ``pipelines.reports.curves.comparison_curves``: one entry per
+    run, labelled by architecture (and run directory where two runs share one)."""
+    done = [r for r in rows if r["status"] == "done"]
+    archs = [r["arch"] for r in done]
+    runs = []
+    for r in done:
+        label = r["arch"]
+        if archs.count(label) > 1:
+            label = f"{label} ({r['run_dir'].rstrip('/').rsplit('/', 1)[-1]})"
+        runs.append({"label": label, "task": r["task"], "records": storage.read_metrics(_train_dir(r["run_dir"]))})
+    return runs
+
+
 def compare(run_dirs: list[str], out_dir: str) -> dict:
     """Summarize ``run_dirs`` into ``out_dir``: ``comparison.md`` (table), ``comparison.png`` (chart),
-    ``comparison.json`` (rows). Returns {"table", "chart", "json", "markdown", "rows"}."""
+    ``curves.png`` (the runs' training curves side by side), ``comparison.json`` (rows).
+    Returns {"table", "chart", "curves", "json", "markdown", "rows"}."""
+    from pipelines.reports.curves import comparison_curves
+
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
     rows = [summarize_run(str(d)) for d in run_dirs]
@@ -222,5 +239,6 @@ def compare(run_dirs: list[str], out_dir: str) -> dict:
     out_dir = str(out_dir)
     return {"table": storage.write_bytes(out_dir, "comparison.md", table.encode()),
             "chart": storage.write_bytes(out_dir, "comparison.png", chart(rows, None)),
+            "curves": storage.write_bytes(out_dir, "curves.png", comparison_curves(curve_runs(rows))),
             "json": storage.write_json(out_dir, "comparison.json", rows),
             "markdown": table, "rows": rows}

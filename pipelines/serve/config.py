@@ -47,6 +47,11 @@ class StageResources(_Strict):
     max_queued_requests: Optional[int] = Field(None, ge=-1)
     # The Retry-After (seconds) of those 503s, and of the 503 `unavailable` when a replica died.
     retry_after_s: float = Field(1.0, ge=0)
+    # Placement across nodes: at most this many replicas on one node (2 replicas, 1 per node: a lost node
+    # takes only one), and custom resources each replica holds (e.g. {"node_head": 0.01} pins it to the
+    # node started with that resource).
+    max_replicas_per_node: Optional[int] = Field(None, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bounded_queue(self):
@@ -68,12 +73,15 @@ class StageResources(_Strict):
     def deployment_options(self) -> dict:
         """The keyword arguments for ``Deployment.options``."""
         opts = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             # Serve's own answer when this deployment's queue is full (503 + Retry-After).
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
         }
+        if self.max_replicas_per_node is not None:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
         if self.autoscaling is not None:
             opts["autoscaling_config"] = self.autoscaling.model_dump()
         else:

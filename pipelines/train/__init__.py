@@ -4,6 +4,7 @@ from pipelines.train.config import TrainConfig
 from pipelines.train.evaluate import evaluate_checkpoint
 from pipelines.train.run_record import RunMismatch
 from pipelines.train.trainer import TrainingDiverged, fit
+from vision.models.weights import WeightsUnavailable
 
-__all__ = ["RunMismatch", "TrainConfig", "TrainingDiverged", "evaluate_checkpoint", "fit", "latest_checkpoint",
-           "load_checkpoint"]
+__all__ = ["RunMismatch", "TrainConfig", "TrainingDiverged", "WeightsUnavailable", "evaluate_checkpoint", "fit",
+           "latest_checkpoint", "load_checkpoint"]

@@ -2,9 +2,9 @@
 ``config`` all hold. Unknown fields are an error that names them."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TASKS = ("classification", "localization", "detection", "segmentation")
 
@@ -39,12 +39,23 @@ class TrainConfig(BaseModel):
     arch: str = Field(description="registered model name (visionflow models)")
     model_kwargs: dict = Field(default_factory=dict, description='extra builder arguments as JSON, e.g. {"backbone": "resnet34"}')
     num_classes: Optional[int] = Field(None, ge=1, description="None: the categories of the data's manifest")
+    # starting weights (a fresh run only; a resume continues from its own checkpoint)
+    init_from: Optional[str] = Field(None, description="start from these weights: a visionflow checkpoint (run dir, "
+                                     "checkpoint dir, .pt) or a torchvision state dict file; tensors load by name "
+                                     "and shape, the rest (e.g. a head of another class count) stays initialised")
+    pretrained: bool = Field(False, description="start from torchvision's published weights for the architecture "
+                             "(downloaded: needs the internet; offline, use --init-from)")
     categories: list[dict] = Field(default_factory=list)  # filled from the manifest
     # where
     data: str = Field(description="data directory with train/ and val/ from visionflow ingest")
     out: str = Field(description="run directory (local or s3://): checkpoints, metrics.jsonl, config.json")
     # resources
-    workers: int = Field(1, ge=1)
+    workers: Union[int, Tuple[int, int]] = Field(1, description="Ray Train workers: N, or MIN-MAX for an elastic "
+                                              "group that runs with what the cluster has (e.g. 1-2)")
+    placement: Literal["pack", "spread"] = Field("pack", description="pack the workers onto few nodes, or spread "
+                                                  "them over nodes (best effort)")
+    elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic workers: seconds between checks "
+                                                    "for room to grow the group")
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     augment_cpus: float = Field(0.5, gt=0, description="Ray Data CPUs per augmentation task")
@@ -76,6 +87,36 @@ class TrainConfig(BaseModel):
     checkpoints_to_keep: int = Field(2, ge=1)
     chaos: Optional[Chaos] = None
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        """``2``, ``"2"``, ``"1-2"``, ``[1, 2]`` -> 2 or (1, 2); MIN-MAX is an elastic group."""
+        if isinstance(v, str):
+            lo, sep, hi = v.strip().partition("-")
+            try:
+                v = (int(lo), int(hi)) if sep else int(lo)
+            except ValueError:
+                raise ValueError(f"workers must be N or MIN-MAX (e.g. 2 or 1-2), got {v!r}") from None
+        if isinstance(v, (list, tuple)):
+            if len(v) != 2:
+                raise ValueError(f"workers must be N or MIN-MAX (e.g. 2 or 1-2), got {v!r}")
+            lo, hi = (int(x) for x in v)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"workers MIN-MAX needs 1 <= MIN <= MAX, got {lo}-{hi}")
+            return (lo, hi) if lo != hi else lo
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"workers must be at least 1, got {v}")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run holds at once (what a lane needs room for)."""
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
     @model_validator(mode="after")
     def _resolve(self):
         from vision.models import get_entry
@@ -88,6 +129,8 @@ class TrainConfig(BaseModel):
                              f"its own (visionflow models)")
         if self.task in ("classification",) and entry.task != "classification":
             raise ValueError(f"arch {self.arch!r} is a {entry.task} model; classification needs a classifier")
+        if self.init_from and self.pretrained:
+            raise ValueError("init_from and pretrained both choose the starting weights; pass one of them")
         if self.task != "classification" and (self.adversarial != "none" or self.distill_from or self.temperature != 1):
             raise ValueError("adversarial training and distillation (adversarial, distill_from, temperature) "
                              f"are classification options; task is {self.task!r}")

@@ -27,3 +27,12 @@ def any_bad_rank(bad: bool, rank: int) -> int | None:
     in a collective the others left."""
     flag = all_reduce_sums({"bad_rank": float(rank) if bad else -1.0}, op="max")["bad_rank"]
     return int(flag) if flag >= 0 else None
+
+
+def gather_strings(value: str) -> list[str]:
+    """``value`` of every worker, in rank order (one all-gather); ``[value]`` without a process group."""
+    if not is_distributed():
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return [str(v) for v in out]

@@ -7,6 +7,10 @@ same model on the same data. ``run.json`` records, when the run starts:
   shard files and counts: another ingest, even of the same images, is other data) and the classes. The
   data directory's path is recorded for the message only: a copied or moved data directory is the same data.
 - ``model``: the settings that decide the model's shape and the saved optimizer state (``MODEL_KEYS``).
+- ``init`` (a run started from other weights: ``--init-from``, ``--pretrained``): where its weights came
+  from and what loaded (``pipelines.train.init_weights.check``). A record, not a check: those flags act only at
+  the start of a fresh run (a resume continues from its own checkpoint, whatever they say now), so they are
+  not model settings; a resume keeps the ``init`` of the run's start.
 
 Everything else may change between resumes: ``--epochs`` (to train longer), ``--lr`` (after a divergence),
 the schedule, batch size, workers, devices, seed, adversarial training... A rerun whose data or model
@@ -72,20 +76,23 @@ def _legacy(run: storage.RunDir) -> dict:
 
 
 def clear(out: str) -> None:
-    """Delete what a run wrote: Ray Train's checkpoints and registry, the metrics and the run's records."""
+    """Delete what a run wrote: Ray Train's checkpoints and registry, the metrics (with their CSV, TensorBoard
+    events and curves) and the run's records."""
     from pipelines.train.trainer import CHECKPOINTS, DIVERGED
+    from pipelines.train.watch import CURVES, METRICS_CSV, TENSORBOARD
 
     run = storage.RunDir(out)
-    for name in (CHECKPOINTS, storage.METRICS, RUN_FILE, "config.json", DIVERGED):
+    for name in (CHECKPOINTS, storage.METRICS, METRICS_CSV, TENSORBOARD, CURVES, RUN_FILE, "config.json", DIVERGED):
         run.remove(name)
 
 
-def start(out: str, cfg, *, restart: bool = False) -> dict:
+def start(out: str, cfg, *, restart: bool = False, init: dict | None = None) -> dict:
     """Check ``cfg`` against the run directory ``out`` and record it in ``out/run.json``.
 
     With ``restart`` the run's checkpoints and metrics are deleted first. Otherwise, when the run has a
     checkpoint to resume from, its recorded data and model must equal ``cfg``'s (``RunMismatch`` names
-    what differs). Returns the record written."""
+    what differs), and the run keeps its recorded ``init``; a fresh run records ``init`` (where its
+    starting weights came from) when given. Returns the record written."""
     from pipelines.train.checkpoint import registered_checkpoints
 
     new = fingerprint(cfg)
@@ -100,5 +107,8 @@ def start(out: str, cfg, *, restart: bool = False) -> dict:
                 f"{out} holds a run of other data or another model ({'; '.join(differences)}), and a rerun "
                 "resumes it: pass --restart to delete its checkpoints and metrics and train from scratch, or "
                 "give a new --out")
+        init = old.get("init")
+    if init:
+        new["init"] = init
     run.write_json(RUN_FILE, new)
     return new

@@ -40,7 +40,7 @@ import torch.nn as nn
 from pipelines import storage
 from pipelines.train.config import TrainConfig
 from pipelines.train.devices import is_multi_device
-from pipelines.train.distributed import all_reduce_sums, any_bad_rank
+from pipelines.train.distributed import all_reduce_sums, any_bad_rank, gather_strings
 from pipelines.train.tasks import get_task
 
 CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/epoch_NNNN/
@@ -199,6 +199,9 @@ def train_loop(config: dict) -> None:
     task = get_task(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # The Ray node of each worker, by rank: every epoch's record says where it trained (spread placement,
+    # an elastic group that shrank or grew, a restart on other nodes after a node was lost).
+    worker_nodes = gather_strings(ray.get_runtime_context().get_node_id())
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
@@ -214,7 +217,15 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(payload["optimizer"])
         start = payload["epoch"] + 1
         if rank == 0:
-            _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}")
+            ignored = ("; --init-from and --pretrained start a fresh run only: ignored"
+                       if cfg.init_from or cfg.pretrained else "")
+            _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}{ignored}")
+    elif cfg.init_from or cfg.pretrained:  # a fresh run from other weights (checked on the driver by fit)
+        from pipelines.train import init_weights
+
+        report = init_weights.apply(model, cfg)
+        if rank == 0:
+            _say(report.line())
     net = _wrap_ddp(model, device, task) if world > 1 else model
 
     use_amp = cfg.amp and device.type == "cuda"
@@ -222,6 +233,13 @@ def train_loop(config: dict) -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
 
     min_batch = getattr(task, "MIN_BATCH", 1)
+    watch = None
+    if rank == 0:  # progress bars, TensorBoard, metrics.csv, curves.png (pipelines/train/watch.py)
+        from pipelines.train import watch as watching
+
+        watch = watching.Watch(cfg.out, cfg.task, f"{cfg.arch} ({cfg.task}): {os.path.basename(cfg.out.rstrip('/'))}",
+                               start)
+    expected = config.get("rows")  # the epoch's images over all workers (the manifest's count, then the last epoch's)
     next_shard = None
     steps, last_finite, diverged = 0, None, None
     for epoch in range(start, cfg.epochs):
@@ -233,6 +251,8 @@ def train_loop(config: dict) -> None:
         # The next epoch's split coordinator (an actor process) starts while this epoch trains.
         next_shard = ray.train.get_dataset_shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+        bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
+                                 world=world) if rank == 0 else None)
         for step, raw in enumerate(batches):
             n = len(next(iter(raw.values())))
             if n < min_batch:  # equal shards: every worker skips the same step, DDP stays in step
@@ -259,6 +279,10 @@ def train_loop(config: dict) -> None:
                 if k != "n":
                     sums[k] = sums.get(k, 0.0) + float(v) * w
             images += int(w)
+            if bar is not None:
+                bar.update(int(w), value)
+        if bar is not None:
+            bar.close()
         if diverged is not None:
             break
         seconds = time.perf_counter() - t0
@@ -279,7 +303,7 @@ def train_loop(config: dict) -> None:
                   "train_images_per_s": n_all / max(slowest["seconds"], 1e-9),
                   **{f"train_{k}": v / n_all for k, v in sorted(total.items())},
                   **{f"val_{k}": float(v) for k, v in val.items()},
-                  "val_seconds": slowest["val_seconds"]}
+                  "val_seconds": slowest["val_seconds"], "workers": world, "worker_nodes": worker_nodes}
         if "val_images" in record:
             record["val_images_per_s"] = record["val_images"] / max(slowest["val_seconds"], 1e-9)
         bad = any_bad_rank(not _finite_state(model), rank)  # never checkpoint non-finite weights
@@ -288,9 +312,13 @@ def train_loop(config: dict) -> None:
                                    bad_rank=bad)
             break
         _save_and_report(record, model, optimizer, cfg, epoch, rank)
+        expected = record["train_images"]
         if rank == 0:
             _say(format_progress(record, cfg.epochs))
+            watch.after_epoch(record)
             _release(shard)
+    if watch is not None:
+        watch.close()
     if diverged is not None and rank == 0:  # every worker stopped at the same step; fit raises
         storage.write_json(cfg.out, DIVERGED, diverged)
 
@@ -346,15 +374,26 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
 
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
-    run_record.start(out, cfg, restart=restart)  # RunMismatch before anything of the run is touched
+    from pipelines.data import read_manifest
+    from pipelines.train import init_weights, watch
+    from pipelines.train.checkpoint import registered_checkpoints
+
+    # Starting weights (--init-from, --pretrained) apply to a fresh run only; checked here, so that a bad
+    # file or no internet is one line before anything of the run is touched.
+    fresh = restart or not registered_checkpoints(out)
+    init = init_weights.check(cfg) if fresh else None
+    run_record.start(out, cfg, restart=restart, init=init)  # RunMismatch before anything of the run is touched
     storage.RunDir(out).remove(DIVERGED)
     storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"),
+                           "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement.upper(),
+                                     elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=out,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),

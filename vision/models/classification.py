@@ -194,32 +194,32 @@ def _build(tv_builder: Callable, family: str, num_classes: int, pretrained: bool
     return Classifier(tv_builder(weights=None, num_classes=num_classes, **kw), family)
 
 
-@register_model("alexnet", task="classification", description="AlexNet, single tower (torchvision)")
+@register_model("alexnet", task="classification", weights="alexnet", description="AlexNet, single tower (torchvision)")
 def alexnet(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.alexnet, "vgg", num_classes, **kw)
 
 
-@register_model("vgg11", task="classification", description="VGG-11")
+@register_model("vgg11", task="classification", weights="vgg11", description="VGG-11")
 def vgg11(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.vgg11, "vgg", num_classes, **kw)
 
 
-@register_model("vgg11_bn", task="classification", description="VGG-11 with batch norm")
+@register_model("vgg11_bn", task="classification", weights="vgg11_bn", description="VGG-11 with batch norm")
 def vgg11_bn(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.vgg11_bn, "vgg", num_classes, **kw)
 
 
-@register_model("vgg16", task="classification", description="VGG-16")
+@register_model("vgg16", task="classification", weights="vgg16", description="VGG-16")
 def vgg16(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.vgg16, "vgg", num_classes, **kw)
 
 
-@register_model("vgg16_bn", task="classification", description="VGG-16 with batch norm")
+@register_model("vgg16_bn", task="classification", weights="vgg16_bn", description="VGG-16 with batch norm")
 def vgg16_bn(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.vgg16_bn, "vgg", num_classes, **kw)
 
 
-@register_model("googlenet", task="classification", description="GoogLeNet (Inception v1) with two aux classifiers")
+@register_model("googlenet", task="classification", weights="googlenet", description="GoogLeNet (Inception v1) with two aux classifiers")
 def googlenet(num_classes: int, aux_logits: bool = True, **kw) -> nn.Module:
     kw.setdefault("init_weights", True)  # torchvision warns and defaults to its scipy-free init otherwise
     model = _build(tvm.googlenet, "googlenet", num_classes, **kw)
@@ -228,46 +228,46 @@ def googlenet(num_classes: int, aux_logits: bool = True, **kw) -> nn.Module:
     return model
 
 
-@register_model("resnet18", task="classification", description="ResNet-18")
+@register_model("resnet18", task="classification", weights="resnet18", description="ResNet-18")
 def resnet18(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnet18, "resnet", num_classes, **kw)
 
 
-@register_model("resnet34", task="classification", description="ResNet-34")
+@register_model("resnet34", task="classification", weights="resnet34", description="ResNet-34")
 def resnet34(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnet34, "resnet", num_classes, **kw)
 
 
-@register_model("resnet50", task="classification", description="ResNet-50")
+@register_model("resnet50", task="classification", weights="resnet50", description="ResNet-50")
 def resnet50(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnet50, "resnet", num_classes, **kw)
 
 
-@register_model("resnet101", task="classification", description="ResNet-101")
+@register_model("resnet101", task="classification", weights="resnet101", description="ResNet-101")
 def resnet101(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnet101, "resnet", num_classes, **kw)
 
 
-@register_model("resnet152", task="classification", description="ResNet-152")
+@register_model("resnet152", task="classification", weights="resnet152", description="ResNet-152")
 def resnet152(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnet152, "resnet", num_classes, **kw)
 
 
-@register_model("resnext50_32x4d", task="classification", description="ResNeXt-50 32x4d")
+@register_model("resnext50_32x4d", task="classification", weights="resnext50_32x4d", description="ResNeXt-50 32x4d")
 def resnext50_32x4d(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.resnext50_32x4d, "resnet", num_classes, **kw)
 
 
-@register_model("densenet121", task="classification", description="DenseNet-121")
+@register_model("densenet121", task="classification", weights="densenet121", description="DenseNet-121")
 def densenet121(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.densenet121, "densenet", num_classes, **kw)
 
 
-@register_model("squeezenet1_0", task="classification", description="SqueezeNet 1.0")
+@register_model("squeezenet1_0", task="classification", weights="squeezenet1_0", description="SqueezeNet 1.0")
 def squeezenet1_0(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.squeezenet1_0, "squeezenet", num_classes, **kw)
 
 
-@register_model("squeezenet1_1", task="classification", description="SqueezeNet 1.1")
+@register_model("squeezenet1_1", task="classification", weights="squeezenet1_1", description="SqueezeNet 1.1")
 def squeezenet1_1(num_classes: int, **kw) -> nn.Module:
     return _build(tvm.squeezenet1_1, "squeezenet", num_classes, **kw)

@@ -162,6 +162,14 @@ def localization_hits(logits, boxes, labels, target_boxes, iou_threshold: float 
     return (logits.argmax(1) == labels) & (iou >= iou_threshold)
 
 
-@register_model("localizer", task="localization", description="registry backbone + per-cell centre, class and box heads")
+def _backbone_weights(backbone: str = "resnet18", **_) -> tuple:
+    """The published weights of the localizer's backbone (its classifier's)."""
+    from vision.models.weights import published_weights
+
+    return published_weights(backbone)
+
+
+@register_model("localizer", task="localization", weights=_backbone_weights,
+                description="registry backbone + per-cell centre, class and box heads")
 def localizer(num_classes: int, backbone: str = "resnet18", **kw) -> nn.Module:
     return Localizer(num_classes, backbone=backbone, **kw)

@@ -3,7 +3,10 @@
 A builder is registered with its task; a Ray worker needs only a name and a dict to
 rebuild any model: ``create_model(name, num_classes, **kw)``. Segmentation models also say which kind
 they are (``ModelEntry.segmentation``): ``"instance"`` (per-object masks, scored by COCO mask AP) or
-``"semantic"`` (a class per pixel, scored by mIoU).
+``"semantic"`` (a class per pixel, scored by mIoU). ``ModelEntry.weights`` names torchvision's published
+weights for the architecture (a torchvision model name, or a function of the model's keywords returning
+``(state dict, description)``), None when there are none: what ``--pretrained`` starts from
+(``vision.models.weights``).
 """
 from __future__ import annotations
 
@@ -24,16 +27,17 @@ class ModelEntry:
     description: str = ""
     defaults: dict = field(default_factory=dict)
     segmentation: str | None = None  # task "segmentation" only: one of SEGMENTATION_KINDS
+    weights: str | Callable[..., tuple] | None = None  # published weights: torchvision model name or function
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str | None = None, *, task: str, description: str = "", segmentation: str | None = None,
-                   **defaults):
+                   weights: str | Callable[..., tuple] | None = None, **defaults):
     """Decorator: ``@register_model("resnet18", task="classification")`` over a builder
     ``fn(num_classes, **kw) -> nn.Module``; segmentation models add ``segmentation="instance"`` or
-    ``"semantic"``."""
+    ``"semantic"``; ``weights`` names torchvision's published weights for it (``weights="resnet18"``)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if (task == "segmentation") != (segmentation is not None) or segmentation not in (None, *SEGMENTATION_KINDS):
@@ -46,7 +50,7 @@ def register_model(name: str | None = None, *, task: str, description: str = "",
             raise ValueError(f"model {key!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
         _REGISTRY[key] = ModelEntry(key, task, fn, doc if isinstance(doc, str) else "".join(doc), dict(defaults),
-                                    segmentation)
+                                    segmentation, weights)
         return fn
 
     return wrap

@@ -51,14 +51,14 @@ def _semantic(build, num_classes: int, pretrained: bool, **kw) -> SemanticSegmen
     return SemanticSegmenter(net, num_classes)
 
 
-@register_model("fcn_resnet50", task="segmentation", segmentation="semantic",
+@register_model("fcn_resnet50", weights="fcn_resnet50", task="segmentation", segmentation="semantic",
                 description="FCN (fully convolutional), ResNet-50 (torchvision)")
 def fcn_resnet50(num_classes: int, *, pretrained: bool = False, **kw) -> SemanticSegmenter:
     """FCN-ResNet50 with ``num_classes + 1`` per-pixel classes."""
     return _semantic(tvseg.fcn_resnet50, num_classes, pretrained, **kw)
 
 
-@register_model("deeplabv3_mobilenet_v3", task="segmentation", segmentation="semantic",
+@register_model("deeplabv3_mobilenet_v3", weights="deeplabv3_mobilenet_v3_large", task="segmentation", segmentation="semantic",
                 description="DeepLabV3 (atrous spatial pyramid pooling), MobileNetV3-Large (torchvision)")
 def deeplabv3_mobilenet_v3(num_classes: int, *, pretrained: bool = False, **kw) -> SemanticSegmenter:
     """DeepLabV3-MobileNetV3-Large with ``num_classes + 1`` per-pixel classes (small enough for CPU)."""

@@ -9,5 +9,6 @@ from vision.models.detection import rcnn  # noqa: F401  selective search + CNN o
 from vision.models.detection import faster_rcnn  # noqa: F401  Faster R-CNN, Mask R-CNN
 from vision.models.detection import ssd  # noqa: F401
 from vision.models.detection import yolo  # noqa: F401  v1-style grid
+from vision.models.detection import torchvision_zoo  # noqa: F401  torchvision's ResNet-50 / VGG-16 COCO detectors
 
 __all__ = ["CandidateDetector", "TorchvisionDetector"]

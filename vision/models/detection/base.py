@@ -77,7 +77,7 @@ class CandidateDetector(nn.Module):
 
 
 class TorchvisionDetector(CandidateDetector):
-    """A torchvision detector (Faster/Mask R-CNN, SSD) with ``candidates``.
+    """A torchvision detector (Faster/Mask R-CNN, RetinaNet, SSD) with ``candidates``.
 
     Candidates come from the detector's own postprocessing with NMS switched off (threshold 1.0:
     "suppress if IoU > 1" never fires) and at most ``candidates_per_img`` kept by score; boxes and masks
@@ -112,4 +112,6 @@ class TorchvisionDetector(CandidateDetector):
             finally:
                 heads.nms_thresh, heads.detections_per_img = saved
                 self.net.train(was_training)
-        return [Detections.from_dict(o) for o in outs]
+        # RetinaNet scores the background column too (labels 0..K); the contract's labels are 1..K.
+        return [d[d.labels > 0] if len(d) and bool((d.labels == 0).any()) else d
+                for d in (Detections.from_dict(o) for o in outs)]

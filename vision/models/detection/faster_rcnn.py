@@ -59,7 +59,7 @@ def _rcnn(num_classes: int, *, masks: bool, arch: str, fpn_channels: int, repres
     return TorchvisionDetector(net, candidates_per_img=candidates_per_img)
 
 
-@register_model("fasterrcnn_resnet18_fpn", task="detection",
+@register_model("fasterrcnn_resnet18_fpn", weights="resnet18", task="detection",
                 description="Faster R-CNN: ResNet-18 FPN backbone, RPN + RoI heads (torchvision)")
 def fasterrcnn_resnet18_fpn(num_classes: int, *, min_size: int = 320, max_size: int = 512, pretrained: bool = False,
                             candidates_per_img: int = 1000, **kw) -> TorchvisionDetector:
@@ -69,7 +69,7 @@ def fasterrcnn_resnet18_fpn(num_classes: int, *, min_size: int = 320, max_size: 
                  candidates_per_img=candidates_per_img, **kw)
 
 
-@register_model("fasterrcnn_mobilenet_v3_fpn", task="detection",
+@register_model("fasterrcnn_mobilenet_v3_fpn", weights="fasterrcnn_mobilenet_v3_large_320_fpn", task="detection",
                 description="Faster R-CNN: MobileNetV3-Large FPN backbone, 320 px (torchvision)")
 def fasterrcnn_mobilenet_v3_fpn(num_classes: int, *, min_size: int = 320, max_size: int = 512,
                                 pretrained: bool = False, candidates_per_img: int = 1000, **kw) -> TorchvisionDetector:
@@ -80,7 +80,7 @@ def fasterrcnn_mobilenet_v3_fpn(num_classes: int, *, min_size: int = 320, max_si
     return TorchvisionDetector(net, candidates_per_img=candidates_per_img)
 
 
-@register_model("maskrcnn_resnet18_fpn", task="segmentation", segmentation="instance",
+@register_model("maskrcnn_resnet18_fpn", weights="resnet18", task="segmentation", segmentation="instance",
                 description="Mask R-CNN: Faster R-CNN + a mask head per region (torchvision)")
 def maskrcnn_resnet18_fpn(num_classes: int, *, min_size: int = 320, max_size: int = 512, pretrained: bool = False,
                           candidates_per_img: int = 100, **kw) -> TorchvisionDetector:

@@ -108,7 +108,7 @@ class RCNN(CandidateDetector):
         return out
 
 
-@register_model("rcnn_resnet18", task="detection",
+@register_model("rcnn_resnet18", weights="resnet18", task="detection",
                 description="R-CNN: selective-search regions, warped, ResNet-18, class scores + box regression")
 def rcnn_resnet18(num_classes: int, **kw) -> RCNN:
     """R-CNN over the registry's ResNet-18; keywords: warp, context, max_proposals, rois_per_image."""

@@ -134,7 +134,7 @@ class SlidingWindowDetector(CandidateDetector):
         return out
 
 
-@register_model("sliding_window_resnet18", task="detection",
+@register_model("sliding_window_resnet18", weights="resnet18", task="detection",
                 description="Sliding-window detector: ResNet-18 classifier slid fully-convolutionally at 3 scales")
 def sliding_window_resnet18(num_classes: int, **kw) -> SlidingWindowDetector:
     """Sliding-window detector over the registry's ResNet-18; keywords: window, scales, score_thresh."""

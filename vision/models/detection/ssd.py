@@ -7,7 +7,7 @@ from vision.models.detection.base import TorchvisionDetector
 from vision.models.registry import register_model
 
 
-@register_model("ssdlite_mobilenet_v3", task="detection",
+@register_model("ssdlite_mobilenet_v3", weights="ssdlite320_mobilenet_v3_large", task="detection",
                 description="SSDlite: MobileNetV3-Large, multi-scale default boxes, 320 px (torchvision)")
 def ssdlite_mobilenet_v3(num_classes: int, *, pretrained: bool = False, candidates_per_img: int = 1000,
                          **kw) -> TorchvisionDetector:

@@ -138,7 +138,21 @@ class YOLOv1(CandidateDetector):
         return out
 
 
-@register_model("yolo_v1", task="detection", description="YOLO v1-style: S x S grid, B boxes per cell (written here)")
+def _resnet18_stem_weights(**_) -> tuple:
+    """torchvision's ImageNet ResNet-18 up to layer3, keyed as this model's ``backbone`` Sequential."""
+    from vision.models.weights import torchvision_weights
+
+    state, what = torchvision_weights("resnet18")
+    index = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6"}
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in index:
+            out[f"backbone.{index[head]}.{rest}"] = value
+    return out, what
+
+
+@register_model("yolo_v1", task="detection", weights=_resnet18_stem_weights, description="YOLO v1-style: S x S grid, B boxes per cell (written here)")
 def yolo_v1(num_classes: int, **kw) -> YOLOv1:
     """YOLO v1-style detector; keywords: image_size, boxes_per_cell, score_thresh, nms_thresh, pretrained."""
     return YOLOv1(num_classes, **kw)
