@@ -27,7 +27,7 @@ class Progress:
         self.done = 0
         self.fields: dict = {}
         self.t0 = time.perf_counter()
-        self._last = 0.0
+        self._last = float("-inf")  # the first update is always written
         self._pending = False  # into a pipe: an update not written yet (it came between two lines)
         self._final_written = False
         self._tty = bool(getattr(self.out, "isatty", lambda: False)())

@@ -278,7 +278,7 @@ class Cluster:
             time.sleep(0.5)
         raise RuntimeError(f"node {node_id} was not marked dead within {timeout}s")
 
-    def shutdown(self, grace_s: float = 10) -> None:
+    def shutdown(self, grace_s: float = 3) -> None:
         """Stop every node this harness started: SIGTERM to each ``ray start`` group (it stops its node's
         processes), SIGKILL to whatever of the node's session is left after ``grace_s``; then anything left
         that names this cluster's temp folder. Removes the temp folder."""

@@ -36,10 +36,10 @@ ARGS = {
     "models": [
         {"name": "mask", "task": "segmentation", "arch": "maskrcnn_resnet18_fpn", "num_classes": 3,
          "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
-        # A detector that waits 1.5 s to fill a batch of 4: requests sit in it long enough to fill its
+        # A detector that waits 3 s to fill a batch of 4: requests sit in it long enough to fill its
         # queue, to outlast a short timeout, or to be in flight when its replica is killed.
         {"name": "slow", "task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3,
-         "random_weights": True, "image_size": 64, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 1.5},
+         "random_weights": True, "image_size": 64, "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 3.0},
          "model": {"num_cpus": 0.2, "max_ongoing_requests": 4, "max_queued_requests": 2, "retry_after_s": 3}},
     ],
     # Masks of up to 100 whole 4096 x 4096 images: the big request below is served, not refused.
@@ -294,7 +294,7 @@ def test_slow_bodies_get_408_and_do_not_block_a_normal_request(url):
 
 def test_serve_request_timeout_answers_408_text(url):
     """Serve's proxy cuts a request still running after its timeout with 408 and a plain-text body (Serve's
-    answer, not the API's JSON); here the client asks for 0.5 s while the detector waits 1.5 s for a batch."""
+    answer, not the API's JSON); here the client asks for 0.5 s while the detector waits 3 s for a batch."""
     r = _post(url, "/v1/detect", _image(64, 48), model="slow", headers={"x-request-timeout-seconds": "0.5"},
               timeout=60)
     assert r.status_code == 408, r.text
@@ -324,7 +324,7 @@ def test_killed_replica_answers_503_then_serve_replaces_it(url):
     pid = handle.pid.remote().result()
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(_post, url, "/v1/detect", _image(64, 48), "image/jpeg", 120, None, model="slow")
-        time.sleep(0.7)  # the request now waits in the replica for its batch to fill (1.5 s)
+        time.sleep(1.5)  # the request now waits in the replica for its batch to fill (3 s)
         os.kill(pid, signal.SIGKILL)
         r = pending.result()
     message = _assert_error(r, 503, "unavailable")

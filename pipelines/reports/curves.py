@@ -81,10 +81,11 @@ def run_figure(records: list[dict], task: str | None, title: str):
         ax_metric.plot(xs, ys, "-o", color="tab:green", label=_metric_label(task, key), markersize=4)
         train_key = "train_" + key[len("val_"):]
         txs, tys = _series(records, train_key)
+        name = _metric_label(task, key)[len("val "):] if _metric_label(task, key).startswith("val ") else key
         if txs:
-            ax_metric.plot(txs, tys, "--s", color="tab:olive", label=train_key.replace("_", " "), markersize=4)
-        ax_metric.set_ylabel(_metric_label(task, key))
-        ax_metric.set_title(f"{_metric_label(task, key)} by epoch", fontsize=10)
+            ax_metric.plot(txs, tys, "--s", color="tab:olive", label=f"train {name}", markersize=4)
+        ax_metric.set_ylabel(name)
+        ax_metric.set_title(f"{name} by epoch", fontsize=10)
         ax_metric.legend(fontsize=8)
     else:
         ax_metric.text(0.5, 0.5, "no main metric recorded", ha="center", va="center", transform=ax_metric.transAxes)
