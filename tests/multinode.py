@@ -189,35 +189,59 @@ class Cluster:
         return node
 
     def start_head(self, cpus: float = 1, resources: dict | None = None, env: dict | None = None,
-                   timeout: float = 180) -> Node:
-        node = self._ray_start("head", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                                        "--dashboard-port", str(self.dashboard_port),
-                                        "--ray-client-server-port", str(free_port())], cpus, resources, env)
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_running(node)
-            try:
-                self.api("/api/version", timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the head's dashboard did not answer within {timeout}s:\n{self._tail(node)}")
-                time.sleep(0.5)
-        node.node_id = self._wait_registered(node, deadline - time.monotonic())
-        return node
+                   timeout: float = 180, attempts: int = 3) -> Node:
+        args = ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                str(self.dashboard_port), "--ray-client-server-port", str(free_port())]
+
+        def started(node: Node) -> None:
+            deadline = time.monotonic() + timeout
+            while True:
+                self._check_running(node)
+                try:
+                    self.api("/api/version", timeout=5)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the head's dashboard did not answer within {timeout}s:\n{self._tail(node)}")
+                    time.sleep(0.5)
+            node.node_id = self._wait_registered(node, deadline - time.monotonic())
+
+        return self._start_with_retries("head", args, cpus, resources, env, started, attempts)
 
     def add_node(self, name: str, cpus: float = 1, resources: dict | None = None, env: dict | None = None,
-                 wait: bool = True, timeout: float = 180) -> Node:
+                 wait: bool = True, timeout: float = 180, attempts: int = 3) -> Node:
         """A worker node joining the head (``ray start --address``); ``env`` for its processes only (e.g.
         ``RAY_SERVE_WORKER_PROXY_HTTP_PORT``: Serve's proxy on this node binds that port)."""
         if name in self.nodes and self.nodes[name].alive():
             raise ValueError(f"node {name!r} is running")
+
+        def started(node: Node) -> None:
+            if wait:
+                node.node_id = self._wait_registered(node, timeout)
+
         # One log monitor per machine: the head's reads the shared logs folder.
-        node = self._ray_start(name, ["--address", self.address, "--include-log-monitor", "false"], cpus,
-                               resources, env)
-        if wait:
-            node.node_id = self._wait_registered(node, timeout)
-        return node
+        return self._start_with_retries(name, ["--address", self.address, "--include-log-monitor", "false"], cpus,
+                                        resources, env, started, attempts)
+
+    def _start_with_retries(self, name: str, args: list[str], cpus: float, resources: dict | None,
+                            env: dict | None, started, attempts: int) -> Node:
+        """``ray start`` until ``started(node)`` returns; on a loaded machine a raylet can give up waiting
+        for its agents ("timed out during startup", as ``pipelines.ray_runtime.connect`` knows): that node is
+        stopped and started again, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            node = self._ray_start(name, args, cpus, resources, env)
+            try:
+                started(node)
+                return node
+            except RuntimeError as e:
+                if attempt == attempts - 1 or "timed out during startup" not in str(e):
+                    raise
+                print(f"multinode: node {name} timed out during startup; starting it again", file=sys.stderr,
+                      flush=True)
+                _killpg(node.pgid, signal.SIGKILL)
+                _kill_session(node.pgid, signal.SIGKILL)
+                node.proc.wait(30)
+        raise AssertionError("unreachable")
 
     def _wait_registered(self, node: Node, timeout: float = 180) -> str:
         deadline = time.monotonic() + timeout

@@ -98,17 +98,22 @@ def test_job_submit_without_the_token_is_refused(ray_head):
     assert r.returncode != 0
 
 
-def test_job_submit_runs_the_quickstart_at_a_tiny_scale(ray_head, tmp_path):
-    run_dir = tmp_path / "run"
+def _submit_run(ray_head, run_dir, archs: str, sets: list[str], timeout: int) -> tuple[int, str]:
+    """`ray job submit --working-dir . -- visionflow run` of the quickstart, without deploy; (rc, output)."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
            "visionflow", "run", "--config", "pipelines/configs/quickstart.yaml", "--run-dir", str(run_dir),
-           "--archs", "squeezenet1_1", "--no-deploy",
-           "--set", "data.synth={images: 12, size: 48}",
-           "--set", "train.defaults={epochs: 1, batch_size: 8, cpus_per_worker: 0.5, augment_cpus: 0.25}",
-           "--set", "train.per_task={classification: {image_size: 32}}"]
-    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=900)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+           "--archs", archs, "--no-deploy"] + [x for s in sets for x in ("--set", s)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_job_submit_runs_the_quickstart_at_a_tiny_scale(ray_head, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = _submit_run(ray_head, run_dir, "squeezenet1_1", [
+        "data.synth={images: 12, size: 48}",
+        "train.defaults={epochs: 1, batch_size: 8, cpus_per_worker: 0.5, augment_cpus: 0.25}",
+        "train.per_task={classification: {image_size: 32}}"], timeout=900)
+    assert rc == 0, out[-4000:]
     assert "succeeded" in out and "everything finished" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == []
@@ -125,15 +130,10 @@ def test_job_submit_to_a_laptop_sized_head_fits_the_run_to_it(ray_head, tmp_path
     """Two architectures on a 2-CPU head: before, both trainings held every CPU and their Ray Data
     pipelines waited forever. Now one lane fits (1 worker x 1 CPU + 1 CPU for its data) and both finish."""
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
-           "visionflow", "run", "--config", "pipelines/configs/quickstart.yaml", "--run-dir", str(run_dir),
-           "--archs", "resnet18,ssdlite_mobilenet_v3", "--no-deploy",
-           "--set", "data.synth={images: 12, size: 64}",
-           "--set", "train.defaults={epochs: 1, batch_size: 4}",
-           "--set", "train.per_task={classification: {image_size: 32}, detection: {image_size: 64}}"]
-    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=1500)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    rc, out = _submit_run(ray_head, run_dir, "resnet18,ssdlite_mobilenet_v3", [
+        "data.synth={images: 12, size: 64}", "train.defaults={epochs: 1, batch_size: 4}",
+        "train.per_task={classification: {image_size: 32}, detection: {image_size: 64}}"], timeout=1500)
+    assert rc == 0, out[-4000:]
     assert "1 at once (each up to 2 CPU; cluster 2 CPU)" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == [] and len(summary["archs"]) == 2

@@ -52,6 +52,8 @@ def test_compare_lists_runs_and_failed_runs(loc_run, tmp_path, capsys):
     assert "| vgg16 | classification | | | failed | worker died: out of memory |" in table
     png = (tmp_path / "cmp" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    curves = (tmp_path / "cmp" / "curves.png").read_bytes()  # the finished run's curves; the failed one has none
+    assert curves[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_needs_runs(tmp_path):

@@ -22,7 +22,10 @@ SMALL = {
     "fasterrcnn_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
     "fasterrcnn_resnet50_fpn_v2": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
     "maskrcnn_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, **FEW),
-    "retinanet_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, topk_candidates=20),
+    # score_thresh 0: untrained scores (sigmoid ~0.01) would leave no candidate; RetinaNet also scores the
+    # background column, which candidates must leave out (labels 1..K)
+    "retinanet_resnet50_fpn": dict(min_size=64, max_size=64, candidates_per_img=100000, topk_candidates=20,
+                                   score_thresh=0.0),
     "ssd300_vgg16": dict(candidates_per_img=100000, topk_candidates=20),
 }
 DETECTORS = list_models("detection") + ["maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn"]

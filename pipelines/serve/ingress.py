@@ -3,6 +3,10 @@
 POST /v1/detect|segment|classify -> Preprocess -> model (batched) -> NMS stage -> Postprocess.
 Every refusal is ``{"error": {"code", "message"}}`` with 400/408/413/415/422/503, never a 500 for bad input;
 a stage whose queue is full or whose replica died answers 503 with ``Retry-After``.
+
+The POST routes read the raw request themselves (byte limit and deadline before any parsing), so their
+upload body is declared to OpenAPI by hand (:data:`IMAGE_BODY`) and their answers by the pydantic models of
+``models.py``: ``/docs`` offers a file picker and shows the schemas. ``GET /`` is the page of ``page.py``.
 """
 # No `from __future__ import annotations`: FastAPI must see real types on the route signatures.
 
@@ -13,7 +17,7 @@ from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import OutOfMemoryError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -25,6 +29,8 @@ from pipelines.serve.config import ENDPOINT_TASK, ServeArgs, StageResources
 from pipelines.serve.errors import (ApiError, bad_parameter, not_an_image, overloaded, request_timeout, too_large,
                                     unavailable)
 from pipelines.serve.images import check_content_type
+from pipelines.serve.models import ClassifyAnswer, DetectAnswer, ErrorAnswer, HealthAnswer, ModelsAnswer
+from pipelines.serve.page import PAGE_HTML, SAMPLE_COUNT, SamplesAnswer, sample_png, samples
 from vision.structures import Detections
 
 app = FastAPI(title="visionflow", version="0.1.0",
@@ -117,6 +123,48 @@ async def read_image_bytes(request: Request, max_bytes: int, timeout_s: Optional
     return data
 
 
+def _binary(media: str = "application/octet-stream") -> dict:
+    return {"type": "string", "format": "binary", "contentMediaType": media}
+
+
+# The upload of the three POST routes, as OpenAPI's requestBody: the image as the whole body, or a form with
+# the field `file` (what a browser form, curl -F and /docs send). The handlers read the raw request.
+IMAGE_BODY = {"requestBody": {
+    "required": True,
+    "description": "One JPEG or PNG image: the raw bytes, or a multipart/form-data form whose field `file` "
+                   "holds them.",
+    "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {**_binary(), "description": "the JPEG or PNG image"}}}},
+        **{media: {"schema": _binary(media)} for media in ("image/jpeg", "image/png", "application/octet-stream")},
+    }}}
+_TIMING_HEADER = {"Server-Timing": {"description": "preprocess, model, nms (not for classify), postprocess and "
+                                                   "total, in ms: `preprocess;dur=1.234, ...`",
+                                    "schema": {"type": "string"}}}
+_RETRY_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_ERRORS = {
+    400: {"model": ErrorAnswer, "description": "`not_an_image`: not a JPEG/PNG, truncated, empty, malformed "
+                                               "multipart, or no `file` field"},
+    404: {"model": ErrorAnswer, "description": "`no_model`: no model of the endpoint's task is deployed"},
+    408: {"model": ErrorAnswer, "description": "`request_timeout`: the body did not arrive within "
+                                               "`limits.body_timeout_s`"},
+    413: {"model": ErrorAnswer, "description": "`too_large`: body, pixels or (segment) mask pixels over the limits"},
+    415: {"model": ErrorAnswer, "description": "`unsupported_media_type`: not JPEG, PNG, octet-stream or multipart"},
+    422: {"model": ErrorAnswer, "description": "`invalid_parameter`: a query parameter out of range, or an "
+                                               "unknown `model`"},
+    500: {"model": ErrorAnswer, "description": "`internal`: a fault of the service; the replica stays up"},
+    503: {"model": ErrorAnswer, "description": "`overloaded` or `unavailable`; see `Retry-After`",
+          "headers": _RETRY_HEADER},
+}
+
+
+def _upload_route(answer: type, summary: str) -> dict:
+    """``app.post`` keywords of an upload route: the declared body, the answer (documentation only: the
+    handler returns a JSONResponse, passed through as built) and the error shape."""
+    return {"summary": summary, "openapi_extra": IMAGE_BODY, "response_model": answer,
+            "responses": {200: {"headers": _TIMING_HEADER}, **_ERRORS}}
+
+
 def _timing(**ms: float) -> dict:
     return {"Server-Timing": ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())}
 
@@ -204,7 +252,8 @@ class Ingress:
         return JSONResponse(body, headers=_timing(preprocess=prep["ms"], model=cands["ms"], nms=kept["ms"],
                                                   postprocess=post["ms"], total=total))
 
-    @app.post("/v1/detect", summary="Detect objects in a JPEG/PNG (raw body or multipart field `file`)")
+    @app.post("/v1/detect",
+              **_upload_route(DetectAnswer, "Detect objects in a JPEG/PNG (raw body or multipart field `file`)"))
     async def detect(self, request: Request,
                      score_threshold: Optional[float] = Query(None, ge=0, le=1),
                      iou_threshold: Optional[float] = Query(None, ge=0, le=1),
@@ -212,7 +261,7 @@ class Ingress:
                      model: Optional[str] = Query(None, max_length=64)):
         return await self._detect(request, "detection", model, score_threshold, iou_threshold, max_detections)
 
-    @app.post("/v1/segment", summary="Instance masks (COCO RLE) of a JPEG/PNG")
+    @app.post("/v1/segment", **_upload_route(DetectAnswer, "Instance masks (COCO RLE) of a JPEG/PNG"))
     async def segment(self, request: Request,
                       score_threshold: Optional[float] = Query(None, ge=0, le=1),
                       iou_threshold: Optional[float] = Query(None, ge=0, le=1),
@@ -220,7 +269,7 @@ class Ingress:
                       model: Optional[str] = Query(None, max_length=64)):
         return await self._detect(request, "segmentation", model, score_threshold, iou_threshold, max_detections)
 
-    @app.post("/v1/classify", summary="Top-k classes of a JPEG/PNG")
+    @app.post("/v1/classify", **_upload_route(ClassifyAnswer, "Top-k classes of a JPEG/PNG"))
     async def classify(self, request: Request,
                        top_k: Optional[int] = Query(None, ge=1, le=1000),
                        score_threshold: Optional[float] = Query(None, ge=0, le=1),
@@ -240,10 +289,28 @@ class Ingress:
                              "predictions": items},
                             headers=_timing(preprocess=prep["ms"], model=out["ms"], postprocess=post["ms"], total=total))
 
-    @app.get("/v1/models", summary="The deployed models")
+    @app.get("/v1/models", summary="The deployed models", responses={200: {"model": ModelsAnswer}})
     async def list_models(self):
         return {"models": [await self._describe(n) for n in self.tasks]}
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/healthz", summary="Liveness", responses={200: {"model": HealthAnswer}})
     async def healthz(self):
         return {"status": "ok", "models": sorted(self.tasks)}
+
+    @app.get("/", summary="A page to try the models in a browser", response_class=HTMLResponse)
+    async def page(self):
+        return HTMLResponse(PAGE_HTML)
+
+    @app.get("/v1/samples", summary="Sample images (built-in shapes) for the page",
+             responses={200: {"model": SamplesAnswer}})
+    async def list_samples(self):
+        return samples()
+
+    @app.get("/v1/samples/{n}.png", summary="One sample image (PNG)", response_class=Response,
+             responses={200: {"content": {"image/png": {"schema": _binary("image/png")}}},
+                        404: {"model": ErrorAnswer}, 422: {"model": ErrorAnswer}})
+    async def sample(self, n: int):
+        if not 0 <= n < SAMPLE_COUNT:
+            raise ApiError(404, "not_found", f"no sample {n}; there are {SAMPLE_COUNT} (0..{SAMPLE_COUNT - 1})")
+        png = await asyncio.to_thread(sample_png, n)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})

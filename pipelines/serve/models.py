@@ -1,13 +1,16 @@
 """Loading a served model (checkpoint or explicit random weights) and running its candidates.
 
 Checkpoints load through ``pipelines.train.load_checkpoint`` (run directory, checkpoint directory or
-``.pt``, on a local path or a storage URI such as ``s3://``).
+``.pt``, on a local path or a storage URI such as ``s3://``). The pydantic models at the end describe the
+HTTP answers for the OpenAPI schema.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.serve.config import ModelSpec
 from vision.structures import Detections
@@ -97,3 +100,94 @@ def run_classifier(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     if isinstance(out, (tuple, list)):  # GoogLeNet-style auxiliary outputs
         out = out[0]
     return out.float().softmax(dim=1)
+
+
+# -- The HTTP answers' schemas -------------------------------------------------------------------------
+# What /openapi.json (and /docs) show. The Ingress still builds each JSON itself; these describe it and
+# never change it (the POST routes return a JSONResponse, which FastAPI passes through untouched).
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageSize(_Schema):
+    width: int = Field(..., description="of the image as sent")
+    height: int
+
+
+class RleMask(_Schema):
+    size: list[int] = Field(..., min_length=2, max_length=2, description="[height, width] of the image as sent")
+    counts: str = Field(..., description="COCO's compressed RLE string (column-major runs, starting with zeros)")
+
+
+class DetectionItem(_Schema):
+    box: list[float] = Field(..., min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels of the image "
+                                                                           "as sent, clipped to it")
+    score: float = Field(..., ge=0, le=1)
+    category_id: int = Field(..., description="the original (COCO) category id")
+    label: str = Field(..., description="the category's name")
+    mask: Optional[RleMask] = Field(None, description="/v1/segment only")
+
+
+class DetectAnswer(_Schema):
+    """``POST /v1/detect`` and ``/v1/segment``: detections, best score first."""
+
+    model: str
+    task: Literal["detection", "segmentation"]
+    image: ImageSize
+    detections: list[DetectionItem]
+
+
+class Prediction(_Schema):
+    score: float = Field(..., ge=0, le=1)
+    category_id: int
+    label: str
+
+
+class ClassifyAnswer(_Schema):
+    """``POST /v1/classify``: the top-k classes, best first."""
+
+    model: str
+    task: Literal["classification"]
+    image: ImageSize
+    predictions: list[Prediction]
+
+
+class CategoryInfo(_Schema):
+    id: int
+    name: str
+    label: int = Field(..., description="the model's class index (1..num_classes)")
+
+
+class ModelInfo(_Schema):
+    name: str
+    task: Literal["detection", "segmentation", "classification"]
+    arch: str
+    num_classes: int
+    image_size: int
+    source: str = Field(..., description="checkpoint path or URI, or 'random-weights'")
+    categories: list[CategoryInfo]
+    # What the model's replica reports about itself (detector.py).
+    device: str = Field(..., description="where the replica runs the model: cpu, cuda:0, ...")
+    torch_threads: int
+    max_batch_size: int = Field(..., description="of its dynamic batching")
+
+
+class ModelsAnswer(_Schema):
+    models: list[ModelInfo]
+
+
+class HealthAnswer(_Schema):
+    status: Literal["ok"]
+    models: list[str]
+
+
+class ErrorDetail(_Schema):
+    code: str = Field(..., description="e.g. not_an_image, too_large, unsupported_media_type, invalid_parameter")
+    message: str = Field(..., description="what was wrong, in words")
+
+
+class ErrorAnswer(_Schema):
+    """Every refusal of the API (see docs/contracts.md#http)."""
+
+    error: ErrorDetail

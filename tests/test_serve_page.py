@@ -1,0 +1,384 @@
+"""The Serve app in a browser: the declared OpenAPI upload and answers (what /docs "Try it out" uses), a
+multipart body as a browser form sends it, the page at GET / with its samples, the page's COCO RLE decoder
+(JS, run by node) against pycocotools, and (slow) the page itself driven in headless Chromium.
+
+Real Serve deployment (random weights, tiny model inputs) as in test_serve_http.py.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipelines.serve.page import RLE_JS, SAMPLE_COUNT, SAMPLE_SIZE
+
+PORT = 8466
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "images" / "serve_page.png"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ARGS = {
+    "models": [
+        {"name": "ssd", "task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3,
+         "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
+        {"name": "mask", "task": "segmentation", "arch": "maskrcnn_resnet18_fpn", "num_classes": 3,
+         "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
+        {"name": "squeeze", "task": "classification", "arch": "squeezenet1_1", "num_classes": 3,
+         "random_weights": True, "image_size": 48, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
+    ],
+    "nms": {"score_threshold": 0.0, "iou_threshold": 0.5, "max_detections": 50},
+    "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.1}, "nms_stage": {"num_cpus": 0.1},
+    "ingress": {"num_cpus": 0.1},
+}
+ROUTES = {"/v1/detect": "detections", "/v1/segment": "detections", "/v1/classify": "predictions"}
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster):
+    from pipelines.serve import deploy, shutdown
+
+    base = deploy(ARGS, port=PORT)
+    yield base
+    shutdown()
+
+
+def _png(w=96, h=72, seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    arr[h // 4: h // 2, w // 4: w // 2] = (255, 0, 0)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _browser_form(data: bytes, filename: str, ctype: str) -> tuple[bytes, str]:
+    """A multipart body byte for byte as Chromium sends a <form enctype="multipart/form-data"> (and
+    Swagger UI's "Try it out"): WebKit boundary, filename, the part's own Content-Type."""
+    boundary = "----WebKitFormBoundaryq4lB2aZ3tW0xYv9K"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {ctype}\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _validator(spec: dict, name: str):
+    """A JSON Schema validator of ``components.schemas[name]`` of an OpenAPI 3.1 document."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                            "components": spec["components"]})
+
+
+def _ref(spec: dict, schema: dict) -> dict:
+    return spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+
+
+# -- OpenAPI: what /docs shows and "Try it out" sends ---------------------------------------------
+
+def test_openapi_declares_the_upload_body_and_the_answers(url):
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.")
+    for path, items in ROUTES.items():
+        op = spec["paths"][path]["post"]
+        body = op["requestBody"]
+        assert body["required"] is True
+        content = body["content"]
+        form = content["multipart/form-data"]["schema"]
+        assert form["type"] == "object" and form["required"] == ["file"], path
+        assert form["properties"]["file"]["type"] == "string" and form["properties"]["file"]["format"] == "binary"
+        for media in IMAGE_TYPES:
+            assert content[media]["schema"] == {"type": "string", "format": "binary", "contentMediaType": media}
+        ok = op["responses"]["200"]
+        answer = _ref(spec, ok["content"]["application/json"]["schema"])
+        assert items in answer["properties"] and items in answer["required"], (path, answer)
+        item = answer["properties"][items]["items"]
+        assert {"score", "category_id", "label"} <= set(_ref(spec, item)["properties"])
+        assert "Server-Timing" in ok["headers"]
+        for status in ("400", "413", "415", "422", "503"):
+            assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorAnswer")
+        # The query parameters are still declared as before.
+        assert {p["name"] for p in op["parameters"]} >= {"score_threshold", "model"}
+    item = _ref(spec, _ref(spec, spec["paths"]["/v1/segment"]["post"]["responses"]["200"]["content"]
+                          ["application/json"]["schema"])["properties"]["detections"]["items"])
+    assert {"box", "mask"} <= set(item["properties"])
+    error = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(error["required"]) == {"code", "message"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # every 422 is the API's own shape
+
+
+def test_answers_match_their_declared_schemas(url):
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    png = _png()
+    for path, name in (("/v1/detect", "DetectAnswer"), ("/v1/segment", "DetectAnswer"),
+                       ("/v1/classify", "ClassifyAnswer")):
+        r = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"},
+                          params={"max_detections": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        _validator(spec, name).validate(r.json())
+    _validator(spec, "ModelsAnswer").validate(requests.get(f"{url}/v1/models", timeout=30).json())
+    _validator(spec, "HealthAnswer").validate(requests.get(f"{url}/healthz", timeout=30).json())
+    _validator(spec, "SamplesAnswer").validate(requests.get(f"{url}/v1/samples", timeout=30).json())
+    bad = requests.post(f"{url}/v1/detect", data=b"nope", headers={"content-type": "text/plain"}, timeout=30)
+    assert bad.status_code == 415
+    _validator(spec, "ErrorAnswer").validate(bad.json())
+
+
+def test_a_browser_form_upload_equals_the_raw_body(url):
+    png = _png(seed=5)
+    for path, items in ROUTES.items():
+        params = {"max_detections": 5}
+        raw = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"}, params=params,
+                            timeout=120)
+        body, ctype = _browser_form(png, "my photo.png", "image/png")
+        form = requests.post(f"{url}{path}", data=body, headers={"content-type": ctype}, params=params, timeout=120)
+        assert raw.status_code == form.status_code == 200, (path, form.text)
+        assert form.json()[items] and form.json() == raw.json(), path
+        assert "total;dur=" in form.headers["server-timing"]
+    # A form whose file part is not an image type is refused as before.
+    body, ctype = _browser_form(b"hello", "notes.txt", "text/plain")
+    r = requests.post(f"{url}/v1/detect", data=body, headers={"content-type": ctype}, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+# -- The page ---------------------------------------------------------------------------------------
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_root_page_has_the_form_and_no_external_assets(url):
+    r = requests.get(f"{url}/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    tags = _Tags()
+    tags.feed(r.text)
+    by_id = {a.get("id"): (t, a) for t, a in tags.tags if a.get("id")}
+    assert by_id["file"] == ("input", {"type": "file", "id": "file", "name": "file",
+                                       "accept": "image/jpeg,image/png"})
+    assert by_id["endpoint"][0] == "select" and by_id["form"][0] == "form" and by_id["run"][0] == "button"
+    assert by_id["canvas"][0] == "canvas" and by_id["results"][0] == "table" and by_id["timings"][0] == "table"
+    assert {"score_threshold", "max_detections", "samples", "status"} <= set(by_id)
+    # Self-contained: inline script and style only, nothing fetched from another host.
+    assert not [a for t, a in tags.tags if t in ("script", "img", "iframe") and a.get("src")]
+    assert not [a for t, a in tags.tags if t == "link"]
+    assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
+    # The page's own calls are relative, so it also works behind a route prefix.
+    for call in ('fetch("v1/models")', 'fetch("v1/samples")', '"v1/" + endpoint'):
+        assert call in r.text
+
+
+def test_samples_are_pngs_drawn_on_the_fly(url):
+    listing = requests.get(f"{url}/v1/samples", timeout=30).json()["samples"]
+    assert len(listing) == SAMPLE_COUNT
+    for s in listing:
+        r = requests.get(f"{url}/{s['url']}", timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "PNG" and img.size == (s["width"], s["height"]) == (SAMPLE_SIZE, SAMPLE_SIZE)
+        assert np.asarray(img).std() > 10  # shapes on a texture, not a blank image
+    first = requests.get(f"{url}/v1/samples/0.png", timeout=30).content
+    assert requests.get(f"{url}/v1/samples/0.png", timeout=30).content == first
+    assert first != requests.get(f"{url}/v1/samples/1.png", timeout=30).content
+    r = requests.get(f"{url}/v1/samples/{SAMPLE_COUNT}.png", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = requests.get(f"{url}/v1/samples/x.png", timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    # A sample goes through the endpoints like any upload.
+    r = requests.post(f"{url}/v1/detect", data=first, headers={"content-type": "image/png"}, timeout=120)
+    assert r.status_code == 200 and r.json()["image"] == {"width": SAMPLE_SIZE, "height": SAMPLE_SIZE}
+
+
+def _rle_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    cases = [np.zeros((5, 7), np.uint8), np.ones((6, 4), np.uint8), np.zeros((1, 1), np.uint8),
+             np.ones((1, 1), np.uint8)]
+    last = np.zeros((9, 11), np.uint8)
+    last[-1, -1] = 1
+    cases.append(last)
+    for h, w in ((30, 40), (300, 200), (517, 389)):
+        m = np.zeros((h, w), np.uint8)
+        for _ in range(6):  # rectangles: long runs (several 5-bit groups), growing and shrinking deltas
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            m[y0: y0 + rng.integers(1, h), x0: x0 + rng.integers(1, w)] ^= 1
+        cases.append(m)
+        cases.append((rng.random((h, w)) < 0.5).astype(np.uint8))  # short runs
+    big = np.zeros((2048, 2048), np.uint8)
+    big[1000:1900, 3:2000] = 1  # counts over 2^20
+    cases.append(big)
+    return cases
+
+
+def test_page_rle_decoder_matches_pycocotools(tmp_path):
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed: the page's RLE decoder is checked in Chromium by the slow test")
+    cases = _rle_cases()
+    rles = []
+    for m in cases:
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rles.append({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    script = tmp_path / "rle.js"
+    script.write_text(RLE_JS + """
+const rles = JSON.parse(require("fs").readFileSync(0, "utf8"));
+// Per mask: its number of ones and the row-major indices of the first 50 and of the last one.
+const out = rles.map((r) => { const m = rleDecode(r); const on = [];
+  for (let i = 0; i < m.length; i++) if (m[i]) on.push(i);
+  return {sum: on.length, head: on.slice(0, 50), last: on.length ? on[on.length - 1] : -1,
+          hash: on.reduce((a, i) => (a * 31 + i) % 1000000007, 7)}; });
+process.stdout.write(JSON.stringify(out));
+""")
+    res = subprocess.run([node, str(script)], input=json.dumps(rles), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for k, (m, got) in enumerate(zip(cases, json.loads(res.stdout))):
+        on = np.flatnonzero(m.ravel())  # row-major, as the page's canvas wants
+        h = 7
+        for i in on.tolist():
+            h = (h * 31 + i) % 1000000007
+        assert got["sum"] == len(on) and got["head"] == on[:50].tolist(), k
+        assert got["last"] == (int(on[-1]) if len(on) else -1) and got["hash"] == h, k
+
+
+# -- The page in headless Chromium (slow) ---------------------------------------------------------
+
+def _chromium():
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} is absent: install Debian's chromium and chromium-driver "
+                    f"(apt-get install -y chromium chromium-driver) to test the page in a browser")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download anything
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1200", "--hide-scrollbars", "--force-device-scale-factor=1"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+
+
+def _run_and_wait(driver, action, timeout=180, expect="done") -> None:
+    """Do ``action`` (which starts a request on the page) and wait for the page to finish it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = int(driver.execute_script("return Number(document.body.dataset.runs || 0)"))
+    action()
+    WebDriverWait(driver, timeout).until(
+        lambda d: int(d.execute_script("return Number(document.body.dataset.runs || 0)")) > before)
+    state = driver.execute_script("return document.body.dataset.state")
+    assert state == expect, driver.find_element("id", "status").text
+
+
+def _rows(driver) -> list[dict]:
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#results tbody tr')].map((tr) => ({
+            label: tr.dataset.label, score: Number(tr.dataset.score), category_id: Number(tr.dataset.categoryId),
+            box: tr.dataset.box ? JSON.parse(tr.dataset.box) : null,
+            mask_pixels: tr.dataset.maskPixels === undefined ? null : Number(tr.dataset.maskPixels),
+            text: tr.innerText}));""")
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _chromium()
+    try:
+        t0 = time.perf_counter()
+        driver.get(f"{url}/")
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.body.dataset.state") == "idle")
+        options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#endpoint option")]
+        assert options == ["detect|ssd", "segment|mask", "classify|squeeze"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#samples button img")) == SAMPLE_COUNT
+        png = requests.get(f"{url}/v1/samples/2.png", timeout=30).content
+        image = tmp_path / "shapes.png"
+        image.write_bytes(png)
+
+        def api(path):
+            body, ctype = _browser_form(png, image.name, "image/png")
+            r = requests.post(f"{url}{path}", data=body, headers={"content-type": ctype},
+                              params={"max_detections": 10}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        endpoint = Select(driver.find_element(By.ID, "endpoint"))
+        # Classify, then segment (masks decoded in the page), then detect: the screenshot.
+        endpoint.select_by_value("classify|squeeze")
+        _run_and_wait(driver, lambda: driver.find_element(By.ID, "file").send_keys(str(image)))
+        want = api("/v1/classify")["predictions"]
+        got = _rows(driver)
+        assert [(r["label"], r["category_id"]) for r in got] == [(p["label"], p["category_id"]) for p in want]
+        assert [r["score"] for r in got] == pytest.approx([p["score"] for p in want], abs=1e-6)
+
+        _run_and_wait(driver, lambda: endpoint.select_by_value("segment|mask"))
+        want = api("/v1/segment")["detections"]
+        got = _rows(driver)
+        assert len(got) == len(want) > 0
+        for r, d in zip(got, want):
+            assert r["box"] == pytest.approx(d["box"], abs=1e-6) and r["label"] == d["label"]
+            m = mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+            assert r["mask_pixels"] == int(m.sum())
+        driver.save_screenshot(str(tmp_path / "segment.png"))
+
+        _run_and_wait(driver, lambda: endpoint.select_by_value("detect|ssd"))
+        want = api("/v1/detect")["detections"]
+        got = _rows(driver)
+        assert len(got) == len(want) == 10
+        for r, d in zip(got, want):
+            assert r["box"] == pytest.approx(d["box"], abs=1e-6)
+            assert (r["label"], r["category_id"]) == (d["label"], d["category_id"])
+            assert r["score"] == pytest.approx(d["score"], abs=1e-6)
+            assert ", ".join(f"{v:.1f}" for v in d["box"]) in r["text"]  # what the table shows
+        timings = driver.execute_script(
+            "return [...document.querySelectorAll('#timings tr')].map((tr) => tr.dataset.name)")
+        assert timings[:5] == ["preprocess", "model", "nms", "postprocess", "total"]
+        # The boxes are on the canvas (the first one's colour is there, the sample has none of it), scaled
+        # from the 256-px image to 640 px.
+        drawn = driver.execute_script("""
+            const c = document.getElementById('canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let n = 0;
+            for (let i = 0; i < d.length; i += 4) if (d[i] === 0xe6 && d[i + 1] === 0x19 && d[i + 2] === 0x4b) n++;
+            return [c.width, c.height, n];""")
+        assert drawn[:2] == [640, 640] and drawn[2] > 50, drawn
+        assert "error" not in driver.find_element(By.ID, "status").get_attribute("class")
+
+        # Query parameters from the form; an API refusal is shown as such; the next run works again.
+        driver.find_element(By.ID, "score_threshold").send_keys("1")
+        _run_and_wait(driver, lambda: driver.find_element(By.ID, "run").click())
+        assert _rows(driver) == [] and "0 detection(s)" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "score_threshold").send_keys(".5")  # 1.5: the browser lets run() send it
+        _run_and_wait(driver, lambda: driver.execute_script("window.visionflow.run()"), expect="error")
+        status = driver.find_element(By.ID, "status").text
+        assert status.startswith("422 invalid_parameter: score_threshold"), status
+        driver.find_element(By.ID, "score_threshold").clear()
+        _run_and_wait(driver, lambda: driver.find_element(By.ID, "run").click())
+        assert len(_rows(driver)) == 10
+
+        # The whole page in the screenshot: the window grows by what the viewport misses.
+        inner, full = driver.execute_script("return [window.innerHeight, document.documentElement.scrollHeight]")
+        size = driver.get_window_size()
+        driver.set_window_size(size["width"], size["height"] + max(0, full - inner))
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(SCREENSHOT))
+        print(f"page test {time.perf_counter() - t0:.1f}s; screenshot {SCREENSHOT}")
+    finally:
+        driver.quit()
+    shot = Image.open(SCREENSHOT)
+    assert shot.size[0] == 1280 and shot.size[1] >= full and np.asarray(shot.convert("L")).std() > 20
