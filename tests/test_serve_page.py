@@ -23,19 +23,14 @@ from pycocotools import mask as mask_utils
 
 from pipelines.serve.page import RLE_JS, SAMPLE_COUNT, SAMPLE_SIZE
 
+from test_serve_http import ARGS as HTTP_ARGS  # noqa: E402 -- tests/ is on sys.path
+
 PORT = 8466
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "images" / "serve_page.png"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARGS = {
-    "models": [
-        {"name": "ssd", "task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3,
-         "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
-        {"name": "mask", "task": "segmentation", "arch": "maskrcnn_resnet18_fpn", "num_classes": 3,
-         "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
-        {"name": "squeeze", "task": "classification", "arch": "squeezenet1_1", "num_classes": 3,
-         "random_weights": True, "image_size": 48, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
-    ],
+    "models": HTTP_ARGS["models"],  # the three tiny models of the HTTP contract tests
     "nms": {"score_threshold": 0.0, "iou_threshold": 0.5, "max_detections": 50},
     "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.1}, "nms_stage": {"num_cpus": 0.1},
     "ingress": {"num_cpus": 0.1},
