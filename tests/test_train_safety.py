@@ -33,9 +33,10 @@ def train_argv(data, out, **flags) -> list[str]:
 
 
 def cli_lines(capsys) -> list[str]:
-    """The command's own lines (``visionflow train: ...``), on stdout or stderr."""
+    """The command's own lines (``visionflow train: ...``): on stderr, never on stdout."""
     captured = capsys.readouterr()
-    return [l for l in (captured.out + captured.err).splitlines() if l.startswith("visionflow train:")]
+    assert not [l for l in captured.out.splitlines() if l.startswith("visionflow train:")], captured.out
+    return [l for l in captured.err.splitlines() if l.startswith("visionflow train:")]
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -81,7 +82,7 @@ def test_a_nonfinite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint
     code = cli.main(train_argv(data_dir, run, epochs=3, lr=1e30))
     out, err = capsys.readouterr()
     assert code == 1
-    (line,) = [l for l in (out + err).splitlines() if l.startswith("visionflow train:")]  # stdout or stderr
+    (line,) = [l for l in err.splitlines() if l.startswith("visionflow train:")]  # on stderr
     assert "training diverged: the loss is nan at epoch 3/3, step 2" in line
     assert "last finite loss " in line and "lower --lr (now 1e+30)" in line
     assert "the latest checkpoint stays epoch 2's" in line

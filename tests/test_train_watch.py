@@ -191,6 +191,6 @@ def test_files_that_cannot_be_written_are_said_once_and_training_goes_on(tmp_pat
     for epoch in range(2):
         watch.after_epoch({"epoch": epoch, "train_loss": 1.0})  # never raises
     watch.close()
-    lines = [l for l in capfd.readouterr().out.splitlines() if l.startswith("visionflow train: could not write")]
+    lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("visionflow train: could not write")]
     assert len(lines) == len(set(lines)) and 2 <= len(lines) <= 3, lines  # each file once: csv, curves[, events]
     assert all(l.endswith("training goes on") for l in lines)

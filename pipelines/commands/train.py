@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import os
 import typing
 
@@ -69,18 +70,22 @@ def main(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
         cfg = TrainConfig.model_validate(values)
-    except (ValidationError, KeyError, ValueError) as e:
-        print(f"visionflow train: {e}")
+    except ValidationError as e:  # one line per refused field, the flag named as the user typed it
+        why = "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        print(f"visionflow train: {why}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError) as e:
+        print(f"visionflow train: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if not connect_for("train", args, num_cpus=args.num_cpus or _local_cpus(cfg)):
         return 1
     try:
         result = fit(cfg, restart=args.restart)
     except (FileNotFoundError, ValueError) as e:
-        print(f"visionflow train: {e}")
+        print(f"visionflow train: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except (TrainingDiverged, WeightsUnavailable) as e:  # --pretrained offline: one line, try --init-from
-        print(f"visionflow train: {e}")
+        print(f"visionflow train: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"],
                       "epochs": result["epochs_run"], "final": result["metrics"]}, default=str))

@@ -32,7 +32,8 @@ _NOT_SCALARS = {"epoch", "start_epoch"}
 
 
 def _say(line: str) -> None:
-    out = sys.__stdout__ or sys.stdout
+    """A warning for the user: on stderr, like every other ``visionflow <cmd>:`` line."""
+    out = sys.__stderr__ or sys.stderr
     out.write(line + "\n")
     out.flush()
 
