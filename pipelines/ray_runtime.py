@@ -124,8 +124,18 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
             print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
             ray.shutdown()
     if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
-        print(f"Ray dashboard: http://{ctx.dashboard_url}", file=sys.stderr, flush=True)
+        print(f"Ray dashboard: http://{ctx.dashboard_url}{_dashboard_sign_in()}", file=sys.stderr, flush=True)
     return True
+
+
+def _dashboard_sign_in() -> str:
+    """How to sign in to the dashboard when Ray's token auth is on (Ray 2.60 turns it on by default)."""
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return ""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return " (sign in with $RAY_AUTH_TOKEN)"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return f" (sign in with the token in {path})" if os.path.isfile(path) else ""
 
 
 def _join_failure(address: str, error: BaseException) -> str:
