@@ -112,8 +112,20 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         return True
     kwargs = dict(address=LOCAL, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
                   **ray_private.system_config(WORKER_POOL), **common)
+    # The State API, which Ray Train's placement-group cleaner asks whether the run's controller lives,
+    # finds its server from RAY_API_SERVER_ADDRESS, else from the address file of the last `ray start`:
+    # another cluster's, or a stale one (a killed head leaves it), where each query waits 10-40 s and a
+    # live other cluster answers "no such actor". The cluster's processes inherit this setting from here.
     if dashboard:
-        kwargs["dashboard_host"] = "127.0.0.1"
+        port = _free_port(8265)
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    else:  # no State API server: a refused connection answers at once (the cleaner keeps watching)
+        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
+        # Ray Train's dashboard page (runs, workers, datasets) is off unless this is set where the trainer is
+        # built; the cluster's processes inherit it from here. Only with a dashboard: without one the state
+        # actor waits for an API server that never comes. A user's own setting wins.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     for attempt in range(attempts):
         try:
             ctx = ray.init(**kwargs)
@@ -126,6 +138,18 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
     if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}{_dashboard_sign_in()}", file=sys.stderr, flush=True)
     return True
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if nothing listens there, else a free port the system picks."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port")
 
 
 def _dashboard_sign_in() -> str:

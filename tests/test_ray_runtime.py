@@ -137,6 +137,36 @@ def test_the_cli_says_in_one_line_within_30s_that_the_address_is_dead(tmp_path):
     assert took < 45, took  # 30 s of retries plus Python's start-up
 
 
+# From inside a local cluster, ask Ray's State API about an actor of that cluster, as Ray Train's placement-group
+# cleaner does every second (a cleaner told "no such actor" removes the run's placement group).
+STATE_PROBE = REPORT + (
+    "import time\n"
+    "connect(num_cpus=2, dashboard=DASHBOARD, log_to_driver=False, quiet=True)\n"
+    "@ray.remote\n"
+    "class A:\n"
+    "    def ask(self):\n"
+    "        from ray.util.state import get_actor\n"
+    "        t0 = time.monotonic()\n"
+    "        try:\n"
+    "            state = get_actor(ray.get_runtime_context().get_actor_id(), timeout=10)\n"
+    "            answer = state.state if state else 'not found'\n"
+    "        except Exception as e:\n"
+    "            answer = type(e).__name__\n"
+    "        return answer, time.monotonic() - t0\n"
+    "answer, seconds = ray.get(A.remote().ask.remote())\n"
+    "report(answer=answer, seconds=seconds)\n")
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_head, dashboard):
+    out = _probe(STATE_PROBE.replace("DASHBOARD", str(dashboard)))
+    assert out["gcs"] != other_head["address"]
+    if dashboard:  # its own dashboard answers: the actor is alive
+        assert out["answer"] == "ALIVE" and out["seconds"] < 5, out
+    else:  # no State API server: refused at once (the cleaner keeps watching), never the other head's "not found"
+        assert out["answer"] not in ("ALIVE", "not found", "DEAD") and out["seconds"] < 5, out
+
+
 def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_start(other_head):
     """Last in this module: it kills the head."""
     _kill_head(other_head["address"])
@@ -150,3 +180,7 @@ def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_star
     assert time.monotonic() - t0 < 10
     out = _probe(REPORT + "connect(num_cpus=2, dashboard=False, log_to_driver=False)\nreport()\n")
     assert out["gcs"] != other_head["address"] and out["cpus"] == 2
+    # The stale file does not send the State API to the dead head (before: 10-40 s per query, which added
+    # 12-40 s to the end of every training).
+    out = _probe(STATE_PROBE.replace("DASHBOARD", "True"))
+    assert out["answer"] == "ALIVE" and out["seconds"] < 5, out

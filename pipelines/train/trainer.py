@@ -387,9 +387,6 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    # Ray Train's dashboard view (runs, workers, their datasets) is off unless this is set before the trainer
-    # is built; a user's own setting wins.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
