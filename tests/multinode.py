@@ -129,12 +129,15 @@ class Cluster:
         base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.root / "token"),
                     PATH=f"{BIN}:{base.get('PATH', '')}", PYTHONUNBUFFERED="1", **RAY_START_ENV,
                     **(system_env or {}))
-        self.node_env = base  # what every `ray start` runs with
         self.nodes: dict[str, Node] = {}
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        # The State API (Ray Train's placement-group cleaner asks it every second) at this cluster's dashboard,
+        # not at the address file of the machine's last `ray start` (in Ray's default temp folder, not ours).
+        base["RAY_API_SERVER_ADDRESS"] = self.dashboard
+        self.node_env = base  # what every `ray start` runs with
 
     # --- what clients use ---------------------------------------------------------------------
 
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multi-node Ray cluster up in {time.monotonic() - t0:.0f}s (temp dir {cluster.temp_dir})")
         for name, node in cluster.nodes.items():
             print(f"  {name:5s} node {node.node_id}  {node.cpus:g} CPU  resource {node.resource}  "
-                  f"kill it: kill -9 -- -{node.pgid}")
+                  f"kill it: pkill -9 -s {node.pgid}")
         print(f"dashboard {cluster.dashboard} (token in {cluster.root / 'token'})\nin another shell:\n"
               f"  export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={cluster.root / 'token'}\n"
               f"  visionflow synth --out /tmp/vfdemo/coco --images 48 --size 48\n"
