@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +77,46 @@ def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ra
     report = (run_dir / "compare/report.md").read_text()
     assert "| resnet18 | classification | failed (train)" in report and "| squeezenet1_1 | classification | done" in report
     assert "FAILED" in out and "1 failed: resnet18" in out
+
+
+def _processes_titled(*words: str) -> list[str]:
+    """Command lines (Ray sets a worker's title to ``ray::<what it runs>``) naming any of ``words``."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text.startswith("ray::") and any(w in text for w in words):
+            out.append(text.strip())
+    return out
+
+
+def test_waiting_lanes_share_one_process_and_go_on_after_a_failed_branch(ray_cluster):
+    """Twelve lanes wait for branches that end (one of them by raising): they hold one process between
+    them, not one each, and every next stage starts once its branch has ended, however it ended."""
+    from pipelines.dag import stages
+    from pipelines.dag.graph import AFTER, Node, release, submit
+
+    def branch(i):
+        time.sleep(10)
+        if i == 3:
+            raise RuntimeError("this branch fails")
+        return i
+
+    branches = [Node(f"branch/{i}", branch, (i,), {"num_cpus": 0}) for i in range(12)]
+    gates = [Node(f"{AFTER}{i}", stages.settle, ([b],), {"num_cpus": 0}) for i, b in enumerate(branches)]
+    nexts = [Node(f"next/{i}", lambda i, _after: i, (i, g), {"num_cpus": 0}) for i, g in enumerate(gates)]
+    out, _ = submit(Node("gather", lambda *xs: sorted(xs), tuple(nexts), {"num_cpus": 0}))
+    try:
+        most: list[str] = []
+        for _ in range(16):  # while the branches run, the gates wait
+            time.sleep(0.5)
+            most = max(most, _processes_titled("settle", "_LaneGate", "after/"), key=len)
+        assert len(most) <= 1, most
+        assert ray.get(out, timeout=120) == list(range(12))
+    finally:
+        release()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ built graph (``visionflow run --plan``) without running anything.
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -114,11 +115,33 @@ def dag_nodes(dag: Node) -> list[Node]:
     return order
 
 
+@ray.remote(num_cpus=0)
+class _LaneGate:
+    """Where every lane waits for the branch before its next training: one async actor (one process) for
+    all of them. (A Ray task per wait held an idle worker process each for the whole run: 27 in make run.)"""
+
+    async def settle(self, refs: list) -> None:
+        """Return once the given tasks have ended, successfully or not (the refs are nested in a list, so
+        Ray hands them over unresolved and a failure upstream cannot fail this call)."""
+        await asyncio.gather(*refs, return_exceptions=True)
+
+
+_gates: list = []  # the gates of running graphs: a handle dropped would end its actor
+
+
+def release() -> None:
+    """End the lane gates of the graphs submitted from this process (their runs have ended)."""
+    while _gates:
+        ray.kill(_gates.pop())
+
+
 def submit(dag: Node) -> tuple["ray.ObjectRef", dict[str, "ray.ObjectRef"]]:
     """Start every stage task of the graph, dependencies first; returns the output's ObjectRef and
     ``{stage name: ObjectRef}`` of every stage. Nothing waits here: Ray starts a task once the refs
-    passed to it directly are ready."""
+    passed to it directly are ready. The lanes' ordering nodes (``after/<arch>``) are calls of one
+    ``_LaneGate`` actor, not tasks; ``release()`` ends it after the run."""
     refs: dict[int, ray.ObjectRef] = {}
+    gate = None
 
     def arg(a: Any):
         if isinstance(a, Node):
@@ -129,7 +152,14 @@ def submit(dag: Node) -> tuple["ray.ObjectRef", dict[str, "ray.ObjectRef"]]:
 
     named = {}
     for node in dag_nodes(dag):
-        ref = ray.remote(node.fn).options(name=node.name, **node.options).remote(*[arg(a) for a in node.args])
+        if node.fn is stages.settle:
+            if gate is None:
+                # Restarted, with its pending waits retried, if its process dies.
+                gate = _LaneGate.options(max_restarts=-1, max_task_retries=-1).remote()
+                _gates.append(gate)
+            ref = gate.settle.options(name=node.name).remote(*[arg(a) for a in node.args])
+        else:
+            ref = ray.remote(node.fn).options(name=node.name, **node.options).remote(*[arg(a) for a in node.args])
         refs[id(node)] = named[node.name] = ref
     return refs[id(dag)], named
 

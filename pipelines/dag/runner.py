@@ -9,7 +9,7 @@ import ray
 
 from pipelines.dag import placement
 from pipelines.dag.config import RunConfig
-from pipelines.dag.graph import build_dag, plan_lines, plot_plan, submit
+from pipelines.dag.graph import build_dag, plan_lines, plot_plan, release, submit
 from pipelines.dag.progress import RunBoard, follow
 from pipelines.storage import RunDir
 from pipelines import ray_runtime
@@ -50,7 +50,10 @@ def run(cfg: RunConfig, out=None) -> dict:
           file=out, flush=True)
     ref, refs = submit(dag)
     trainings = {n: r for n, r in refs.items() if n.startswith("train/")}
-    summary = follow(ref, board, trainings=trainings, out=out)
+    try:
+        summary = follow(ref, board, trainings=trainings, out=out)
+    finally:
+        release()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ray.kill(board)
     return summary

@@ -139,7 +139,8 @@ def _branch(arch: str, settings: dict, rec: dict) -> dict:
 
 def settle(refs: list) -> None:
     """Wait until the given tasks have ended, successfully or not (the refs are nested in a list, so Ray
-    hands them over unresolved and a failure upstream cannot fail this task)."""
+    hands them over unresolved and a failure upstream cannot fail this task). The graph's lane-ordering
+    nodes name this function; ``graph.submit`` runs them as calls of one gate actor instead of a task each."""
     ray.wait(refs, num_returns=len(refs), timeout=None)
 
 
