@@ -88,5 +88,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"visionflow train: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(json.dumps({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"],
-                      "epochs": result["epochs_run"], "final": result["metrics"]}, default=str))
+                      "epochs": result["epochs_run"], "final": result["metrics"], "phases": result.get("phases")},
+                     default=str))
     return 0

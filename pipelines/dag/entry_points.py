@@ -12,7 +12,7 @@ def train(settings: dict, data_dir: str, out_dir: str) -> dict:
 
     result = fit(TrainConfig.model_validate({**settings, "data": data_dir, "out": out_dir}))
     return _plain({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"], "final": result["metrics"],
-                   "epochs_run": result["epochs_run"]})
+                   "epochs_run": result["epochs_run"], "phases": result.get("phases")})
 
 
 def evaluate(train_dir: str, data_dir: str, out_dir: str) -> dict:

@@ -46,6 +46,7 @@ from pipelines.train.tasks import get_task
 CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/epoch_NNNN/
 CHECKPOINT_FILE = "checkpoint.pt"
 DIVERGED = "diverged.json"  # RUN_DIR/diverged.json: why the last run stopped on non-finite numbers
+PHASES = "phases.json"  # RUN_DIR/phases.json: where the last fit's wall time went (rank 0's clock)
 
 
 class TrainingDiverged(RuntimeError):
@@ -195,6 +196,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    loop_started_at = time.time()
     cfg = TrainConfig.model_validate(config["cfg"])
     task = get_task(cfg.task)
     ctx = ray.train.get_context()
@@ -242,6 +244,7 @@ def train_loop(config: dict) -> None:
     expected = config.get("rows")  # the epoch's images over all workers (the manifest's count, then the last epoch's)
     next_shard = None
     steps, last_finite, diverged = 0, None, None
+    first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
     for epoch in range(start, cfg.epochs):
         _chaos(cfg, epoch, rank)
         lr = _set_lr(optimizer, cfg, epoch)
@@ -254,6 +257,8 @@ def train_loop(config: dict) -> None:
         bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
                                  world=world) if rank == 0 else None)
         for step, raw in enumerate(batches):
+            if first_batch_at is None:  # the data pipeline's start is its own phase, not the steps'
+                first_batch_at, step_seconds = time.time(), step_seconds - (time.perf_counter() - t0)
             n = len(next(iter(raw.values())))
             if n < min_batch:  # equal shards: every worker skips the same step, DDP stays in step
                 continue
@@ -295,6 +300,7 @@ def train_loop(config: dict) -> None:
         with torch.no_grad(), autocast():
             val = task.evaluate(model, val_batches, cfg)
         val_seconds = time.perf_counter() - t1
+        step_seconds, val_seconds_sum = step_seconds + seconds, val_seconds_sum + val_seconds
 
         total = all_reduce_sums({"images": float(images), **sums})
         slowest = all_reduce_sums({"seconds": seconds, "val_seconds": val_seconds}, op="max")
@@ -319,6 +325,10 @@ def train_loop(config: dict) -> None:
             _release(shard)
     if watch is not None:
         watch.close()
+    if rank == 0 and first_batch_at is not None:
+        storage.write_json(cfg.out, PHASES, {"loop_started_at": loop_started_at, "first_batch_at": first_batch_at,
+                                             "steps_s": step_seconds, "val_s": val_seconds_sum,
+                                             "loop_ended_at": time.time()})
     if diverged is not None and rank == 0:  # every worker stopped at the same step; fit raises
         storage.write_json(cfg.out, DIVERGED, diverged)
 
@@ -399,9 +409,11 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets=datasets,
     )
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
+    storage.RunDir(out).remove(PHASES)  # a stale one (an earlier fit) is never read as this one's
     with _own_sigint_handler():
         result = trainer.fit()
+    ended_at = time.time()
     if result.error is not None:
         raise RuntimeError(f"training {cfg.arch} failed: {result.error}") from result.error
     diverged = storage.read_json(out, DIVERGED)
@@ -410,4 +422,19 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     records = storage.read_metrics(out)
     return {"run_dir": out, "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "metrics": records[-1] if records else {}, "epochs_run": len(records),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "phases": _phases(out, started_at, ended_at)}
+
+
+def _phases(out: str, started_at: float, ended_at: float) -> dict | None:
+    """Where a fit's wall time went: Ray Train's start (controller, worker group) up to the training loop,
+    the data pipeline's start up to the first batch, the steps and validation passes, and the rest (the
+    last epoch's checkpoint and report, worker group and controller shutdown). None when the loop did not
+    run (nothing to train) or it ran on a clock that is not this one's (another node)."""
+    p = storage.read_json(out, PHASES)
+    if p is None or not started_at <= p["loop_started_at"] <= p["loop_ended_at"] <= ended_at + 1:
+        return None
+    wall = ended_at - started_at
+    parts = {"train_start_s": p["loop_started_at"] - started_at, "data_start_s": p["first_batch_at"] - p["loop_started_at"],
+             "steps_s": p["steps_s"], "val_s": p["val_s"]}
+    parts["other_s"] = wall - sum(parts.values())
+    return {"wall_s": wall, **{k: round(v, 2) for k, v in parts.items()}}
