@@ -63,6 +63,13 @@ def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ra
     assert 0.0 <= metrics["top1"] <= 1.0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == [] and Path(summary["report"]).is_file()
+    # Where the training stage's time went: its phases add up to the fit, the fit and the task to the stage.
+    from benchmarks.stage_profile import PARTS, profile
+
+    (row,) = profile(run_dir)["rows"]
+    assert row["arch"] == "squeezenet1_1" and row["steps_s"] > 0 and row["train_start_s"] > 0
+    assert all(row[k] >= 0 for k in PARTS + ("stage_s",)), row
+    assert abs(sum(row[k] for k in PARTS) + row["stage_s"] - row["train_wall_s"]) < 0.5, row
 
     # Add an architecture whose build fails for real (an argument its builder does not take): only its
     # branch fails, the finished data and training are not redone, and the exit code says it failed.
