@@ -2,7 +2,13 @@
 multipart body as a browser form sends it, the page at GET / with its samples, the page's COCO RLE decoder
 (JS, run by node) against pycocotools, and (slow) the page itself driven in headless Chromium.
 
-Real Serve deployment (random weights, tiny model inputs) as in test_serve_http.py.
+Real Serve deployment (random weights, tiny model inputs) as in test_serve_http.py. The README's picture
+comes from the browser test run with a trained detector in place of the random one:
+
+    VF_SCREENSHOT_CHECKPOINT=RUN_DIR .venv/bin/python -m pytest -m slow tests/test_serve_page.py
+
+(RUN_DIR: a `visionflow train --task detection` run; docs/serving.md says which). Without it the
+screenshot is only a test artefact.
 """
 from __future__ import annotations
 
@@ -27,10 +33,14 @@ from test_serve_http import ARGS as HTTP_ARGS  # noqa: E402 -- tests/ is on sys.
 
 PORT = 8466
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "images" / "serve_page.png"
+README_SCREENSHOT = ROOT / "docs" / "images" / "serve_page.png"
+TRAINED = os.environ.get("VF_SCREENSHOT_CHECKPOINT")  # a trained detector for the README's picture
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARGS = {
-    "models": HTTP_ARGS["models"],  # the three tiny models of the HTTP contract tests
+    # The three tiny models of the HTTP contract tests (the detector a trained one for the README picture).
+    "models": ([{"name": "ssd", "task": "detection", "checkpoint": TRAINED,
+                 "model": {"num_cpus": 0.5, "max_ongoing_requests": 8}}] if TRAINED else HTTP_ARGS["models"][:1])
+              + HTTP_ARGS["models"][1:],
     "nms": {"score_threshold": 0.0, "iou_threshold": 0.5, "max_detections": 50},
     "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.1}, "nms_stage": {"num_cpus": 0.1},
     "ingress": {"num_cpus": 0.1},
@@ -365,15 +375,19 @@ def test_page_in_headless_chromium(url, tmp_path):
         driver.find_element(By.ID, "score_threshold").clear()
         _run_and_wait(driver, lambda: driver.find_element(By.ID, "run").click())
         assert len(_rows(driver)) == 10
+        if TRAINED:  # the picture shows what the trained detector is sure of
+            driver.find_element(By.ID, "score_threshold").send_keys("0.3")
+            _run_and_wait(driver, lambda: driver.find_element(By.ID, "run").click())
+            assert len(_rows(driver)) > 0
 
         # The whole page in the screenshot: the window grows by what the viewport misses.
         inner, full = driver.execute_script("return [window.innerHeight, document.documentElement.scrollHeight]")
         size = driver.get_window_size()
         driver.set_window_size(size["width"], size["height"] + max(0, full - inner))
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        assert driver.save_screenshot(str(SCREENSHOT))
-        print(f"page test {time.perf_counter() - t0:.1f}s; screenshot {SCREENSHOT}")
+        shot_path = README_SCREENSHOT if TRAINED else tmp_path / "page.png"
+        assert driver.save_screenshot(str(shot_path))
+        print(f"page test {time.perf_counter() - t0:.1f}s; screenshot {shot_path}")
     finally:
         driver.quit()
-    shot = Image.open(SCREENSHOT)
+    shot = Image.open(shot_path)
     assert shot.size[0] == 1280 and shot.size[1] >= full and np.asarray(shot.convert("L")).std() > 20
