@@ -45,6 +45,9 @@ ARGS = {
     # Masks of up to 100 whole 4096 x 4096 images: the big request below is served, not refused.
     "limits": {"max_mask_pixels": 100 * 4096 * 4096, "body_timeout_s": BODY_TIMEOUT_S},
     "nms": {"score_threshold": 0.0, "iou_threshold": 0.5, "max_detections": 20},
+    # Preprocess and Postprocess as their own deployments (the other serve tests run them in the Ingress):
+    # the big request's memory is measured in the replica that pastes the masks, apart from the Ingress.
+    "stages_in_ingress": False,
     "preprocess": {"num_cpus": 0.1}, "postprocess": {"num_cpus": 0.1}, "nms_stage": {"num_cpus": 0.1},
     # The Ingress keeps its defaults (1024 slots): the slow clients below rely on them.
 }

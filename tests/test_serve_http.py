@@ -57,6 +57,18 @@ def _assert_error(r, status, code):
     assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"], body
 
 
+def test_preprocess_and_postprocess_run_inside_the_ingress_by_default(url):
+    from ray import serve
+
+    deployments = set(serve.status().applications["visionflow"].deployments)
+    # Two handle calls per detection (model, NMS stage), not four: no Preprocess or Postprocess replicas.
+    assert deployments == {"Ingress", "NmsStage", "Detector_ssd", "Detector_mask", "Classifier_squeeze"}, deployments
+    r = _post(url, "/v1/detect", _image())
+    assert r.status_code == 200
+    assert [part.split(";")[0] for part in r.headers["Server-Timing"].split(", ")] == \
+        ["preprocess", "model", "nms", "postprocess", "total"]
+
+
 def test_detect_raw_jpeg_boxes_in_sent_pixels(url):
     r = _post(url, "/v1/detect", _image(200, 90), max_detections=20)
     assert r.status_code == 200, r.text

@@ -1,7 +1,8 @@
 """Builders of the Serve application, named by a Serve YAML's ``import_path``.
 
 ``build_app(args)`` binds one graph: Ingress -> Preprocess -> one model deployment per served model
-(Detector or Classifier, batched) -> NMS stage -> Postprocess. The stages are shared by the models.
+(Detector or Classifier, batched) -> NMS stage -> Postprocess. The stages are shared by the models;
+with ``stages_in_ingress`` (the default) Preprocess and Postprocess run inside the Ingress replica.
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def build_app(args: dict | ServeArgs) -> Application:
         cls = Classifier if spec.task == "classification" else Detector
         models[spec.name] = cls.options(name=f"{cls.name}_{spec.name}", **spec.model.deployment_options()) \
             .bind(spec.model_dump())
-    preprocess = Preprocess.options(**args.preprocess.deployment_options()).bind(args.limits.max_image_pixels)
+    preprocess = postprocess = None  # stages_in_ingress: the Ingress runs them itself
+    if not args.stages_in_ingress:
+        preprocess = Preprocess.options(**args.preprocess.deployment_options()).bind(args.limits.max_image_pixels)
+        postprocess = Postprocess.options(**args.postprocess.deployment_options()).bind()
     nms = NmsStage.options(**args.nms_stage.deployment_options()).bind(
         args.nms_batching.max_batch_size, args.nms_batching.batch_wait_timeout_s)
-    postprocess = Postprocess.options(**args.postprocess.deployment_options()).bind()
     return Ingress.options(**args.ingress.deployment_options()).bind(
         args.model_dump(), models, preprocess, nms, postprocess)

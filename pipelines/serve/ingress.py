@@ -165,6 +165,21 @@ def _upload_route(answer: type, summary: str) -> dict:
             "responses": {200: {"headers": _TIMING_HEADER}, **_ERRORS}}
 
 
+class InProcess:
+    """A stage object called the way a deployment handle is (``.remote(...)``, ``.method.remote(...)``), run
+    in a thread of this replica: Preprocess and Postprocess inside the Ingress (``stages_in_ingress``)."""
+
+    def __init__(self, obj, method: str = "__call__"):
+        self._obj, self._method = obj, method
+        self.deployment_name = f"{type(obj).__name__} (in the Ingress)"
+
+    def remote(self, *a, **kw):
+        return asyncio.to_thread(getattr(self._obj, self._method), *a, **kw)
+
+    def __getattr__(self, name: str) -> "InProcess":
+        return InProcess(self._obj, name)
+
+
 def _timing(**ms: float) -> dict:
     return {"Server-Timing": ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())}
 
@@ -177,6 +192,12 @@ class Ingress:
     def __init__(self, args: dict, models: dict, preprocess, nms, postprocess):
         self.args = ServeArgs.model_validate(args)
         self.models = models
+        if preprocess is None:  # stages_in_ingress: the stages' own classes, called in a thread
+            from pipelines.serve.postprocess import Postprocess
+            from pipelines.serve.preprocess import Preprocess
+
+            preprocess = InProcess(Preprocess.func_or_class(self.args.limits.max_image_pixels))
+            postprocess = InProcess(Postprocess.func_or_class())
         self.preprocess, self.nms, self.postprocess = preprocess, nms, postprocess
         self.tasks = {m.name: m.task for m in self.args.models}
         self._info: dict[str, dict] = {}
