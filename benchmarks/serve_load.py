@@ -186,6 +186,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="the detector's @serve.batch max_batch_size")
     p.add_argument("--detector-cpus", type=int, default=1, help="CPUs (= torch threads) of the detector replica")
     p.add_argument("--port", type=int, default=8471)
+    p.add_argument("--split-stages", action="store_true",
+                   help="preprocess and postprocess as their own deployments (stages_in_ingress: false)")
     p.add_argument("--hostile", action="store_true",
                    help="also run the hostile mix (10%% bad, 5%% big segment requests) against a clean run")
     p.add_argument("--hostile-concurrency", type=int, default=32)
@@ -209,7 +211,7 @@ def main() -> None:
                     "batching": {"max_batch_size": args.max_batch, "batch_wait_timeout_s": 0.01},
                     "model": {"num_cpus": args.detector_cpus, "max_ongoing_requests": max(args.max_batch, 32)}}],
         "nms_stage": {"num_cpus": 0.1}, "preprocess": {"num_cpus": 0.2}, "postprocess": {"num_cpus": 0.1},
-        "ingress": {"num_cpus": 0.1},
+        "ingress": {"num_cpus": 0.1}, "stages_in_ingress": not args.split_stages,
     }
     if args.hostile:
         serve_args["models"].append({
@@ -257,6 +259,7 @@ def main() -> None:
     by_c = {r["concurrency"]: r for r in rows}
     summary = {
         "arch": args.arch, "size": args.size, "detector_cpus": args.detector_cpus, "torch_threads": threads,
+        "stages_in_ingress": not args.split_stages,
         "max_batch_size": args.max_batch,
         "in_process_images_per_s": {str(k): v for k, v in rates.items()},
         "in_process_limit": limit, "in_process_best_batch": best_batch,
