@@ -115,26 +115,35 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
     # The State API, which Ray Train's placement-group cleaner asks whether the run's controller lives,
     # finds its server from RAY_API_SERVER_ADDRESS, else from the address file of the last `ray start`:
     # another cluster's, or a stale one (a killed head leaves it), where each query waits 10-40 s and a
-    # live other cluster answers "no such actor". The cluster's processes inherit this setting from here.
+    # live other cluster answers "no such actor". The cluster's processes (the raylet and every worker it
+    # starts) inherit it from this process's environment at start-up; this process gets its own back after.
     if dashboard:
         port = _free_port(8265)
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    else:  # no State API server: a refused connection answers at once (the cleaner keeps watching)
-        os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
-        # Ray Train's dashboard page (runs, workers, datasets) is off unless this is set where the trainer is
-        # built; the cluster's processes inherit it from here. Only with a dashboard: without one the state
-        # actor waits for an API server that never comes. A user's own setting wins.
+        api_server = f"http://127.0.0.1:{port}"
+        # Ray Train's dashboard page (runs, workers, datasets) is off unless this is set where the trainer
+        # is built (this process). Only with a dashboard: without one the state actor waits for an API
+        # server that never comes. A user's own setting wins.
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    for attempt in range(attempts):
-        try:
-            ctx = ray.init(**kwargs)
-            break
-        except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception when start-up times out
-            if attempt == attempts - 1 or "timed out during startup" not in str(e):
-                raise
-            print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
-            ray.shutdown()
+    else:  # no State API server: a refused connection answers at once (the cleaner keeps watching)
+        api_server = "http://127.0.0.1:9"
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = api_server
+    try:
+        for attempt in range(attempts):
+            try:
+                ctx = ray.init(**kwargs)
+                break
+            except Exception as e:  # noqa: BLE001 -- Ray raises a bare Exception when start-up times out
+                if attempt == attempts - 1 or "timed out during startup" not in str(e):
+                    raise
+                print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
+                ray.shutdown()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
     if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}{_dashboard_sign_in()}", file=sys.stderr, flush=True)
     return True
