@@ -356,8 +356,16 @@ def test_mask_pixel_limit_answers_413_json(url):
     from pipelines.serve import deploy
     from pipelines.serve.config import HttpOptions
 
+    old_ingress = _handle("Ingress").pid.remote().result()
     deploy({**ARGS, "limits": {**ARGS["limits"], "max_mask_pixels": 2**20}}, port=PORT,
            http_options=HttpOptions(request_timeout_s=REQUEST_TIMEOUT_S))
+    # The Ingress holds the limits: its replica is replaced by a rolling update, which can still be draining
+    # the old one when deploy returns. Wait until only the new one answers.
+    deadline, streak = time.monotonic() + 120, 0
+    while streak < 3 and time.monotonic() < deadline:
+        streak = streak + 1 if _handle("Ingress").pid.remote().result() != old_ingress else 0
+        time.sleep(0.5)
+    assert streak == 3, "the Ingress was not replaced with the new limits"
     ask = {"score_threshold": 0, "iou_threshold": 1, "max_detections": 100}
     r = _post(url, "/v1/segment", _image(4096, 4096), timeout=300, **ask)
     message = _assert_error(r, 413, "too_large")
