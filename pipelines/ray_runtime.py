@@ -33,6 +33,11 @@ from pipelines import ray_private
 WORKER_POOL = {"idle_worker_killing_time_threshold_ms": 120_000}
 RAY_START_ENV = {f"RAY_{k}": str(v) for k, v in WORKER_POOL.items()}
 LOCAL = "local"
+# Ray Train settings of a local cluster (a user's own setting wins). Its controller looks at the worker
+# group every 2 s by default, so a finished run waited up to 2 s to be noticed: 0.5 s here. And each run
+# started a PreemptionWatcher process that polls for nodes being drained (cloud spot preemption), which one
+# machine never has: 2-3 s less per training on 2 cores (benchmarks/stage_profile.py).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class RayUnreachable(RuntimeError):
@@ -116,7 +121,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
     # finds its server from RAY_API_SERVER_ADDRESS, else from the address file of the last `ray start`:
     # another cluster's, or a stale one (a killed head leaves it), where each query waits 10-40 s and a
     # live other cluster answers "no such actor". The cluster's processes (the raylet and every worker it
-    # starts) inherit it from this process's environment at start-up; this process gets its own back after.
+    # starts) inherit it, and LOCAL_TRAIN_ENV, from this process's environment at start-up; this process
+    # gets its own back after.
     if dashboard:
         port = _free_port(8265)
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
@@ -127,8 +133,10 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     else:  # no State API server: a refused connection answers at once (the cleaner keeps watching)
         api_server = "http://127.0.0.1:9"
-    before = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = api_server
+    cluster_env = {"RAY_API_SERVER_ADDRESS": api_server,
+                   **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
+    before = {k: os.environ.get(k) for k in cluster_env}
+    os.environ.update(cluster_env)
     try:
         for attempt in range(attempts):
             try:
@@ -140,10 +148,11 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
                 print(f"ray.init failed ({e}); retrying", file=sys.stderr, flush=True)
                 ray.shutdown()
     finally:
-        if before is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}{_dashboard_sign_in()}", file=sys.stderr, flush=True)
     return True

@@ -77,7 +77,9 @@ def ray_head(request):
         _wait_for_dashboard(url, token, proc, log)
         yield SimpleNamespace(url=url, env=env, token=token, log=log)
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        # `ray start --block` takes SIGTERM as "stop the node" but does not exit for 30 s and more; the
+        # cluster is a throwaway, so it gets a few seconds and then SIGKILL with everything it started.
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(wait)

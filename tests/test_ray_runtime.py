@@ -157,6 +157,26 @@ STATE_PROBE = REPORT + (
     "report(answer=answer, seconds=seconds)\n")
 
 
+TRAIN_ENV_PROBE = REPORT + (
+    "import os\n"
+    "from pipelines.ray_runtime import LOCAL_TRAIN_ENV\n"
+    "connect(num_cpus=1, dashboard=False, log_to_driver=False, quiet=True)\n"
+    "@ray.remote\n"
+    "def seen():\n"
+    "    return {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}\n"
+    "report(workers=ray.get(seen.remote()), driver={k: os.environ.get(k) for k in LOCAL_TRAIN_ENV})\n")
+
+
+def test_a_local_clusters_processes_get_its_train_settings_and_a_users_own_win():
+    from pipelines.ray_runtime import LOCAL_TRAIN_ENV
+
+    out = _probe(TRAIN_ENV_PROBE)
+    assert out["workers"] == LOCAL_TRAIN_ENV  # where Ray Train's controller reads them
+    assert out["driver"] == {k: None for k in LOCAL_TRAIN_ENV}  # this process keeps its own environment
+    out = _probe(TRAIN_ENV_PROBE, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"})
+    assert out["workers"] == {**LOCAL_TRAIN_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+
+
 @pytest.mark.parametrize("dashboard", [True, False])
 def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_head, dashboard):
     out = _probe(STATE_PROBE.replace("DASHBOARD", str(dashboard)))

@@ -37,6 +37,15 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
         assert r["train_loss"] > 0 and torch.isfinite(torch.tensor(r["train_loss"]))
 
 
+def test_a_local_cluster_starts_no_preemption_watcher(killed_run):
+    """No node of one machine is ever drained by a cloud: a run on a local cluster (this one, twice started
+    worker groups included) spends no process on watching for it (pipelines.ray_runtime.LOCAL_TRAIN_ENV)."""
+    from pipelines.ray_private import actor_table
+
+    classes = {a["ActorClassName"] for a in actor_table().values()}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes, classes
+
+
 def test_rerunning_the_same_command_continues_from_the_last_checkpoint(killed_run):
     cfg, _, _ = killed_run
     before = read_metrics(cfg.out)

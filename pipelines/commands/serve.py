@@ -63,19 +63,22 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         print(f"visionflow serve: {e}", file=out)
         return 1
 
-    def stop_serving():
-        shutdown()
+    def stop_serving(drain: bool = True):
+        # A cluster of our own goes whole with ray.shutdown(); deleting the application first lets its
+        # replicas finish what they hold, which only matters once it has served.
+        if drain or not owned:
+            shutdown()
         if owned:
             ray.shutdown()
 
-    if stop.is_set():  # Ctrl-C while the cluster started
-        stop_serving()
+    if stop.is_set():  # Ctrl-C while the cluster started: Serve never ran on it
+        stop_serving(drain=False)
         print("visionflow serve: stopped", file=out, flush=True)
         return 130
     try:
         url = deploy(served, host=args.host, port=args.port, http_options=http, timeout_s=getattr(args, "timeout", 300.0), stop=stop)
     except Interrupted:
-        stop_serving()
+        stop_serving(drain=False)
         print("visionflow serve: stopped while deploying; removed what was deployed", file=out, flush=True)
         return 130
     except (FileNotFoundError, ValueError) as e:
