@@ -61,6 +61,18 @@ def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ra
     data, train = _record(run_dir, "data"), _record(run_dir, "archs/squeezenet1_1/train")
     metrics = json.loads((run_dir / "archs/squeezenet1_1/eval/metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= 1.0
+    # The eval stage took the training's last validation pass (one worker, the same val split): the same
+    # metrics as evaluating the checkpoint again, and the inference speed measured.
+    from pipelines.train import evaluate_checkpoint
+    from pipelines.train.evaluate import metrics_from_training
+
+    assert metrics["source"].startswith("the training's validation") and metrics["inference_images_per_s"] > 0
+    again = evaluate_checkpoint(metrics["checkpoint"], metrics["data"])
+    assert metrics["images"] == again["images"] > 0 and metrics["epoch"] == again["epoch"]
+    for key in ("top1", "top5", "loss"):
+        assert metrics[key] == pytest.approx(again[key], abs=1e-4), key
+    assert metrics_from_training(metrics["checkpoint"], tmp_path) is None  # other data: evaluated again
+    assert metrics_from_training(metrics["checkpoint"], metrics["data"], split="train") is None
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == [] and Path(summary["report"]).is_file()
     # Where the training stage's time went: its phases add up to the fit, the fit and the task to the stage.

@@ -89,6 +89,9 @@ class TrainStage(_Strict):
 
 class EvalStage(_Strict):
     enabled: bool = True
+    # The metrics of a training's last validation pass (the same checkpoint on the same val split) instead
+    # of a second pass; the checkpoint is still loaded and its inference speed measured. False: evaluate again.
+    from_training: bool = True
     # Ray resources of each evaluation task (a GPU makes COCO eval of a big detector much faster).
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)

@@ -15,11 +15,15 @@ def train(settings: dict, data_dir: str, out_dir: str) -> dict:
                    "epochs_run": result["epochs_run"], "phases": result.get("phases")})
 
 
-def evaluate(train_dir: str, data_dir: str, out_dir: str) -> dict:
-    """Metrics of the latest checkpoint of ``train_dir`` on the val split of ``data_dir``."""
+def evaluate(train_dir: str, data_dir: str, out_dir: str, from_training: bool = True) -> dict:
+    """Metrics of the latest checkpoint of ``train_dir`` on the val split of ``data_dir``: with
+    ``from_training``, its training's last validation pass where that pass was of this checkpoint on this
+    data (``metrics_from_training``), else evaluated again."""
     from pipelines.train import evaluate_checkpoint
+    from pipelines.train.evaluate import metrics_from_training
 
-    return _plain(evaluate_checkpoint(train_dir, data_dir, out=out_dir))
+    found = metrics_from_training(train_dir, data_dir, out=out_dir) if from_training else None
+    return _plain(found if found is not None else evaluate_checkpoint(train_dir, data_dir, out=out_dir))
 
 
 def compare(train_dirs: list[str], out_dir: str) -> dict:

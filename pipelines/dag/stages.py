@@ -183,7 +183,7 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
         from pipelines.dag import entry_points
 
         metrics = entry_points.evaluate(train_rec["outputs"]["run_dir"], data_rec["outputs"]["data_dir"],
-                                        run.path(name))
+                                        run.path(name), from_training=eval_cfg.get("from_training", True))
         return {"metrics": metrics, "metrics_path": run.write_json(f"{name}/metrics.json", metrics)}
 
     def result(rec: dict) -> dict:

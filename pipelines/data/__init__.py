@@ -7,9 +7,10 @@ from importlib import import_module
 
 from pipelines.data.ingest import ingest, load_split, read_coco, read_manifest, read_split_table
 
-_LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "collate_detection": "views"}
+_LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "augment_table": "views",
+         "collate_detection": "views"}
 
-__all__ = ["TASKS", "augment", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
+__all__ = ["TASKS", "augment", "augment_table", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
            "read_split_table", "save_preview"]
 
 

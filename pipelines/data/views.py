@@ -113,12 +113,25 @@ def augment(ds, *, task: str, size: int, train: bool = True, seed: int = 0, epoc
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an integer >= 8 pixels, got {size!r}")
+    fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+
+
+def _rows_fn(task: str, *, size: int, train: bool, seed: int, epoch: int):
     kw = {"size": size, "train": bool(train), "seed": int(seed), "epoch": int(epoch)}
     if task in ("detection", "segmentation"):
-        fn, kw = _detection_rows, {**kw, "masks": task == "segmentation"}
-    else:
-        fn = _classification_rows if task == "classification" else _localization_rows
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+        return _detection_rows, {**kw, "masks": task == "segmentation"}
+    return (_classification_rows if task == "classification" else _localization_rows), kw
+
+
+def augment_table(table: pa.Table, *, task: str, size: int, train: bool = False, seed: int = 0,
+                  epoch: int = 0) -> dict:
+    """``augment`` in this process, on a table of shard rows (``read_split_table``): the same rows as one
+    numpy batch, for a few images where a Ray Data execution would cost more than the work."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
+    return fn(table, **kw)
 
 
 def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:

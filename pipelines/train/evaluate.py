@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on a data directory's val split (what `visionflow eval` and the DAG run)."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -61,3 +62,57 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     if out is not None:
         result["metrics_path"] = storage.write_json(str(out), "metrics.json", result)
     return result
+
+
+# A validation record's fields that describe the pass rather than the model.
+_PASS_FIELDS = {"val_seconds", "val_images_per_s"}
+
+
+def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val", rate_images: int = 32,
+                          device: str | None = None) -> dict | None:
+    """What ``evaluate_checkpoint`` returns, without repeating the work: a training validates its model
+    on the val split after every epoch, so the latest checkpoint's metrics are its last epoch's ``val_*``.
+    The checkpoint is still loaded (a torn file fails here, not when it is served) and
+    ``inference_images_per_s`` is measured on its first ``rate_images`` val images, read in this process.
+    None, to evaluate instead, when the run's last record is not the checkpoint's epoch, the training
+    validated on other data or on more than one worker (equal shards may leave a row out), or ``split``
+    is not val."""
+    from pipelines.data import augment_table, read_split_table
+    from pipelines.train.checkpoint import load_checkpoint
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.tasks import get_task
+
+    run_dir = storage.RunDir(str(checkpoint)) if not str(checkpoint).endswith(".pt") else None
+    records = run_dir.read_metrics() if run_dir is not None else []
+    if split != "val" or not records:
+        return None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config = load_checkpoint(checkpoint, device=device)
+    last = records[-1]
+    if (last.get("epoch") != config["epoch"] or last.get("workers") != 1
+            or not _same_place(config.get("data"), data_dir)):
+        return None
+    cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
+    task = get_task(cfg.task)
+    t0 = time.perf_counter()
+    table, _ = read_split_table(data_dir, split)
+    rows = augment_table(table.slice(0, rate_images), task=cfg.task, size=cfg.image_size, train=False, seed=cfg.seed)
+    batch = task.collate(rows, device) if len(next(iter(rows.values()))) else None
+    rate = _inference_rate(model, [batch] if batch is not None else [])
+    metrics = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_") and k not in _PASS_FIELDS}
+    result = {"arch": cfg.arch, "task": cfg.task, "epoch": config["epoch"], "checkpoint": str(checkpoint),
+              "data": str(data_dir), "split": split, **metrics, "inference_images_per_s": rate,
+              "eval_seconds": time.perf_counter() - t0,
+              "source": f"the training's validation after epoch {config['epoch'] + 1}"}
+    if out is not None:
+        result["metrics_path"] = storage.write_json(str(out), "metrics.json", result)
+    return result
+
+
+def _same_place(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    a, b = str(a).rstrip("/"), str(b).rstrip("/")
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.realpath(a) == os.path.realpath(b)
