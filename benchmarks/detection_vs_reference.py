@@ -1,0 +1,242 @@
+"""visionflow's Ray Train run of a torchvision Faster R-CNN against a plain PyTorch loop that follows
+torchvision's ``references/detection`` recipe, on the same synth data, epochs, seed and settings.
+
+The reference: ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn`` (weights=None),
+``CocoDetection`` wrapped for transforms v2 with the same flip and scale jitter, a ``DataLoader`` with
+the references' tuple collate, ``train_one_epoch``'s loop (the loss dict summed, one optimizer step per
+batch) and, after every epoch, torchvision's own post-processing scored by pycocotools' ``COCOeval``.
+visionflow: ``visionflow train``'s ``fit`` of ``fasterrcnn_mobilenet_v3_fpn`` (the same builder) on the
+ingested Parquet shards, validating after every epoch with its own evaluator.
+
+Settings both sides share: AdamW (one of the references' ``--opt`` choices; weight decay on weights only,
+as visionflow does), a constant learning rate and no warmup (visionflow schedules per epoch, the
+references' warmup is per iteration), the same initial weights (checked), and ``--threads`` torch threads.
+Reported: bbox AP50 of each (and of visionflow's weights scored the reference's way, which separates
+training from post-processing), the difference, each side's wall time for training plus its per-epoch
+validation, and the speed ratio reference/visionflow. Writes ``benchmarks/results/detection_vs_reference.json``.
+
+    .venv/bin/python -m benchmarks.detection_vs_reference [--images 400] [--size 128] [--epochs 4] [--batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import provenance
+
+RESULTS = Path(__file__).parent / "results"
+ARCH = "fasterrcnn_mobilenet_v3_fpn"  # visionflow's name for the torchvision builder below
+
+
+def reference_model(num_classes: int, size: int, seed: int) -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=size, max_size=size)
+
+
+def _labels(coco_json: Path) -> dict[int, int]:
+    cats = sorted(c["id"] for c in json.loads(coco_json.read_text())["categories"])
+    return {c: i + 1 for i, c in enumerate(cats)}  # COCO category id -> 1..K, as visionflow's ingest
+
+
+def reference_loader(coco: Path, split: str, size: int, batch: int, train: bool, seed: int):
+    from torch.utils.data import DataLoader
+    from torchvision import tv_tensors
+    from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+    from torchvision.transforms import v2
+
+    from vision.transforms import SCALE_RANGE
+
+    label = _labels(coco / "annotations" / f"instances_{split}.json")
+    steps = [v2.ToImage()]
+    if train:
+        steps += [v2.RandomHorizontalFlip(0.5), v2.ScaleJitter((size, size), scale_range=SCALE_RANGE, antialias=True),
+                  v2.SanitizeBoundingBoxes()]
+    tf = v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            self.ds = wrap_dataset_for_transforms_v2(
+                CocoDetection(str(coco / split), str(coco / "annotations" / f"instances_{split}.json")),
+                target_keys=("image_id", "boxes", "labels"))
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            image, target = self.ds[i]
+            if "boxes" not in target:  # an image without objects
+                w, h = image.size
+                target = {**target, "boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
+                                                                      canvas_size=(h, w)),
+                          "labels": torch.zeros((0,), dtype=torch.int64)}
+            target["labels"] = torch.tensor([label[int(c)] for c in target["labels"]], dtype=torch.int64)
+            return tf(image, target)
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' index messages
+        data = Data()
+    return DataLoader(data, batch_size=batch, shuffle=train, num_workers=1, collate_fn=lambda b: tuple(zip(*b)),
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=True)
+
+
+def coco_ap50(model: torch.nn.Module, loader, coco: Path) -> float:
+    """bbox AP50 of ``model``'s own post-processed detections, scored by pycocotools on the val split."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_path = coco / "annotations" / "instances_val.json"
+    category = {v: k for k, v in _labels(gt_path).items()}
+    results = []
+    model.eval()
+    with torch.no_grad():
+        for images, targets in loader:
+            for out, t in zip(model(list(images)), targets):
+                for (x1, y1, x2, y2), s, l in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                    results.append({"image_id": int(t["image_id"]), "category_id": category[int(l)],
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)})
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return float(ev.stats[1])
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def run_reference(coco: Path, args, num_classes: int) -> dict:
+    """``references/detection/train.py``'s loop: train_one_epoch, then evaluate, every epoch."""
+    model = reference_model(num_classes, args.size, args.seed)
+    optimizer = _optimizer(model, args.lr, args.weight_decay)
+    train = reference_loader(coco, "train", args.size, args.batch, True, args.seed)
+    val = reference_loader(coco, "val", args.size, args.batch, False, args.seed)
+    epochs, t0 = [], time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        losses = []
+        for images, targets in train:
+            loss_dict = model(list(images), [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
+                                             for t in targets])
+            loss = sum(loss_dict.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        ap50 = coco_ap50(model, val, coco)
+        epochs.append({"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "bbox/AP50": ap50})
+        print(f"  reference epoch {epoch + 1}/{args.epochs}: loss {epochs[-1]['loss']:.3f}  bbox AP50 {ap50:.4f}  "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)
+    return {"bbox/AP50": epochs[-1]["bbox/AP50"], "seconds": time.perf_counter() - t0, "epochs": epochs}
+
+
+def run_visionflow(data: Path, out: Path, args) -> tuple[dict, "object"]:
+    from pipelines.train import TrainConfig, fit
+
+    cfg = TrainConfig(task="detection", arch=ARCH, data=str(data), out=str(out), workers=1, epochs=args.epochs,
+                      batch_size=args.batch, image_size=args.size, optimizer="adamw", lr=args.lr,
+                      weight_decay=args.weight_decay, schedule="constant", warmup_epochs=0, seed=args.seed,
+                      cpus_per_worker=args.threads, augment_cpus=0.5,
+                      model_kwargs={"min_size": args.size, "max_size": args.size})
+    t0 = time.perf_counter()
+    result = fit(cfg)
+    seconds = time.perf_counter() - t0
+    from pipelines.storage import read_metrics
+
+    epochs = [{"epoch": r["epoch"], "loss": r["train_loss"], "bbox/AP50": r["val_bbox/AP50"]} for r in read_metrics(out)]
+    return {"bbox/AP50": result["metrics"]["val_bbox/AP50"], "seconds": seconds, "epochs": epochs,
+            "phases": result.get("phases")}, cfg
+
+
+def same_initial_weights(num_classes: int, args) -> bool:
+    """visionflow's builder, seeded as its training loop seeds it, against the reference's."""
+    from pipelines.train.tasks import get_task
+    from pipelines.train.config import TrainConfig
+
+    cfg = TrainConfig(task="detection", arch=ARCH, data="-", out="-", num_classes=num_classes, image_size=args.size,
+                      seed=args.seed, model_kwargs={"min_size": args.size, "max_size": args.size})
+    torch.manual_seed(cfg.seed)
+    ours = get_task("detection").build_model(cfg).net.state_dict()
+    ref = reference_model(num_classes, args.size, args.seed).state_dict()
+    return ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=400, help="synth images (train + val, 20%% val)")
+    ap.add_argument("--size", type=int, default=128, help="image side, and the model's min/max size")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each side's training")
+    ap.add_argument("--keep", type=str, default=None, help="keep the data and the runs under this directory")
+    ap.add_argument("--out", type=str, default=str(RESULTS / "detection_vs_reference.json"))
+    provenance.add_arguments(ap)
+    args = ap.parse_args(argv)
+    start = provenance.begin(args)
+
+    import ray
+
+    from pipelines.data import ingest
+    from pipelines.ray_runtime import LOCAL, connect
+    from vision.data.synth import write_synth
+
+    tmp = tempfile.TemporaryDirectory() if args.keep is None else None
+    root = Path(args.keep or tmp.name)
+    try:
+        write_synth(root / "coco", images=args.images, size=args.size, seed=args.seed, val_fraction=0.2)
+        num_classes = len(_labels(root / "coco" / "annotations" / "instances_train.json"))
+        same_init = same_initial_weights(num_classes, args)
+        torch.set_num_threads(args.threads)
+        print(f"reference: torchvision loop, {args.epochs} epochs, same initial weights: {same_init}", flush=True)
+        ref = run_reference(root / "coco", args, num_classes)  # first, with no Ray cluster running
+        connect(LOCAL, num_cpus=args.threads + 2, dashboard=False, log_to_driver=False)
+        for split in ("train", "val"):
+            ingest(root / "coco" / "annotations" / f"instances_{split}.json", root / "coco" / split,
+                   root / "data" / split)
+        print("visionflow: Ray Train fit", flush=True)
+        ours, cfg = run_visionflow(root / "data", root / "run", args)
+        from pipelines.train import load_checkpoint
+
+        model, _ = load_checkpoint(cfg.out)
+        ours_ref_eval = coco_ap50(model.net, reference_loader(root / "coco", "val", args.size, args.batch, False,
+                                                              args.seed), root / "coco")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    result = {"benchmark": "detection_vs_reference", "arch": ARCH,
+              "reference_builder": "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn",
+              "config": {k: v for k, v in vars(args).items() if k not in ("keep", "out", "allow_load")},
+              "same_initial_weights": same_init,
+              "reference": ref, "visionflow": ours,
+              "visionflow_weights_scored_as_reference": ours_ref_eval,
+              "ap50_difference": ours["bbox/AP50"] - ref["bbox/AP50"],
+              "speed_ratio_reference_over_visionflow": ref["seconds"] / ours["seconds"]}
+    print(f"bbox AP50: visionflow {ours['bbox/AP50']:.4f} (scored the reference's way {ours_ref_eval:.4f}), "
+          f"reference {ref['bbox/AP50']:.4f}, difference {result['ap50_difference']:+.4f}; wall: visionflow "
+          f"{ours['seconds']:.0f}s, reference {ref['seconds']:.0f}s, speed {result['speed_ratio_reference_over_visionflow']:.2f}x "
+          f"of the reference", flush=True)
+    provenance.write(args.out, result, start)
+    return result
+
+
+if __name__ == "__main__":
+    main()
