@@ -71,6 +71,15 @@ DESCRIPTIONS = {
         "every epoch); `train_images` counts images seen over all epochs. Each column is its own run. "
         "Targets: Faster R-CNN bbox AP50 >= 0.7, Mask R-CNN segm AP50 >= 0.6, YOLO bbox AP50 >= 0.5, "
         "SSDlite and R-CNN clearly above chance."),
+    "detection_vs_reference": (
+        "Learning against a reference: torchvision's Faster R-CNN (MobileNetV3-Large 320 FPN builder, from "
+        "scratch) trained by a plain loop in the style of torchvision's references/detection, and by "
+        "visionflow's Ray Train run of the same builder, on the same synth data, epochs, seed, initial weights "
+        "(`same_initial_weights`) and settings. `ap50_difference` is visionflow's bbox AP50 minus the "
+        "reference's (target within 0.03); `visionflow_weights_scored_as_reference` scores visionflow's weights "
+        "with torchvision's post-processing and pycocotools, separating training from post-processing; "
+        "`speed_ratio_reference_over_visionflow` is the reference's wall time over visionflow's (target "
+        ">= 0.9), each side training and validating after every epoch."),
     "nms": (
         "`vision.ops` NMS against a baseline on the same random boxes (80 classes, IoU threshold as "
         "recorded); kept indices are checked equal and calls of the two sides interleave. `batched_nms` "
