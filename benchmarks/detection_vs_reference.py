@@ -1,11 +1,12 @@
 """visionflow's Ray Train run of a torchvision Faster R-CNN against a plain PyTorch loop that follows
 torchvision's ``references/detection`` recipe, on the same synth data, epochs, seed and settings.
 
-The reference: ``torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn`` (weights=None),
-``CocoDetection`` wrapped for transforms v2 with the same flip and scale jitter, a ``DataLoader`` with
-the references' tuple collate, ``train_one_epoch``'s loop (the loss dict summed, one optimizer step per
-batch) and, after every epoch, torchvision's own post-processing scored by pycocotools' ``COCOeval``.
-visionflow: ``visionflow train``'s ``fit`` of ``fasterrcnn_mobilenet_v3_fpn`` (the same builder) on the
+The reference: the network of ``--arch`` built with weights=None (``BUILDERS``: torchvision's
+``fasterrcnn_mobilenet_v3_large_320_fpn``, or torchvision's FasterRCNN classes with a ResNet-18 FPN as
+visionflow assembles them), ``CocoDetection`` wrapped for transforms v2 with the same flip and scale
+jitter, a ``DataLoader`` with the references' tuple collate, ``train_one_epoch``'s loop (the loss dict
+summed, one optimizer step per batch) and, after every epoch, torchvision's own post-processing scored by
+pycocotools' ``COCOeval``. visionflow: ``visionflow train``'s ``fit`` of the same architecture on the
 ingested Parquet shards, validating after every epoch with its own evaluator.
 
 Settings both sides share: AdamW (one of the references' ``--opt`` choices; weight decay on weights only,
@@ -15,7 +16,8 @@ Reported: bbox AP50 of each (and of visionflow's weights scored the reference's 
 training from post-processing), the difference, each side's wall time for training plus its per-epoch
 validation, and the speed ratio reference/visionflow. Writes ``benchmarks/results/detection_vs_reference.json``.
 
-    .venv/bin/python -m benchmarks.detection_vs_reference [--images 400] [--size 128] [--epochs 4] [--batch 8]
+    .venv/bin/python -m benchmarks.detection_vs_reference [--arch fasterrcnn_resnet18_fpn] [--images 400]
+        [--size 128] [--epochs 4] [--batch 8]
 """
 from __future__ import annotations
 
@@ -32,15 +34,32 @@ import torch
 from benchmarks import provenance
 
 RESULTS = Path(__file__).parent / "results"
-ARCH = "fasterrcnn_mobilenet_v3_fpn"  # visionflow's name for the torchvision builder below
 
 
-def reference_model(num_classes: int, size: int, seed: int) -> torch.nn.Module:
+def _mobilenet(num_classes: int, size: int) -> torch.nn.Module:
     import torchvision
 
-    torch.manual_seed(seed)
     return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=size, max_size=size)
+
+
+def _resnet18(num_classes: int, size: int) -> torch.nn.Module:
+    from vision.models.detection.faster_rcnn import fasterrcnn_resnet18_fpn
+
+    return fasterrcnn_resnet18_fpn(num_classes, min_size=size, max_size=size).net
+
+
+# visionflow's architecture name -> the network the reference trains. The MobileNet one is torchvision's
+# published builder (anchors of 32-512 px on strides 16 and 32: it finds few of the synth shapes at
+# 128 px); the ResNet-18 one is torchvision's FasterRCNN, BackboneWithFPN and AnchorGenerator classes
+# as vision/models/detection/faster_rcnn.py puts them together (16-256 px anchors on strides 4-64).
+BUILDERS = {"fasterrcnn_mobilenet_v3_fpn": (_mobilenet, "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn"),
+            "fasterrcnn_resnet18_fpn": (_resnet18, "torchvision FasterRCNN + resnet18 BackboneWithFPN (vision.models)")}
+
+
+def reference_model(num_classes: int, size: int, seed: int, arch: str = "fasterrcnn_mobilenet_v3_fpn") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[arch][0](num_classes, size)
 
 
 def _labels(coco_json: Path) -> dict[int, int]:
@@ -121,7 +140,7 @@ def _optimizer(model, lr: float, weight_decay: float):
 
 def run_reference(coco: Path, args, num_classes: int) -> dict:
     """``references/detection/train.py``'s loop: train_one_epoch, then evaluate, every epoch."""
-    model = reference_model(num_classes, args.size, args.seed)
+    model = reference_model(num_classes, args.size, args.seed, args.arch)
     optimizer = _optimizer(model, args.lr, args.weight_decay)
     train = reference_loader(coco, "train", args.size, args.batch, True, args.seed)
     val = reference_loader(coco, "val", args.size, args.batch, False, args.seed)
@@ -147,7 +166,7 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
 def run_visionflow(data: Path, out: Path, args) -> tuple[dict, "object"]:
     from pipelines.train import TrainConfig, fit
 
-    cfg = TrainConfig(task="detection", arch=ARCH, data=str(data), out=str(out), workers=1, epochs=args.epochs,
+    cfg = TrainConfig(task="detection", arch=args.arch, data=str(data), out=str(out), workers=1, epochs=args.epochs,
                       batch_size=args.batch, image_size=args.size, optimizer="adamw", lr=args.lr,
                       weight_decay=args.weight_decay, schedule="constant", warmup_epochs=0, seed=args.seed,
                       cpus_per_worker=args.threads, augment_cpus=0.5,
@@ -167,16 +186,17 @@ def same_initial_weights(num_classes: int, args) -> bool:
     from pipelines.train.tasks import get_task
     from pipelines.train.config import TrainConfig
 
-    cfg = TrainConfig(task="detection", arch=ARCH, data="-", out="-", num_classes=num_classes, image_size=args.size,
+    cfg = TrainConfig(task="detection", arch=args.arch, data="-", out="-", num_classes=num_classes, image_size=args.size,
                       seed=args.seed, model_kwargs={"min_size": args.size, "max_size": args.size})
     torch.manual_seed(cfg.seed)
     ours = get_task("detection").build_model(cfg).net.state_dict()
-    ref = reference_model(num_classes, args.size, args.seed).state_dict()
+    ref = reference_model(num_classes, args.size, args.seed, args.arch).state_dict()
     return ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=sorted(BUILDERS), default="fasterrcnn_mobilenet_v3_fpn")
     ap.add_argument("--images", type=int, default=400, help="synth images (train + val, 20%% val)")
     ap.add_argument("--size", type=int, default=128, help="image side, and the model's min/max size")
     ap.add_argument("--epochs", type=int, default=4)
@@ -186,7 +206,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each side's training")
     ap.add_argument("--keep", type=str, default=None, help="keep the data and the runs under this directory")
-    ap.add_argument("--out", type=str, default=str(RESULTS / "detection_vs_reference.json"))
+    ap.add_argument("--out", type=str, default=str(RESULTS / "detection_vs_reference.json"),
+                    help="results file: one entry per architecture, a later run of one replaces its entry")
     provenance.add_arguments(ap)
     args = ap.parse_args(argv)
     start = provenance.begin(args)
@@ -222,8 +243,7 @@ def main(argv=None) -> dict:
             ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
-    result = {"benchmark": "detection_vs_reference", "arch": ARCH,
-              "reference_builder": "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn",
+    result = {"reference_builder": BUILDERS[args.arch][1],
               "config": {k: v for k, v in vars(args).items() if k not in ("keep", "out", "allow_load")},
               "same_initial_weights": same_init,
               "reference": ref, "visionflow": ours,
@@ -234,8 +254,24 @@ def main(argv=None) -> dict:
           f"reference {ref['bbox/AP50']:.4f}, difference {result['ap50_difference']:+.4f}; wall: visionflow "
           f"{ours['seconds']:.0f}s, reference {ref['seconds']:.0f}s, speed {result['speed_ratio_reference_over_visionflow']:.2f}x "
           f"of the reference", flush=True)
-    provenance.write(args.out, result, start)
+    save(Path(args.out), args.arch, result, start)
     return result
+
+
+def save(path: Path, arch: str, result: dict, start: dict) -> bool:
+    """Put this run into ``path`` under its architecture, with the run's command, date and load (each
+    architecture is its own run of many minutes); nothing is written from a loaded machine."""
+    if provenance.loaded(start) and not start["allow_load"]:
+        print(f"not writing {path}: load average {start['load_average']} > half of {start['cores']} cores at the "
+              f"start (rerun on an idle machine, or pass --allow-load)", flush=True)
+        return False
+    old = json.loads(path.read_text()) if path.exists() else {}
+    runs = {k: v for k, v in old.get("runs", {}).items() if k != arch}
+    runs[arch] = {**result, **{k: v for k, v in start.items() if k != "allow_load" or v}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "detection_vs_reference", "runs": dict(sorted(runs.items()))},
+                               indent=2, default=str))
+    return True
 
 
 if __name__ == "__main__":
