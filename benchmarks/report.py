@@ -72,9 +72,10 @@ DESCRIPTIONS = {
         "Targets: Faster R-CNN bbox AP50 >= 0.7, Mask R-CNN segm AP50 >= 0.6, YOLO bbox AP50 >= 0.5, "
         "SSDlite and R-CNN clearly above chance."),
     "detection_vs_reference": (
-        "Learning against a reference: torchvision's Faster R-CNN (MobileNetV3-Large 320 FPN builder, from "
-        "scratch) trained by a plain loop in the style of torchvision's references/detection, and by "
-        "visionflow's Ray Train run of the same builder, on the same synth data, epochs, seed, initial weights "
+        "Learning against a reference: a torchvision Faster R-CNN from scratch (one entry per architecture: "
+        "torchvision's MobileNetV3-Large 320 FPN builder, or torchvision's FasterRCNN classes with a "
+        "ResNet-18 FPN) trained by a plain loop in the style of torchvision's references/detection, and by "
+        "visionflow's Ray Train run of the same network, on the same synth data, epochs, seed, initial weights "
         "(`same_initial_weights`) and settings. `ap50_difference` is visionflow's bbox AP50 minus the "
         "reference's (target within 0.03); `visionflow_weights_scored_as_reference` scores visionflow's weights "
         "with torchvision's post-processing and pycocotools, separating training from post-processing; "
