@@ -9,9 +9,10 @@ summed, one optimizer step per batch) and, after every epoch, torchvision's own 
 pycocotools' ``COCOeval``. visionflow: ``visionflow train``'s ``fit`` of the same architecture on the
 ingested Parquet shards, validating after every epoch with its own evaluator.
 
-Settings both sides share: AdamW (one of the references' ``--opt`` choices; weight decay on weights only,
-as visionflow does), a constant learning rate and no warmup (visionflow schedules per epoch, the
-references' warmup is per iteration), the same initial weights (checked), and ``--threads`` torch threads.
+Settings both sides share: AdamW (one of the references' ``--opt`` choices), built by visionflow's
+``make_optimizer`` on both sides (no weight decay on biases and norm weights), a constant learning rate
+and no warmup (visionflow schedules per epoch, the references' warmup is per iteration), the same initial
+weights (checked), and ``--threads`` torch threads.
 Reported: bbox AP50 of each (and of visionflow's weights scored the reference's way, which separates
 training from post-processing), the difference, each side's wall time for training plus its per-epoch
 validation, and the speed ratio reference/visionflow. Writes ``benchmarks/results/detection_vs_reference.json``.
@@ -131,17 +132,16 @@ def coco_ap50(model: torch.nn.Module, loader, coco: Path) -> float:
     return float(ev.stats[1])
 
 
-def _optimizer(model, lr: float, weight_decay: float):
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-
 def run_reference(coco: Path, args, num_classes: int) -> dict:
     """``references/detection/train.py``'s loop: train_one_epoch, then evaluate, every epoch."""
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.trainer import make_optimizer
+
     model = reference_model(num_classes, args.size, args.seed, args.arch)
-    optimizer = _optimizer(model, args.lr, args.weight_decay)
+    # visionflow's own optimizer construction (AdamW, no weight decay on biases and norms): the settings are
+    # the same on both sides by construction; what differs is the loop and the data path.
+    optimizer = make_optimizer(model, TrainConfig(task="detection", arch=args.arch, data="-", out="-",
+                                                  optimizer="adamw", lr=args.lr, weight_decay=args.weight_decay))
     train = reference_loader(coco, "train", args.size, args.batch, True, args.seed)
     val = reference_loader(coco, "val", args.size, args.batch, False, args.seed)
     epochs, t0 = [], time.perf_counter()

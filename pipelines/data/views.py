@@ -109,15 +109,16 @@ def augment(ds, *, task: str, size: int, train: bool = True, seed: int = 0, epoc
     localization ``{image, label 0..K-1, box float32 (4,)}`` (one row per image with an object),
     detection/segmentation ``{image_id, image uint8 HxWx3, boxes (N,4), labels 1..K, iscrowd[, masks (N,H,W)]}``.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if not isinstance(size, int) or size < 8:
-        raise ValueError(f"size must be an integer >= 8 pixels, got {size!r}")
     fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
     return ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
 
 
 def _rows_fn(task: str, *, size: int, train: bool, seed: int, epoch: int):
+    """The row function of ``task`` and its keyword arguments, after checking both."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8 pixels, got {size!r}")
     kw = {"size": size, "train": bool(train), "seed": int(seed), "epoch": int(epoch)}
     if task in ("detection", "segmentation"):
         return _detection_rows, {**kw, "masks": task == "segmentation"}
@@ -128,8 +129,6 @@ def augment_table(table: pa.Table, *, task: str, size: int, train: bool = False,
                   epoch: int = 0) -> dict:
     """``augment`` in this process, on a table of shard rows (``read_split_table``): the same rows as one
     numpy batch, for a few images where a Ray Data execution would cost more than the work."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
     return fn(table, **kw)
 

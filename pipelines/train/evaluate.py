@@ -1,7 +1,6 @@
 """Evaluate a checkpoint on a data directory's val split (what `visionflow eval` and the DAG run)."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -9,12 +8,13 @@ import torch
 from pipelines import storage
 
 
-def _inference_rate(model, batches: list, repeats: int = 2) -> float | None:
-    """Images/s of the model's forward pass alone on already collated batches (after one warm-up pass)."""
+def _inference_rate(model, batches: list, repeats: int = 2, warmup=None) -> float | None:
+    """Images/s of the model's forward pass alone on already collated batches (after one warm-up pass on
+    ``warmup``, default the first batch's inputs)."""
     if not batches:
         return None
     with torch.no_grad():
-        model(batches[0][0])
+        model(batches[0][0] if warmup is None else warmup)
         n, t0 = 0, time.perf_counter()
         for _ in range(repeats):
             for b in batches:
@@ -77,21 +77,23 @@ def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val",
     warm-up on two), read in this process.
     None, to evaluate instead, when the run's last record is not the checkpoint's epoch, the training
     validated on other data or on more than one worker (equal shards may leave a row out), or ``split``
-    is not val."""
+    is not val. Those checks read the run's records and config.json first: the checkpoint is loaded only
+    when its metrics will be taken."""
     from pipelines.data import augment_table, read_split_table
     from pipelines.train.checkpoint import load_checkpoint
     from pipelines.train.config import TrainConfig
     from pipelines.train.tasks import get_task
 
-    run_dir = storage.RunDir(str(checkpoint)) if not str(checkpoint).endswith(".pt") else None
-    records = run_dir.read_metrics() if run_dir is not None else []
-    if split != "val" or not records:
+    if split != "val" or str(checkpoint).endswith(".pt"):
         return None
+    run = storage.RunDir(str(checkpoint))
+    records, run_config = run.read_metrics(), run.read_json("config.json") or {}
+    if not records or records[-1].get("workers") != 1 or not _same_place(run_config.get("data"), data_dir):
+        return None
+    last = records[-1]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = load_checkpoint(checkpoint, device=device)
-    last = records[-1]
-    if (last.get("epoch") != config["epoch"] or last.get("workers") != 1
-            or not _same_place(config.get("data"), data_dir)):
+    if last.get("epoch") != config["epoch"]:
         return None
     cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
     task = get_task(cfg.task)
@@ -100,18 +102,10 @@ def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val",
     rows = augment_table(table.slice(0, rate_images), task=cfg.task, size=cfg.image_size, train=False, seed=cfg.seed)
     # One pass over a few images after a warm-up on two: a detector's forward pass takes a second an image
     # here (R-CNN, Mask R-CNN), and 3 x 32 images cost what the whole evaluation used to.
-    n = len(next(iter(rows.values())))
-    warm = task.collate({k: v[:2] for k, v in rows.items()}, device) if n else None
-    batch = task.collate(rows, device) if n else None
     rate = None
-    if batch is not None:
-        with torch.no_grad():
-            model(warm[0])
-            t1 = time.perf_counter()
-            model(batch[0])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rate = n / max(time.perf_counter() - t1, 1e-9)
+    if len(next(iter(rows.values()))):
+        warm = task.collate({k: v[:2] for k, v in rows.items()}, device)[0]
+        rate = _inference_rate(model, [task.collate(rows, device)], repeats=1, warmup=warm)
     metrics = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_") and k not in _PASS_FIELDS}
     result = {"arch": cfg.arch, "task": cfg.task, "epoch": config["epoch"], "checkpoint": str(checkpoint),
               "data": str(data_dir), "split": split, **metrics, "inference_images_per_s": rate,
@@ -123,9 +117,8 @@ def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val",
 
 
 def _same_place(a, b) -> bool:
+    """Whether two local paths or URIs name the same place (as ``storage.resolve`` reads them)."""
     if a is None or b is None:
         return False
-    a, b = str(a).rstrip("/"), str(b).rstrip("/")
-    if "://" in a or "://" in b:
-        return a == b
-    return os.path.realpath(a) == os.path.realpath(b)
+    (fa, pa), (fb, pb) = storage.resolve(str(a)), storage.resolve(str(b))
+    return type(fa) is type(fb) and pa.rstrip("/") == pb.rstrip("/")
