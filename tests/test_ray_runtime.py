@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,9 +21,20 @@ CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records the 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999). The
+    kernel never hands such a port to another socket, so once its owner dies nothing answers there: an
+    ephemeral port could be bound again by any new process, or even self-connect a probe whose source port
+    the kernel picks equal to it, and a dead head would then look alive."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(25000, min(low, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 25000 and the ephemeral range")
 
 
 def _head_processes(address: str) -> list[int]:
@@ -37,6 +49,13 @@ def _head_processes(address: str) -> list[int]:
         if proc.name.isdigit() and (f"--gcs_server_port={port}" in cmd or address in cmd):
             found.append(int(proc.name))
     return found
+
+
+def _listening(address: str) -> list[str]:
+    """The /proc/net/tcp lines of sockets listening on ``address``'s port (state 0A)."""
+    port = f":{int(address.rsplit(':', 1)[1]):04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [line.strip() for line in lines if line.split()[1].endswith(port) and line.split()[3] == "0A"]
 
 
 def _kill_head(address: str) -> None:
@@ -195,8 +214,13 @@ def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_star
         time.sleep(0.2)
     assert CURRENT.read_text().strip() == other_head["address"], "the stale file is what this test is about"
     t0 = time.monotonic()
-    with pytest.raises(RayUnreachable, match=other_head["address"]):
+    try:
         wait_reachable("auto", timeout_s=3)
+    except RayUnreachable as e:
+        assert other_head["address"] in str(e)
+    else:
+        pytest.fail(f"'auto' reached the killed head's port; still running there: "
+                    f"{_head_processes(other_head['address'])}, listening: {_listening(other_head['address'])}")
     assert time.monotonic() - t0 < 10
     out = _probe(REPORT + "connect(num_cpus=2, dashboard=False, log_to_driver=False)\nreport()\n")
     assert out["gcs"] != other_head["address"] and out["cpus"] == 2
