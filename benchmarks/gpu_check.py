@@ -242,7 +242,7 @@ def check_serve(device: torch.device, small: bool) -> dict:
         times = []
         for _ in range(5 if small else 30):
             t0 = time.perf_counter()
-            nms.remote(item).result()
+            nms.remote([item]).result()
             times.append(time.perf_counter() - t0)
         buf = io.BytesIO()
         Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype("uint8")).save(buf, "JPEG")

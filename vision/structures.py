@@ -155,6 +155,12 @@ class Detections:
         return Detections(self.boxes * scale, self.scores, self.labels, masks)
 
     # -- serialisation ------------------------------------------------------------------------
+    def __reduce__(self):
+        # Pickled as NumPy arrays: Ray moves those as out-of-band buffers, where a tensor goes through
+        # torch.save and back (about 10x the cost per tensor between Serve stages). Device: the CPU.
+        arrays = [None if t is None else _numpy(t) for t in (self.boxes, self.scores, self.labels, self.masks)]
+        return _detections_from_numpy, tuple(arrays)
+
     def to_dict(self) -> dict[str, Tensor]:
         """torchvision's output dict."""
         d = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels}
@@ -223,3 +229,22 @@ class Detections:
 def detections_from_outputs(outputs: Iterable[Mapping[str, Tensor]]) -> list[Detections]:
     """torchvision's list of output dicts as a list of ``Detections``."""
     return [Detections.from_dict(o) for o in outputs]
+
+
+def as_tensor(array) -> Tensor:
+    """A tensor of a NumPy array or tensor that arrived through pickle or Ray (a read-only array is
+    copied: torch may write to what it wraps)."""
+    if isinstance(array, Tensor):
+        return array
+    array = np.asarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # NumPy has no bfloat16
+
+
+def _detections_from_numpy(boxes, scores, labels, masks) -> Detections:
+    return Detections(as_tensor(boxes), as_tensor(scores), as_tensor(labels),
+                      None if masks is None else as_tensor(masks))

@@ -1,7 +1,8 @@
 """Builders of the Serve application, named by a Serve YAML's ``import_path``.
 
 ``build_app(args)`` binds one graph: Ingress -> Preprocess -> one model deployment per served model
-(Detector or Classifier, batched) -> NMS stage -> Postprocess. The stages are shared by the models;
+(Detector or Classifier, batched; a Detector sends each batch to the NMS stage) -> Postprocess. The
+stages are shared by the models;
 with ``stages_in_ingress`` (the default) Preprocess and Postprocess run inside the Ingress replica.
 """
 from __future__ import annotations
@@ -40,16 +41,17 @@ def build_app(args: dict | ServeArgs) -> Application:
                          f"`--random-weights` serves untrained weights (tests only)")
     specs = [m if m.task else m.model_copy(update={"task": _model_task(m)}) for m in args.models]
     args = args.model_copy(update={"models": specs})
+    # One NMS stage for every detector: each sends it one call per batch.
+    nms = NmsStage.options(**args.nms_stage.deployment_options()).bind(
+        args.nms_batching.max_batch_size, args.nms_batching.batch_wait_timeout_s)
     models = {}
     for spec in specs:
         cls = Classifier if spec.task == "classification" else Detector
+        extra = () if cls is Classifier else (nms,)
         models[spec.name] = cls.options(name=f"{cls.name}_{spec.name}", **spec.model.deployment_options()) \
-            .bind(spec.model_dump())
+            .bind(spec.model_dump(), *extra)
     preprocess = postprocess = None  # stages_in_ingress: the Ingress runs them itself
     if not args.stages_in_ingress:
         preprocess = Preprocess.options(**args.preprocess.deployment_options()).bind(args.limits.max_image_pixels)
         postprocess = Postprocess.options(**args.postprocess.deployment_options()).bind()
-    nms = NmsStage.options(**args.nms_stage.deployment_options()).bind(
-        args.nms_batching.max_batch_size, args.nms_batching.batch_wait_timeout_s)
-    return Ingress.options(**args.ingress.deployment_options()).bind(
-        args.model_dump(), models, preprocess, nms, postprocess)
+    return Ingress.options(**args.ingress.deployment_options()).bind(args.model_dump(), models, preprocess, postprocess)

@@ -1,17 +1,16 @@
-"""Model deployments with dynamic batching: a detector (pre-NMS candidates) and a classifier."""
+"""Model deployments with dynamic batching: a detector (with its NMS, in the NMS stage) and a classifier."""
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections import deque
 
 import torch
 from ray import serve
 
+from pipelines.serve.batching import Batcher
 from pipelines.serve.config import ModelSpec
 from pipelines.serve.models import load_served_model, run_candidates, run_classifier
-from vision.structures import Detections
+from vision.structures import Detections, as_tensor
 
 
 def _device() -> torch.device:
@@ -26,17 +25,17 @@ def _compact(d: Detections) -> Detections:
 
 
 class _BatchedModel:
-    """Loads the model of a ``ModelSpec`` and batches calls dynamically; a subclass gives ``_run(images)``."""
+    """Loads the model of a ``ModelSpec`` and batches calls dynamically (:class:`Batcher`); a subclass
+    gives ``_run(items)`` and may give ``_finish(items, results)``."""
 
     def __init__(self, spec: dict):
         self.spec = ModelSpec.model_validate(spec)
         self.device = _device()
         model, self.info = load_served_model(self.spec)
         self.model = model.to(self.device)
-        # Batch settings come from the config, not from the decorator defaults.
-        self.__call__.set_max_batch_size(self.spec.batching.max_batch_size)
-        self.__call__.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
-        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        finish = getattr(self, "_finish", None)
+        self.batcher = Batcher(self._run, self.spec.batching.max_batch_size, self.spec.batching.batch_wait_timeout_s,
+                               finish=finish)
 
     def describe(self) -> dict:
         return {**self.info.describe(), "device": str(self.device), "torch_threads": torch.get_num_threads(),
@@ -48,38 +47,60 @@ class _BatchedModel:
 
     def recent_batch_sizes(self) -> list[int]:
         """Sizes of the last batches run (at most 1000): shows that dynamic batching happens."""
-        return list(self.batch_sizes)
+        return list(self.batcher.sizes)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, images: list[torch.Tensor]) -> list[dict]:
-        self.batch_sizes.append(len(images))
-        # In a thread: the replica keeps accepting requests (the next batch) while this one runs.
-        return await asyncio.to_thread(self._run, images)
-
-    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+    def _run(self, items: list) -> list[dict]:
         raise NotImplementedError
 
 
 @serve.deployment
 class Detector(_BatchedModel):
-    """A detection or instance-segmentation model: ``__call__(uint8 3xhxw)`` -> ``{"dets": Detections,
-    "ms", "batch"}``, the pre-NMS candidates in the pixels of the tensor given."""
+    """A detection or instance-segmentation model and its NMS: ``__call__(uint8 3xhxw array or tensor,
+    {"iou_threshold", "score_threshold", "max_detections"})`` -> ``{"dets": kept Detections, best first, in
+    the pixels of the image given, "ms": the model's, "nms_ms": the NMS stage's, "batch"}``.
 
-    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+    A batch's candidates go to the NMS stage (its own deployment: the GPU stage on a cluster) in one call;
+    masks stay here, and only the kept ones leave with the answer."""
+
+    def __init__(self, spec: dict, nms):
+        self.nms = nms
+        super().__init__(spec)
+
+    async def __call__(self, image, nms: dict) -> dict:
+        # Batched with the requests that queue meanwhile; run in a thread, so the replica keeps accepting.
+        return await self.batcher((image, nms))
+
+    def _run(self, items: list) -> list[dict]:
         t0 = time.perf_counter()
-        batch = [im.to(self.device, non_blocking=True).float().div_(255) for im in images]
+        batch = [as_tensor(im).to(self.device, non_blocking=True).float().div_(255) for im, _ in items]
         outs = [_compact(o) for o in run_candidates(self.model, batch)]
         ms = (time.perf_counter() - t0) * 1e3
-        return [{"dets": o, "ms": ms, "batch": len(images)} for o in outs]
+        return [{"dets": o, "ms": ms, "batch": len(items)} for o in outs]
+
+    async def _finish(self, items: list, results: list[dict]) -> list[dict]:
+        """The batch's NMS: one call to the NMS stage with boxes only; the kept masks rejoin their boxes."""
+        kept = await self.nms.remote([{"dets": Detections(r["dets"].boxes, r["dets"].scores, r["dets"].labels),
+                                       **params} for (_, params), r in zip(items, results)])
+        out = []
+        for r, k in zip(results, kept):
+            dets, masks = k["dets"], r["dets"].masks
+            if masks is not None:
+                dets = Detections(dets.boxes, dets.scores, dets.labels, masks[torch.as_tensor(k["keep"])])
+            out.append({"dets": dets, "ms": r["ms"], "nms_ms": k["ms"], "batch": r["batch"]})
+        return out
 
 
 @serve.deployment
 class Classifier(_BatchedModel):
-    """A registry classifier: ``__call__(uint8 3xSxS)`` -> ``{"probs": float K, "ms", "batch"}``."""
+    """A registry classifier: ``__call__(uint8 3xSxS array or tensor)`` -> ``{"probs": float K array, "ms",
+    "batch"}``."""
 
-    def _run(self, images: list[torch.Tensor]) -> list[dict]:
+    async def __call__(self, image) -> dict:
+        return await self.batcher(image)
+
+    def _run(self, images: list) -> list[dict]:
         t0 = time.perf_counter()
-        x = torch.stack(images).to(self.device).float().div_(255)
-        probs = run_classifier(self.model, x).cpu()
+        x = torch.stack([as_tensor(im) for im in images]).to(self.device).float().div_(255)
+        probs = run_classifier(self.model, x).cpu().numpy()
         ms = (time.perf_counter() - t0) * 1e3
         return [{"probs": p, "ms": ms, "batch": len(images)} for p in probs]

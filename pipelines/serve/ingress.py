@@ -1,6 +1,7 @@
 """Ingress deployment: the FastAPI app of the HTTP contract in docs/contracts.md, orchestrating the stages.
 
-POST /v1/detect|segment|classify -> Preprocess -> model (batched) -> NMS stage -> Postprocess.
+POST /v1/detect|segment|classify -> Preprocess -> model (batched; a detector sends each batch to the NMS
+stage) -> Postprocess.
 Every refusal is ``{"error": {"code", "message"}}`` with 400/408/413/415/422/503, never a 500 for bad input;
 a stage whose queue is full or whose replica died answers 503 with ``Retry-After``.
 
@@ -31,7 +32,6 @@ from pipelines.serve.errors import (ApiError, bad_parameter, not_an_image, overl
 from pipelines.serve.images import check_content_type
 from pipelines.serve.models import ClassifyAnswer, DetectAnswer, ErrorAnswer, HealthAnswer, ModelsAnswer
 from pipelines.serve.page import PAGE_HTML, SAMPLE_COUNT, SamplesAnswer, sample_png, samples
-from vision.structures import Detections
 
 app = FastAPI(title="visionflow", version="0.1.0",
               description="Detection, instance segmentation and classification of the visionflow models.")
@@ -189,7 +189,7 @@ def _timing(**ms: float) -> dict:
 class Ingress:
     """The HTTP front. ``models``: name -> handle of its model deployment; the stage handles are shared."""
 
-    def __init__(self, args: dict, models: dict, preprocess, nms, postprocess):
+    def __init__(self, args: dict, models: dict, preprocess, postprocess):
         self.args = ServeArgs.model_validate(args)
         self.models = models
         if preprocess is None:  # stages_in_ingress: the stages' own classes, called in a thread
@@ -198,7 +198,7 @@ class Ingress:
 
             preprocess = InProcess(Preprocess.func_or_class(self.args.limits.max_image_pixels))
             postprocess = InProcess(Postprocess.func_or_class())
-        self.preprocess, self.nms, self.postprocess = preprocess, nms, postprocess
+        self.preprocess, self.postprocess = preprocess, postprocess
         self.tasks = {m.name: m.task for m in self.args.models}
         self._info: dict[str, dict] = {}
 
@@ -250,19 +250,13 @@ class Ingress:
         t0 = time.perf_counter()
         name = self._pick(task, model)
         info, prep = await self._prepare(request, name, square=False)
-        cands = await self._call(self._stage(name), self.models[name], prep["image"])
         nms = self.args.nms
-        dets = cands["dets"]
-        # Masks skip the NMS stage (it needs boxes only); the kept ones rejoin their boxes here.
-        kept = await self._call(self.args.nms_stage, self.nms, {
-            "dets": Detections(dets.boxes, dets.scores, dets.labels),
+        # The model deployment runs the NMS stage on each batch it ran; the answer holds the kept ones.
+        kept = await self._call(self._stage(name), self.models[name], prep["image"], {
             "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
             "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
             "max_detections": nms.max_detections if max_detections is None else max_detections})
-        out = kept["dets"]
-        if dets.masks is not None:
-            out = Detections(out.boxes, out.scores, out.labels, dets.masks[kept["keep"]])
-        post = await self._call(self.args.postprocess, self.postprocess.detections, out,
+        post = await self._call(self.args.postprocess, self.postprocess.detections, kept["dets"],
                                 tuple(prep["image"].shape[-2:]), prep["size"], info["categories"],
                                 self.args.limits.max_mask_pixels)
         if isinstance(post, ApiError):  # e.g. the masks would cover more than limits.max_mask_pixels
@@ -270,7 +264,7 @@ class Ingress:
         w, h = prep["size"]
         body = {"model": name, "task": task, "image": {"width": w, "height": h}, "detections": post["items"]}
         total = (time.perf_counter() - t0) * 1e3
-        return JSONResponse(body, headers=_timing(preprocess=prep["ms"], model=cands["ms"], nms=kept["ms"],
+        return JSONResponse(body, headers=_timing(preprocess=prep["ms"], model=kept["ms"], nms=kept["nms_ms"],
                                                   postprocess=post["ms"], total=total))
 
     @app.post("/v1/detect",

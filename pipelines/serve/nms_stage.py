@@ -5,12 +5,12 @@ Candidates of several requests are suppressed in ONE ``vision.ops.batched_nms`` 
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
 import torch
 from ray import serve
 
+from pipelines.serve.batching import Batcher
 from vision.ops import batched_nms
 from vision.structures import Detections
 
@@ -51,22 +51,24 @@ def suppress(items: list[dict], device: torch.device) -> list[tuple[Detections, 
 
 @serve.deployment
 class NmsStage:
-    """``__call__(item)`` -> ``{"dets": kept Detections, "keep": their indices in the item's dets, "ms",
-    "device"}``: batched NMS on the GPU when the replica has one (``num_gpus`` in the config), else the CPU."""
+    """``__call__([item, ...])`` -> per item ``{"dets": kept Detections, "keep": their indices in the item's
+    dets, "ms", "device"}``: one call per detector batch; calls that arrive together (several detector
+    replicas) are suppressed together too. On the GPU when the replica has one (``num_gpus`` in the
+    config), else the CPU."""
 
     def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.__call__.set_max_batch_size(max_batch_size)
-        self.__call__.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = Batcher(self._run, max_batch_size, batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def __call__(self, items: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._run, items)
+        return await self.batcher(items)
 
-    def _run(self, items: list[dict]) -> list[dict]:
+    def _run(self, calls: list[list[dict]]) -> list[list[dict]]:
         t0 = time.perf_counter()
-        outs = suppress(items, self.device)
+        outs = suppress([item for items in calls for item in items], self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
-        return [{"dets": d, "keep": k, "ms": ms, "device": self.device.type} for d, k in outs]
+        # keep as a NumPy array: cheaper between processes than a tensor (see Detections.__reduce__).
+        answers = iter({"dets": d, "keep": k.numpy(), "ms": ms, "device": self.device.type} for d, k in outs)
+        return [[next(answers) for _ in items] for items in calls]

@@ -145,6 +145,7 @@ def masks_to_rles(masks: torch.Tensor, sent_wh: tuple[int, int], max_pixels: int
 def top_k_items(probs: torch.Tensor, k: int, categories: list[dict]) -> list[dict]:
     """Class probabilities (index = label - 1) -> the best ``k`` as ``{"score", "category_id", "label"}``."""
     by_label = {int(c["label"]): c for c in categories}
+    probs = torch.as_tensor(probs)
     scores, idx = probs.topk(min(k, probs.numel()))
     out = []
     for s, i in zip(scores.tolist(), idx.tolist()):

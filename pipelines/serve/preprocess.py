@@ -14,7 +14,7 @@ from pipelines.serve.images import decode_image, to_tensor
 class Preprocess:
     """Decodes JPEG/PNG, refuses oversized images, resizes for the model.
 
-    ``__call__(data, size, square)`` returns ``{"image": uint8 3xhxw, "scale": (sx, sy), "size": (w, h),
+    ``__call__(data, size, square)`` returns ``{"image": uint8 3xhxw NumPy array, "scale": (sx, sy), "size": (w, h),
     "ms": float}`` or, for bad input, the :class:`ApiError` as a value (never raised: replicas stay up).
     """
 
@@ -32,7 +32,8 @@ class Preprocess:
         except ApiError as e:
             return e
         image, scale = to_tensor(rgb, size, square)
-        # uint8 on the wire is 4x smaller than float; the model stage converts.
-        image = image.mul_(255).round_().byte()
+        # uint8 on the wire is 4x smaller than float; the model stage converts. A NumPy array: Ray moves
+        # it as a buffer, a tensor through torch.save (see Detections.__reduce__).
+        image = image.mul_(255).round_().byte().numpy()
         h, w = rgb.shape[:2]
         return {"image": image, "scale": scale, "size": (w, h), "ms": (time.perf_counter() - t0) * 1e3}

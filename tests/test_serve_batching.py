@@ -1,0 +1,113 @@
+"""The serving stages' dynamic batching (``pipelines.serve.batching.Batcher``), on a real event loop with
+a model stand-in that takes real time in a thread."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from pipelines.serve.batching import Batcher
+
+
+def _slow(seconds: float, calls: list):
+    def run(items):
+        calls.append(list(items))
+        time.sleep(seconds)
+        return [x * 10 for x in items]
+    return run
+
+
+def test_under_load_a_batch_takes_what_queued_while_the_previous_one_ran():
+    """32 callers at once, a 50 ms stage: after the first batch every batch is full. (Serve's own
+    @serve.batch formed a batch per timeout window while the previous one ran: 1-2 requests each.)"""
+    calls: list = []
+
+    async def main():
+        b = Batcher(_slow(0.05, calls), max_batch_size=8, batch_wait_timeout_s=0.0)
+
+        async def caller(i):
+            await asyncio.sleep(0.001 * i)  # arriving one after another, as over HTTP
+            return await b(i)
+
+        return await asyncio.gather(*(caller(i) for i in range(32))), list(b.sizes)
+
+    results, sizes = asyncio.run(main())
+    assert results == [i * 10 for i in range(32)]  # each caller gets its own result
+    assert sizes[0] == 1 and all(s == 8 for s in sizes[1:-1]), sizes
+    assert sum(sizes) == 32
+
+
+def test_a_lone_request_waits_only_the_timeout_and_a_burst_joins_within_it():
+    calls: list = []
+
+    async def main():
+        b = Batcher(_slow(0.0, calls), max_batch_size=4, batch_wait_timeout_s=0.2)
+        t0 = time.perf_counter()
+        assert await b(1) == 10
+        lone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert await asyncio.gather(*(b(i) for i in range(4))) == [0, 10, 20, 30]
+        full = time.perf_counter() - t0
+        return lone, full
+
+    lone, full = asyncio.run(main())
+    assert 0.18 < lone < 1.0
+    assert full < 0.15  # a full batch does not wait out the timeout
+    assert calls == [[1], [0, 1, 2, 3]]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+    def run(items):
+        time.sleep(0.02)
+        if "bad" in items:
+            raise ValueError("bad item in batch")
+        return items
+
+    async def main():
+        b = Batcher(run, max_batch_size=2, batch_wait_timeout_s=0.05)
+        first = await asyncio.gather(b("ok"), b("bad"), return_exceptions=True)
+        return first, await b("fine")
+
+    first, after = asyncio.run(main())
+    assert all(isinstance(e, ValueError) and "bad item" in str(e) for e in first)
+    assert after == "fine"
+
+
+def test_a_cancelled_caller_is_left_out_and_finish_runs_while_the_next_batch_runs():
+    calls: list = []
+    finished: list = []
+
+    async def finish(items, results):
+        await asyncio.sleep(0.1)  # e.g. the NMS stage's answer
+        finished.append((time.perf_counter(), items))
+        return [r + 1 for r in results]
+
+    async def main():
+        b = Batcher(_slow(0.05, calls), max_batch_size=8, batch_wait_timeout_s=0.0, finish=finish)
+        first = asyncio.ensure_future(b(1))
+        await asyncio.sleep(0.01)  # batch [1] runs
+        gone = asyncio.ensure_future(b(2))
+        kept = asyncio.ensure_future(b(3))
+        await asyncio.sleep(0)
+        gone.cancel()
+        started = time.perf_counter()
+        out = await asyncio.gather(first, kept)
+        return out, started
+
+    (a, c), started = asyncio.run(main())
+    assert (a, c) == (11, 31)
+    assert calls == [[1], [3]]
+    # Batch [3] ran while batch [1] was still in its 100 ms finish step: [1] finished after [3] started.
+    assert [items for _, items in finished] == [[1], [3]]
+
+
+def test_wrong_settings_and_a_short_answer_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher(lambda items: items, max_batch_size=0, batch_wait_timeout_s=0)
+
+    async def main():
+        return await Batcher(lambda items: [], max_batch_size=2, batch_wait_timeout_s=0)(1)
+
+    with pytest.raises(RuntimeError, match="0 results for a batch of 1"):
+        asyncio.run(main())
