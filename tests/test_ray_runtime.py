@@ -52,18 +52,28 @@ def _head_processes(address: str) -> list[int]:
 
 
 def _listening(address: str) -> list[str]:
-    """The /proc/net/tcp lines of sockets listening on ``address``'s port (state 0A)."""
+    """The /proc/net/tcp and tcp6 lines of sockets listening on ``address``'s port (state 0A)."""
     port = f":{int(address.rsplit(':', 1)[1]):04X}"
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    lines = [line for name in ("tcp", "tcp6") for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]]
     return [line.strip() for line in lines if line.split()[1].endswith(port) and line.split()[3] == "0A"]
 
 
-def _kill_head(address: str) -> None:
-    for pid in _head_processes(address):
+def _kill_head(address: str) -> list[int]:
+    pids = _head_processes(address)
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return pids
+
+
+def _exited(pid: int) -> bool:
+    """Gone or a zombie. (A dying process's command line reads empty before its sockets close.)"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _probe(code: str, env: dict | None = None) -> dict:
@@ -208,19 +218,31 @@ def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_h
 
 def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_start(other_head):
     """Last in this module: it kills the head."""
-    _kill_head(other_head["address"])
+    killed = _kill_head(other_head["address"])
     deadline = time.monotonic() + 30
-    while _head_processes(other_head["address"]) and time.monotonic() < deadline:
+    while not all(_exited(pid) for pid in killed) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert CURRENT.read_text().strip() == other_head["address"], "the stale file is what this test is about"
+    # Hold the dead head's port, bound and not listening, so that nothing can answer there meanwhile. Its
+    # sockets may take a moment to close after the process has exited.
+    guard = socket.socket()
+    guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    while True:
+        try:
+            guard.bind(("0.0.0.0", int(other_head["address"].rsplit(":", 1)[1])))
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                guard.close()
+                pytest.fail(f"the killed head's port is still taken ({e}); running there: "
+                            f"{_head_processes(other_head['address'])}, listening: {_listening(other_head['address'])}")
+            time.sleep(0.2)
     t0 = time.monotonic()
     try:
-        wait_reachable("auto", timeout_s=3)
-    except RayUnreachable as e:
-        assert other_head["address"] in str(e)
-    else:
-        pytest.fail(f"'auto' reached the killed head's port; still running there: "
-                    f"{_head_processes(other_head['address'])}, listening: {_listening(other_head['address'])}")
+        with pytest.raises(RayUnreachable, match=other_head["address"]):
+            wait_reachable("auto", timeout_s=3)
+    finally:
+        guard.close()
     assert time.monotonic() - t0 < 10
     out = _probe(REPORT + "connect(num_cpus=2, dashboard=False, log_to_driver=False)\nreport()\n")
     assert out["gcs"] != other_head["address"] and out["cpus"] == 2
