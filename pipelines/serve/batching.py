@@ -14,6 +14,7 @@ The wait timeout applies only when the stage was idle: the first requests of a b
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -38,17 +39,27 @@ class Batcher:
         self._finishing: set[asyncio.Task] = set()
         self.sizes: deque[int] = deque(maxlen=keep)
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
-        self._arrived = asyncio.Event()
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
     async def __call__(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._serve())
+            self._arrived = asyncio.Event()  # bound to this loop when first awaited
+            # A context of its own: not the Serve request context of the caller that happened to start it.
+            self._worker = loop.create_task(self._serve(), context=contextvars.Context())
+            self._worker.add_done_callback(self._worker_ended)
         future = loop.create_future()
         self._queue.append((item, future))
         self._arrived.set()
         return await future
+
+    def _worker_ended(self, task: asyncio.Task) -> None:
+        """The worker stopped (cancelled, or a bug): its waiting callers get the error instead of no answer."""
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        error = RuntimeError(f"Batcher: the batching task stopped ({reason})")
+        while self._queue:
+            self._deliver([self._queue.popleft()], error=error)
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
@@ -85,12 +96,15 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 -- goes to every caller of the batch
                 self._deliver(batch, error=e)
                 continue
+            except BaseException:  # cancelled: the batch's callers hear it before the worker stops
+                self._deliver(batch, error=RuntimeError("Batcher: stopped while running a batch"))
+                raise
             finally:
                 backlog = bool(self._queue)
             if self.finish is None:
                 self._deliver(batch, results)
             else:
-                task = loop.create_task(self._finish(batch, items, results))
+                task = loop.create_task(self._finish(batch, items, results), context=contextvars.Context())
                 self._finishing.add(task)  # held until done (the loop keeps only weak references)
                 task.add_done_callback(self._finishing.discard)
 
@@ -99,6 +113,9 @@ class Batcher:
             self._deliver(batch, self._checked(await self.finish(items, list(results)), batch))
         except Exception as e:  # noqa: BLE001 -- goes to every caller of the batch
             self._deliver(batch, error=e)
+        except BaseException:  # cancelled (e.g. a call it awaited was): never leave the callers waiting
+            self._deliver(batch, error=RuntimeError("Batcher: the batch's finishing step was cancelled"))
+            raise
 
     @staticmethod
     def _checked(results: Sequence[Any], batch: list) -> Sequence[Any]:

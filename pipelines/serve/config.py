@@ -12,13 +12,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["detection", "segmentation", "classification"]
-
-# Serve settings of each replica's process (documented in Serve's performance guide). User code and the
-# handles' router run on the replica's own event loop instead of a thread each: every stage awaits its
-# work and runs the heavy part in a thread of its own, so nothing blocks that loop, and each request hops
-# between fewer threads. Per-request log lines are written in batches.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-               "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
 ENDPOINT_TASK = {"detect": "detection", "segment": "segmentation", "classify": "classification"}
 
 
@@ -81,7 +74,6 @@ class StageResources(_Strict):
         """The keyword arguments for ``Deployment.options``."""
         opts = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                                  "runtime_env": {"env_vars": dict(REPLICA_ENV)},
                                   **({"resources": dict(self.resources)} if self.resources else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,

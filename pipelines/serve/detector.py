@@ -85,7 +85,7 @@ class Detector(_BatchedModel):
         for r, k in zip(results, kept):
             dets, masks = k["dets"], r["dets"].masks
             if masks is not None:
-                dets = Detections(dets.boxes, dets.scores, dets.labels, masks[torch.as_tensor(k["keep"])])
+                dets = Detections(dets.boxes, dets.scores, dets.labels, masks[as_tensor(k["keep"])])
             out.append({"dets": dets, "ms": r["ms"], "nms_ms": k["ms"], "batch": r["batch"]})
         return out
 

@@ -231,7 +231,9 @@ class Ingress:
             return await handle.remote(*a, **kw)
         except BackPressureError as e:
             retry = e.retry_after_s if e.retry_after_s is not None else stage.retry_after_s
-            raise overloaded(f"the service is overloaded ({e}); retry later", retry) from None
+            # A stage called by another (the NMS stage, by the detector) comes back wrapped: name the cause.
+            raise overloaded(f"the service is overloaded ({getattr(e, 'cause', None) or e}); retry later",
+                             retry) from None
         except (RayActorError, DeploymentUnavailableError, OutOfMemoryError) as e:
             name = getattr(handle, "deployment_name", "a stage")
             raise unavailable(f"{name} is unavailable ({type(e).__name__}: a replica stopped while serving this "

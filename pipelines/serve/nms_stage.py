@@ -56,7 +56,7 @@ class NmsStage:
     replicas) are suppressed together too. On the GPU when the replica has one (``num_gpus`` in the
     config), else the CPU."""
 
-    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002):
+    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.batcher = Batcher(self._run, max_batch_size, batch_wait_timeout_s)
 

@@ -17,7 +17,7 @@ import torch
 from ray import serve
 
 from pipelines.serve.errors import ApiError, too_large
-from vision.structures import Detections
+from vision.structures import Detections, as_tensor
 
 # Input probabilities at or above this may give an output pixel above 0.5 (a bilinear value is a convex
 # combination of its 4 sources; the margin covers float rounding).
@@ -145,7 +145,7 @@ def masks_to_rles(masks: torch.Tensor, sent_wh: tuple[int, int], max_pixels: int
 def top_k_items(probs: torch.Tensor, k: int, categories: list[dict]) -> list[dict]:
     """Class probabilities (index = label - 1) -> the best ``k`` as ``{"score", "category_id", "label"}``."""
     by_label = {int(c["label"]): c for c in categories}
-    probs = torch.as_tensor(probs)
+    probs = as_tensor(probs)
     scores, idx = probs.topk(min(k, probs.numel()))
     out = []
     for s, i in zip(scores.tolist(), idx.tolist()):
