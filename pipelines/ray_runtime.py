@@ -6,7 +6,8 @@ The rules:
   or ``auto``), else the ``RAY_ADDRESS`` environment variable (what ``ray job submit`` gives a job's
   driver). ``connect("local")`` or no address at all starts a **new** local cluster, whatever else runs
   on the machine (a ``ray start --head``, or the stale address file such a head leaves when killed).
-- An address that does not answer fails within ``timeout_s`` (30 s) with one line naming it
+- An address that does not answer fails within ``timeout_s`` (30 s, or ``VISIONFLOW_CONNECT_TIMEOUT_S``:
+  longer for a head still starting, shorter for scripts that would rather fail fast) with one line naming it
   (``RayUnreachable``), never a silent wait; so does one that answers but refuses to be joined (a
   ``ray start --head`` cluster uses token auth: its clients set ``RAY_AUTH_MODE=token``).
 - A new local cluster is sized by the caller for its work (``num_cpus`` logical CPUs; more than the cores
@@ -67,9 +68,25 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def wait_reachable(address: str, timeout_s: float = 30.0, source: str = "--address") -> str:
+CONNECT_TIMEOUT_ENV = "VISIONFLOW_CONNECT_TIMEOUT_S"
+
+
+def connect_timeout() -> float:
+    """How long an address may take to answer: ``VISIONFLOW_CONNECT_TIMEOUT_S``, else 30 s."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else 30.0
+    except ValueError:
+        raise RayUnreachable(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise RayUnreachable(f"{CONNECT_TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def wait_reachable(address: str, timeout_s: float | None = None, source: str = "--address") -> str:
     """Resolve ``address`` (``auto``: the cluster ``ray start`` last started on this machine) and wait up
     to ``timeout_s`` for it to accept connections; returns the resolved address or raises RayUnreachable."""
+    timeout_s = connect_timeout() if timeout_s is None else timeout_s
     resolved = address
     if address == "auto":
         resolved = ray_private.auto_address()
@@ -94,7 +111,7 @@ def wait_reachable(address: str, timeout_s: float = 30.0, source: str = "--addre
 
 def connect(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
             dashboard: bool = True, log_to_driver: bool = True, runtime_env: dict | None = None,
-            timeout_s: float = 30.0, attempts: int = 3, quiet: bool = False) -> bool:
+            timeout_s: float | None = None, attempts: int = 3, quiet: bool = False) -> bool:
     """Reach Ray by the rules above. Returns True when this call initialized Ray in this process (the
     caller then calls ``ray.shutdown()`` when done), False when Ray was already initialized here.
 
