@@ -111,17 +111,21 @@ def _submit_run(ray_head, run_dir, archs: str, sets: list[str], timeout: int) ->
 
 def test_job_submit_runs_the_quickstart_at_a_tiny_scale(ray_head, tmp_path):
     run_dir = tmp_path / "run"
-    rc, out = _submit_run(ray_head, run_dir, "squeezenet1_1", [
-        "data.synth={images: 12, size: 48}",
+    rc, out = _submit_run(ray_head, run_dir, "squeezenet1_1,resnet18", [
+        "data.synth={images: 12, size: 48}", "train.max_parallel=1",
         "train.defaults={epochs: 1, batch_size: 8, cpus_per_worker: 0.5, augment_cpus: 0.25}",
         "train.per_task={classification: {image_size: 32}}"], timeout=900)
     assert rc == 0, out[-4000:]
     assert "succeeded" in out and "everything finished" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == []
-    (arch,) = summary["archs"]
-    assert arch["arch"] == "squeezenet1_1" and arch["status"] == "done"
-    assert (run_dir / "archs/squeezenet1_1/eval/metrics.json").is_file()
+    assert [(a["arch"], a["status"]) for a in summary["archs"]] == [("squeezenet1_1", "done"), ("resnet18", "done")]
+    for arch in ("squeezenet1_1", "resnet18"):
+        assert (run_dir / f"archs/{arch}/eval/metrics.json").is_file()
+    # One lane, so both trained in one Ray Train run (pipelines.train.lane), each with its own record.
+    lanes = {json.loads((run_dir / f"archs/{a}/train/_stage.json").read_text())["outputs"].get("lane")
+             for a in ("squeezenet1_1", "resnet18")}
+    assert len(lanes) == 1 and None not in lanes, lanes
     assert (run_dir / "compare/report.md").is_file()
     assert "Uploading package gcs://_ray_pkg_" in out  # the job ran from the uploaded working dir
 

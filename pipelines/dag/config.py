@@ -72,9 +72,12 @@ class TrainStage(_Strict):
     defaults: dict = Field(default_factory=dict)
     per_task: dict[str, dict] = Field(default_factory=dict)
     per_arch: dict[str, dict] = Field(default_factory=dict)
-    # How many architectures train at once (each is its own Ray Train run); the cluster's
-    # resources are the other limit, since every run waits for its workers' CPUs/GPUs.
+    # How many architectures train at once (lanes); the cluster's resources are the other limit, since
+    # every run waits for its workers' CPUs/GPUs.
     max_parallel: int = Field(2, ge=1)
+    # A lane's single-worker trainings share one Ray Train run, one after another on one warm worker
+    # (pipelines/train/lane.py); false: each training is its own Ray Train run.
+    share_workers: bool = True
     # When the cluster is too small for one training: seconds to wait for an autoscaling cluster to add
     # nodes (after asking it for them) before refusing; 0 refuses at once.
     placement_wait_s: float = Field(0.0, ge=0)

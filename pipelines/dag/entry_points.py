@@ -15,6 +15,25 @@ def train(settings: dict, data_dir: str, out_dir: str) -> dict:
                    "epochs_run": result["epochs_run"], "phases": result.get("phases")})
 
 
+def train_lane(members: list[tuple[dict, str]], data_dir: str, reporter=None) -> list[dict | str | None]:
+    """Train several architectures (``(settings, out_dir)`` each, single-worker) one after another in one
+    Ray Train run (``pipelines.train.lane``). Returns per member what ``train`` returns, the error text
+    that ended it, or None when the lane never finished it."""
+    from pipelines.train import TrainConfig
+    from pipelines.train.lane import fit_lane
+
+    cfgs = [TrainConfig.model_validate({**settings, "data": data_dir, "out": out}) for settings, out in members]
+    out = []
+    for result in fit_lane(cfgs, reporter=reporter):
+        if result is None or isinstance(result, BaseException):
+            out.append(None if result is None else f"{type(result).__name__}: {result}")
+        else:
+            out.append(_plain({"run_dir": result["run_dir"], "checkpoint": result["checkpoint"],
+                               "final": result["metrics"], "epochs_run": result["epochs_run"],
+                               "phases": result.get("phases"), "seconds": result["seconds"]}))
+    return out
+
+
 def evaluate(train_dir: str, data_dir: str, out_dir: str, from_training: bool = True) -> dict:
     """Metrics of the latest checkpoint of ``train_dir`` on the val split of ``data_dir``: with
     ``from_training``, its training's last validation pass where that pass was of this checkpoint on this

@@ -11,6 +11,7 @@ built graph (``visionflow run --plan``) without running anything.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,12 +70,17 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
     # even scheduled (no process, no memory) until the branch before it in its lane has ended, however it
     # ended, so the lanes never ask for more than the cluster has (pipelines.dag.placement).
     lane_ends: list = [None] * (lanes or cfg.train.max_parallel)
+    # A lane's single-worker trainings share one Ray Train run (stages.train_stage, pipelines.train.lane);
+    # the token tells this run's lane records from an earlier run's.
+    token = uuid.uuid4().hex[:12]
     for i, arch in enumerate(archs):
         lane = i % len(lane_ends)
+        peers = [[a, cfg.train_settings(a)] for a in archs[i + len(lane_ends)::len(lane_ends)]]
         # The stage task only drives the trainer; the Ray Train workers ask for their own CPUs/GPUs.
         # One retry: a driver process that died resumes from the last checkpoint.
         branch = _node(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1)(
-            run, arch, cfg.train_settings(arch), data, lane_ends[lane], board)
+            run, arch, cfg.train_settings(arch), data, lane_ends[lane], board,
+            {"token": token, "peers": peers} if cfg.train.share_workers else None)
         if cfg.eval.enabled:
             branch = _node(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
                            num_gpus=cfg.eval.num_gpus, max_retries=0)(

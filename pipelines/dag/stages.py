@@ -124,9 +124,12 @@ def write_synth_local(run: RunDir, s) -> str:
 
 # --- train and evaluate one architecture ----------------------------------------------------------
 
-def _branch_failure(run: RunDir, arch: str, step: str, error: str, task: str | None = None) -> dict:
-    """Record a failed branch at ``archs/<arch>/failed.json``; returns the branch's failed result."""
-    doc = {"arch": arch, "task": task, "stage": step, "error": error, "time": time.time()}
+def _branch_failure(run: RunDir, arch: str, step: str, error: str, task: str | None = None,
+                    lane: str | None = None) -> dict:
+    """Record a failed branch at ``archs/<arch>/failed.json`` (``lane``: the token of the lane that trained
+    it); returns the branch's failed result."""
+    doc = {"arch": arch, "task": task, "stage": step, "error": error, "time": time.time(),
+           **({"lane": lane} if lane else {})}
     run.write_json(f"archs/{arch}/failed.json", doc)
     return {"arch": arch, "task": task, "status": "failed", "stage": step, "error": error}
 
@@ -144,14 +147,81 @@ def settle(refs: list) -> None:
     ray.wait(refs, num_returns=len(refs), timeout=None)
 
 
-def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, after=None, board=None) -> dict:
+def _train_stage_of(run: RunDir, arch: str, settings: dict, data_rec: dict) -> Stage:
+    return Stage(run, f"archs/{arch}/train", stage_key("train", settings, {"data": data_rec["key"]}))
+
+
+def _single_worker(settings: dict) -> bool:
+    return settings.get("workers", 1) in (1, "1")
+
+
+def _lane_result(run: RunDir, arch: str, settings: dict, stage: Stage, token: str) -> dict | None:
+    """The branch result of ``arch`` when this run's lane (``token``) already trained it, else None."""
+    rec = stage.finished()
+    if rec is not None and rec["outputs"].get("lane") == token:
+        run.remove(f"archs/{arch}/failed.json")
+        return _branch(arch, settings, rec)
+    failed = run.read_json(f"archs/{arch}/failed.json")
+    if failed and failed.get("lane") == token and rec is None:
+        return {"arch": arch, "task": settings["task"], "status": "failed", "stage": "train", "error": failed["error"]}
+    return None
+
+
+def _train_lane(run: RunDir, members: list[tuple[str, dict]], data_rec: dict, board, token: str) -> None:
+    """Train ``members`` (arch, settings) one after another in one Ray Train run and record each one's
+    training stage as ``train_stage`` would (the lane's ``token`` in the records); the lane reports each
+    training's progress to ``board`` itself. A member the lane never finished is left to its own stage."""
+    from pipelines.dag import entry_points
+
+    inputs = {"data": data_rec["key"]}
+    stages_, resumed = [], []
+    for arch, settings in members:
+        st = _train_stage_of(run, arch, settings, data_rec)
+        resumed.append(st.begin(resumable=True))
+        run.remove(f"archs/{arch}/failed.json")
+        stages_.append(st)
+    results = entry_points.train_lane([(settings, run.path(st.name)) for (_, settings), st in zip(members, stages_)],
+                                      data_rec["outputs"]["data_dir"], reporter=board)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    for (arch, settings), st, res, was_resumed in zip(members, stages_, results, resumed):
+        if res is None:
+            continue
+        if isinstance(res, str):
+            _branch_failure(run, arch, "train", res, settings.get("task"), lane=token)
+            continue
+        seconds = res.pop("seconds")
+        # The stage's wall time is its turn in the lane (stage_profile reads _started.json and _stage.json).
+        run.write_json(f"{st.name}/_started.json", {"key": st.key, "started": time.time() - seconds})
+        st.done(settings, inputs, {**res, "resumed": was_resumed, "lane": token, "node_id": node}, seconds)
+
+
+def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, after=None, board=None,
+                lane: dict | None = None) -> dict:
     """Train ``arch`` with ``settings`` (TrainConfig fields) on the run's data; ``after`` only orders it
     in its lane. Never raises: a failure is recorded in ``archs/<arch>/failed.json`` and returned as
-    ``{"status": "failed", "error"}``."""
+    ``{"status": "failed", "error"}``.
+
+    ``lane = {"token", "peers": [[arch, settings], ...]}`` names the architectures after this one in its
+    lane: when this one and the unfinished ones among them train on one worker each, they all train now,
+    in one Ray Train run (``pipelines.train.lane``: one warm worker instead of a new worker group each),
+    and each peer's own stage then finds its record (or its failure) under this ``token``."""
     run = RunDir(run_uri)
     name = f"archs/{arch}/train"
     inputs = {"data": data_rec["key"]}
     stage = Stage(run, name, stage_key("train", settings, inputs))
+    if lane is not None:
+        if (ready := _lane_result(run, arch, settings, stage, lane["token"])) is not None:
+            return ready
+        if stage.finished() is None:
+            members = [(arch, settings)] + [(a, s) for a, s in lane["peers"]
+                                            if _train_stage_of(run, a, s, data_rec).finished() is None]
+            if len(members) > 1 and all(_single_worker(s) for _, s in members):
+                try:
+                    _train_lane(run, members, data_rec, board, lane["token"])
+                except Exception:  # noqa: BLE001 -- the lane as a whole failed: each stage trains on its own
+                    traceback.print_exc()
+                if (ready := _lane_result(run, arch, settings, stage, lane["token"])) is not None:
+                    return ready
 
     def train(resumed: bool) -> dict:
         run.remove(f"archs/{arch}/failed.json")

@@ -93,13 +93,13 @@ def start(out: str, cfg, *, restart: bool = False, init: dict | None = None) -> 
     checkpoint to resume from, its recorded data and model must equal ``cfg``'s (``RunMismatch`` names
     what differs), and the run keeps its recorded ``init``; a fresh run records ``init`` (where its
     starting weights came from) when given. Returns the record written."""
-    from pipelines.train.checkpoint import registered_checkpoints
+    from pipelines.train.checkpoint import checkpoint_candidates
 
     new = fingerprint(cfg)
     run = storage.RunDir(out)
     if restart:
         clear(out)
-    elif registered_checkpoints(out):
+    elif checkpoint_candidates(out):
         old = run.read_json(RUN_FILE) or _legacy(run)
         differences = _differences(old, new)
         if differences:

@@ -83,10 +83,13 @@ def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
 
 
 def _checkpoint_registered(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage)."""
-    snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json") or {}
-    names = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
-    return f"epoch_{epoch:04d}" in names
+    """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage); in a
+    lane (no registry), whether the checkpoint's file is in place."""
+    name = f"epoch_{epoch:04d}"
+    snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json")
+    if snapshot is None:
+        return storage.exists(cfg.out, f"{CHECKPOINTS}/{name}/{CHECKPOINT_FILE}")
+    return name in {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
 
 
 def _chaos(cfg: TrainConfig, epoch: int, rank: int, wait_s: float = 600.0) -> None:
@@ -191,13 +194,50 @@ def _say(line: str) -> None:
     out.flush()
 
 
+class RayTrainIO:
+    """How one training of ``train_one`` reaches its data and keeps its checkpoints under a fit of its own:
+    Ray Train's dataset shards, its checkpoint registry (``report``) and its restore (``get_checkpoint``)."""
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def resume(self, cfg: TrainConfig, device) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            return _load_payload(checkpoint, device)
+        from pipelines.train.checkpoint import checkpoint_candidates, load_payload, registered_checkpoints
+        from pipelines.train.lane import LANE_FILE
+
+        # A run trained in a lane (pipelines.train.lane) keeps its checkpoints without Ray Train's registry.
+        if registered_checkpoints(cfg.out) is None and storage.exists(cfg.out, LANE_FILE) \
+                and checkpoint_candidates(cfg.out):
+            return load_payload(cfg.out, map_location=device)
+        return None
+
+    def save(self, record: dict, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
+        _save_and_report(record, model, optimizer, cfg, epoch, rank)
+
+    def release(self, shard) -> None:
+        _release(shard)
+
+
 def train_loop(config: dict) -> None:
     """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``); ``config = {"cfg": TrainConfig dict}``."""
+    train_one(TrainConfig.model_validate(config["cfg"]), config.get("rows"), RayTrainIO())
+
+
+def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
+    """One architecture's training on this worker, epochs ``[resumed epoch, cfg.epochs)``; ``expected``: the
+    epoch's images over all workers (for the progress bar), ``io``: where data and checkpoints live
+    (``RayTrainIO``, or a lane's: ``pipelines.train.lane``)."""
     import ray.train
     import ray.train.torch
 
     loop_started_at = time.time()
-    cfg = TrainConfig.model_validate(config["cfg"])
     task = get_task(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -212,9 +252,8 @@ def train_loop(config: dict) -> None:
         model.to(device)
     optimizer = make_optimizer(model, cfg)
     start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a rerun of the same command, or a restart after a worker failure
-        payload = _load_payload(checkpoint, device)
+    payload = io.resume(cfg, device)
+    if payload is not None:  # a rerun of the same command, or a restart after a worker failure
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         start = payload["epoch"] + 1
@@ -241,7 +280,6 @@ def train_loop(config: dict) -> None:
 
         watch = watching.Watch(cfg.out, cfg.task, f"{cfg.arch} ({cfg.task}): {os.path.basename(cfg.out.rstrip('/'))}",
                                start)
-    expected = config.get("rows")  # the epoch's images over all workers (the manifest's count, then the last epoch's)
     next_shard = None
     steps, last_finite, diverged = 0, None, None
     first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
@@ -250,9 +288,9 @@ def train_loop(config: dict) -> None:
         lr = _set_lr(optimizer, cfg, epoch)
         net.train()
         sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
-        shard = next_shard if next_shard is not None else ray.train.get_dataset_shard(f"train_{epoch}")
+        shard = next_shard if next_shard is not None else io.shard(f"train_{epoch}")
         # The next epoch's split coordinator (an actor process) starts while this epoch trains.
-        next_shard = ray.train.get_dataset_shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
+        next_shard = io.shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
         bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
                                  world=world) if rank == 0 else None)
@@ -294,7 +332,7 @@ def train_loop(config: dict) -> None:
 
         net.eval()
         t1 = time.perf_counter()
-        val_shard = ray.train.get_dataset_shard("val")
+        val_shard = io.shard("val")
         val_batches = (task.collate(b, device)
                        for b in val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"))
         with torch.no_grad(), autocast():
@@ -317,12 +355,12 @@ def train_loop(config: dict) -> None:
             diverged = _divergence(cfg, "weights", epoch=epoch, step=None, loss=None, last_finite=last_finite,
                                    bad_rank=bad)
             break
-        _save_and_report(record, model, optimizer, cfg, epoch, rank)
+        io.save(record, model, optimizer, cfg, epoch, rank)
         expected = record["train_images"]
         if rank == 0:
             _say(format_progress(record, cfg.epochs))
             watch.after_epoch(record)
-            _release(shard)
+            io.release(shard)
     if watch is not None:
         watch.close()
     if rank == 0 and first_batch_at is not None:
@@ -362,6 +400,34 @@ def _own_sigint_handler():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, str, dict, dict]:
+    """What a fit does on the driver before training: the config completed from the data, the run directory
+    checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
+    touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
+    Returns ``(cfg, out, datasets, resources)``."""
+    from pipelines.data import load_split
+    from pipelines.train import init_weights, run_record
+    from pipelines.train.checkpoint import checkpoint_candidates
+
+    cfg = resolve_config(cfg)
+    task = get_task(cfg.task)
+    train_ds, _ = load_split(cfg.data, "train")
+    val_ds, _ = load_split(cfg.data, "val")
+    # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
+    datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}
+    datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
+    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
+    # Starting weights (--init-from, --pretrained) apply to a fresh run only.
+    fresh = restart or not checkpoint_candidates(out)
+    init = init_weights.check(cfg) if fresh else None
+    run_record.start(out, cfg, restart=restart, init=init)  # RunMismatch before anything of the run is touched
+    storage.RunDir(out).remove(DIVERGED)
+    storage.RunDir(out).remove(PHASES)  # a stale one (an earlier fit) is never read as this one's
+    storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {})}
+    return cfg, out, datasets, resources
+
+
 def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     """Train ``cfg`` on Ray Train; rerunning the same config on the same ``out`` resumes from its last
     checkpoint (``--epochs``, ``--lr`` and the other optimisation settings may change; the data and the model
@@ -372,31 +438,11 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data import load_split
-    from pipelines.train import run_record
-
-    cfg = resolve_config(cfg)
-    task = get_task(cfg.task)
-    train_ds, _ = load_split(cfg.data, "train")
-    val_ds, _ = load_split(cfg.data, "val")
-    # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
-    datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}
-    datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
-
-    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     from pipelines.data import read_manifest
-    from pipelines.train import init_weights, watch
-    from pipelines.train.checkpoint import registered_checkpoints
+    from pipelines.train import watch
 
-    # Starting weights (--init-from, --pretrained) apply to a fresh run only; checked here, so that a bad
-    # file or no internet is one line before anything of the run is touched.
-    fresh = restart or not registered_checkpoints(out)
-    init = init_weights.check(cfg) if fresh else None
-    run_record.start(out, cfg, restart=restart, init=init)  # RunMismatch before anything of the run is touched
-    storage.RunDir(out).remove(DIVERGED)
-    storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
+    cfg, out, datasets, resources = prepare(cfg, restart=restart)
     use_gpu = cfg.gpus_per_worker > 0
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
@@ -410,7 +456,6 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
         datasets=datasets,
     )
     started, started_at = time.perf_counter(), time.time()
-    storage.RunDir(out).remove(PHASES)  # a stale one (an earlier fit) is never read as this one's
     with _own_sigint_handler():
         result = trainer.fit()
     ended_at = time.time()

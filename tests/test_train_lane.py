@@ -1,0 +1,72 @@
+"""A lane: several single-worker trainings in one Ray Train run (``pipelines.train.lane``): one controller for
+all of them, a training that fails ends only itself, a worker killed mid-lane is replaced and the lane goes on
+where it was, and what a lane trained loads, evaluates and resumes like any run."""
+from __future__ import annotations
+
+import pytest
+
+from pipelines.storage import read_metrics
+from pipelines.train import TrainConfig, fit, load_checkpoint
+from pipelines.train.lane import LANE_FILE, fit_lane
+
+TINY = {"task": "classification", "epochs": 2, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5,
+        "augment_cpus": 0.25, "optimizer": "adamw", "lr": 0.001}
+
+
+def _controllers() -> set[str]:
+    from pipelines.ray_private import actor_table
+
+    return {i for i, a in actor_table().items() if a["ActorClassName"] == "TrainController"}
+
+
+@pytest.fixture(scope="module")
+def lane(ray_cluster, data_dir, tmp_path_factory):
+    """squeezenet1_1 (trains), alexnet with an argument its builder does not take (fails), resnet18 whose
+    worker kills its own process (SIGKILL) at the start of its epoch 2, once: the lane has one restart."""
+    root = tmp_path_factory.mktemp("lane")
+    marker = root / "killed.marker"
+    cfgs = [TrainConfig(arch="squeezenet1_1", data=str(data_dir), out=str(root / "squeezenet1_1"), max_failures=1, **TINY),
+            TrainConfig(arch="alexnet", data=str(data_dir), out=str(root / "alexnet"),
+                        model_kwargs={"no_such_argument": 1}, **TINY),
+            TrainConfig(arch="resnet18", data=str(data_dir), out=str(root / "resnet18"),
+                        chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 0}, **TINY)]
+    before = _controllers()
+    results = fit_lane(cfgs)
+    return cfgs, results, marker, _controllers() - before
+
+
+def test_one_controller_trains_the_lane_and_a_failed_training_ends_only_itself(lane):
+    cfgs, (squeeze, alex, resnet), _, controllers = lane
+    assert len(controllers) == 1, controllers  # one Ray Train run for the three trainings
+    assert isinstance(alex, RuntimeError) and "no_such_argument" in str(alex), alex
+    for cfg, result in ((cfgs[0], squeeze), (cfgs[2], resnet)):
+        assert isinstance(result, dict), result
+        assert result["epochs_run"] == 2 and result["checkpoint"].endswith("epoch_0001")
+        model, config = load_checkpoint(cfg.out)
+        assert config["arch"] == cfg.arch and config["epoch"] == 1
+        assert result["phases"]["steps_s"] > 0 and result["seconds"] > 0
+    # Ray Train's start is paid once: the lane's later trainings start at once.
+    assert resnet["phases"]["train_start_s"] < squeeze["phases"]["train_start_s"]
+
+
+def test_a_worker_killed_mid_lane_is_replaced_and_the_lane_goes_on_where_it_was(lane):
+    cfgs, _, marker, _ = lane
+    assert marker.exists(), "the chaos hook never killed the worker"
+    squeeze, resnet = read_metrics(cfgs[0].out), read_metrics(cfgs[2].out)
+    # The training that had ended before the kill was not run again; the killed one resumed from its
+    # epoch-1 checkpoint, not from scratch.
+    assert [r["epoch"] for r in squeeze] == [0, 1] and all(r["start_epoch"] == 0 for r in squeeze)
+    assert [r["epoch"] for r in resnet] == [0, 1] and resnet[1]["start_epoch"] == 1
+
+
+def test_fit_resumes_a_run_a_lane_trained(lane):
+    cfgs, *_ = lane
+    cfg = cfgs[0].model_copy(update={"epochs": 3, "max_failures": 0})
+    result = fit(cfg)
+    records = read_metrics(cfg.out)
+    assert [r["epoch"] for r in records] == [0, 1, 2] and records[2]["start_epoch"] == 2
+    assert result["metrics"]["epoch"] == 2
+    assert (load_checkpoint(cfg.out)[1]["epoch"]) == 2
+    from pipelines import storage
+
+    assert storage.exists(cfg.out, LANE_FILE)
