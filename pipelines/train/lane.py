@@ -67,6 +67,12 @@ class LaneIO:
         storage.append_metrics(cfg.out, record)
         _prune(run, cfg.checkpoints_to_keep)
 
+    def committed(self, cfg: TrainConfig, epoch: int) -> bool:
+        """Whether a restart would resume from ``epoch``'s checkpoint (its file is in place)."""
+        from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS
+
+        return storage.exists(cfg.out, f"{CHECKPOINTS}/epoch_{epoch:04d}/{CHECKPOINT_FILE}")
+
     def release(self, shard) -> None:
         pass
 
@@ -127,6 +133,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
 
     from pipelines.data import read_manifest
     from pipelines.train import watch
+    from pipelines.train.checkpoint import registered_checkpoints
     from pipelines.train.trainer import _own_sigint_handler, prepare
 
     results: list = [None] * len(cfgs)
@@ -135,6 +142,8 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
         if cfg.workers != 1:
             results[i] = ValueError(f"{cfg.arch}: a lane trains single-worker runs only (workers={cfg.workers})")
             continue
+        if registered_checkpoints(cfg.out) is not None:
+            continue  # a run Ray Train's registry keeps (an earlier fit of its own): left to fit (None)
         try:
             cfg, out, datasets, _ = prepare(cfg)
         except Exception as e:  # noqa: BLE001 -- that training's error; the others train

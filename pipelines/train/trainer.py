@@ -83,16 +83,13 @@ def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
 
 
 def _checkpoint_registered(cfg: TrainConfig, epoch: int) -> bool:
-    """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage); in a
-    lane (no registry), whether the checkpoint's file is in place."""
-    name = f"epoch_{epoch:04d}"
-    snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json")
-    if snapshot is None:
-        return storage.exists(cfg.out, f"{CHECKPOINTS}/{name}/{CHECKPOINT_FILE}")
-    return name in {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
+    """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage)."""
+    snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json") or {}
+    names = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
+    return f"epoch_{epoch:04d}" in names
 
 
-def _chaos(cfg: TrainConfig, epoch: int, rank: int, wait_s: float = 600.0) -> None:
+def _chaos(cfg: TrainConfig, epoch: int, rank: int, committed=_checkpoint_registered, wait_s: float = 600.0) -> None:
     """Fault injection for tests: SIGKILL this worker process once, at the configured epoch.
 
     It first waits until the controller has registered the previous epoch's checkpoint: Ray Train collects
@@ -102,7 +99,7 @@ def _chaos(cfg: TrainConfig, epoch: int, rank: int, wait_s: float = 600.0) -> No
     if not (c and epoch == c.kill_at_epoch and rank == c.rank and not os.path.exists(c.marker)):
         return
     deadline = time.monotonic() + wait_s
-    while epoch > 0 and not _checkpoint_registered(cfg, epoch - 1) and time.monotonic() < deadline:
+    while epoch > 0 and not committed(cfg, epoch - 1) and time.monotonic() < deadline:
         time.sleep(0.5)
     Path(c.marker).write_text(f"killed rank {rank} at epoch {epoch}\n")
     os.kill(os.getpid(), signal.SIGKILL)
@@ -221,6 +218,10 @@ class RayTrainIO:
     def save(self, record: dict, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
         _save_and_report(record, model, optimizer, cfg, epoch, rank)
 
+    def committed(self, cfg: TrainConfig, epoch: int) -> bool:
+        """Whether a restart would resume from ``epoch``'s checkpoint (the controller registered it)."""
+        return _checkpoint_registered(cfg, epoch)
+
     def release(self, shard) -> None:
         _release(shard)
 
@@ -284,7 +285,7 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
     steps, last_finite, diverged = 0, None, None
     first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
     for epoch in range(start, cfg.epochs):
-        _chaos(cfg, epoch, rank)
+        _chaos(cfg, epoch, rank, io.committed)
         lr = _set_lr(optimizer, cfg, epoch)
         net.train()
         sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
@@ -400,6 +401,20 @@ def _own_sigint_handler():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def _check_builds(cfg: TrainConfig, task) -> None:
+    """A model that does not build with these settings (``--model-kwargs`` its builder does not take) is
+    one line here, before Ray Train starts its processes: built on the meta device (no memory, no weights).
+    Skipped where workers have GPUs (a model may place its own parts on devices there)."""
+    if cfg.gpus_per_worker > 0:
+        return
+    try:
+        with torch.device("meta"):
+            task.build_model(cfg)
+    except TypeError as e:
+        raise ValueError(f"{cfg.arch} does not build with these settings (model_kwargs "
+                         f"{dict(cfg.model_kwargs)}): {e}") from None
+
+
 def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, str, dict, dict]:
     """What a fit does on the driver before training: the config completed from the data, the run directory
     checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
@@ -411,6 +426,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
 
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
+    _check_builds(cfg, task)
     train_ds, _ = load_split(cfg.data, "train")
     val_ds, _ = load_split(cfg.data, "val")
     # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
