@@ -145,6 +145,25 @@ def test_config_refuses_bad_specs():
     assert ServeArgs(models=[{"name": "m"}]).missing_weights() == ["m"]
 
 
+def test_a_classifier_only_application_asks_for_no_nms_stage():
+    """Its NMS stage is never deployed (no detector calls it), so its CPUs are not asked for either."""
+    from pipelines.serve.deploy import DeployError, check_fits
+
+    model = {"random_weights": True, "arch": "resnet18", "num_classes": 3, "model": {"num_cpus": 1}}
+    classify = ServeArgs(models=[{"name": "c", "task": "classification", **model}], nms_stage={"num_cpus": 1},
+                         ingress={"num_cpus": 0.5})
+    assert "nms_stage" not in classify.stages() and classify.cpus_asked() == 1.5
+    check_fits(classify, cpus=1.5, gpus=0)  # fits: only the model and the Ingress are deployed
+    detect = ServeArgs(models=[{"name": "d", "task": "detection", **model, "arch": "ssdlite_mobilenet_v3"}],
+                       nms_stage={"num_cpus": 1}, ingress={"num_cpus": 0.5})
+    assert "nms_stage" in detect.stages() and detect.cpus_asked() == 2.5
+    with pytest.raises(DeployError, match="asks for 2.5 CPUs but the cluster has 1.5"):
+        check_fits(detect, cpus=1.5, gpus=0)
+    # A model whose task only its checkpoint knows may be a detector: the stage is counted.
+    unknown = ServeArgs(models=[{"name": "u", "checkpoint": "runs/x"}], nms_stage={"num_cpus": 1})
+    assert "nms_stage" in unknown.stages()
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "cluster" / "serve").glob("*.yaml")), ids=lambda p: p.name)
 def test_cluster_serve_yamls_validate(path):
     http, app, args = load_serve_file(path)

@@ -186,11 +186,17 @@ class ServeArgs(_Strict):
             raise ValueError(f"model names must be unique; repeated: {dup}")
         return models
 
+    def needs_nms_stage(self) -> bool:
+        """Whether a detector may be served (a model of unknown task may be one): a classifier-only
+        application deploys no NMS stage."""
+        return any(m.task != "classification" for m in self.models)
+
     def stages(self) -> dict[str, "StageResources"]:
-        """Every deployment's resources by where the config sets them (``models[<name>].model``, ...)."""
+        """Every deployment the application will have, with its resources, by where the config sets them
+        (``models[<name>].model``, ``nms_stage``, ...)."""
         own = {} if self.stages_in_ingress else {"preprocess": self.preprocess, "postprocess": self.postprocess}
-        return {**{f"models[{m.name}].model": m.model for m in self.models}, "nms_stage": self.nms_stage,
-                **own, "ingress": self.ingress}
+        nms = {"nms_stage": self.nms_stage} if self.needs_nms_stage() else {}
+        return {**{f"models[{m.name}].model": m.model for m in self.models}, **nms, **own, "ingress": self.ingress}
 
     def cpus_asked(self) -> float:
         """Logical CPUs every deployment of the application asks for, all replicas together."""
