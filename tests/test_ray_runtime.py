@@ -130,6 +130,7 @@ def test_a_local_cluster_is_a_new_one_and_joining_happens_only_when_asked(other_
     assert out["gcs"] != head and out["cpus"] == 2
 
 
+@pytest.mark.slow  # (22 s) make test joins a token-auth head through RAY_ADDRESS in test_cluster_job_submit.py
 def test_ray_address_in_the_environment_is_joined_with_token_auth(other_head):
     # `ray start --head` turns token auth on: its clients say RAY_AUTH_MODE=token.
     out = _probe(REPORT + "connect(num_cpus=3, log_to_driver=False)\nreport()\n",
@@ -214,7 +215,7 @@ def test_a_local_clusters_processes_get_its_train_settings_and_a_users_own_win()
     assert out["workers"] == {**LOCAL_TRAIN_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
 
 
-@pytest.mark.parametrize("dashboard", [True, False])
+@pytest.mark.parametrize("dashboard", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_head, dashboard):
     out = _probe(STATE_PROBE.replace("DASHBOARD", str(dashboard)))
     assert out["gcs"] != other_head["address"]
