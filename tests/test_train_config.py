@@ -78,3 +78,19 @@ def test_progress_line_has_throughput_and_metrics():
     line = format_progress({"epoch": 0, "start_epoch": 0, "train_images_per_s": 12.5, "train_loss": 0.5,
                             "val_top1": 0.75}, epochs=3)
     assert line.startswith("epoch 1/3") and "12.5 img/s" in line and "val_top1 0.7500" in line
+
+
+def test_the_driver_checks_that_the_model_builds_and_passes_every_registered_one():
+    """Before Ray Train starts, a model is built on the meta device: settings its builder does not take are
+    one line; every registered architecture passes (the two-tower AlexNet, which copies its towers to
+    devices, is left to the worker), so the check can never fail a run that would train."""
+    from vision.models import list_models, model_task
+    from pipelines.train.trainer import _check_builds
+
+    for arch in list_models():
+        cfg = TrainConfig(**{**BASE, "arch": arch, "num_classes": 5})
+        _check_builds(cfg, get_task(model_task(arch)))
+    for arch in ("resnet18", "alexnet2012"):
+        bad = TrainConfig(**{**BASE, "arch": arch, "num_classes": 5, "model_kwargs": {"no_such_argument": 1}})
+        with pytest.raises(ValueError, match=f"{arch} does not build with these settings.*no_such_argument"):
+            _check_builds(bad, get_task("classification"))

@@ -413,6 +413,8 @@ def _check_builds(cfg: TrainConfig, task) -> None:
     except TypeError as e:
         raise ValueError(f"{cfg.arch} does not build with these settings (model_kwargs "
                          f"{dict(cfg.model_kwargs)}): {e}") from None
+    except Exception:  # noqa: BLE001 -- what the meta device cannot do (a model copying its parts to devices,
+        pass  # the two-tower AlexNet): the worker builds it for real and reports any error there
 
 
 def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, str, dict, dict]:
