@@ -128,10 +128,14 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write ``data`` at ``name`` (parents created); returns its path."""
-        self.fs.create_dir(os.path.dirname(self._abs(name)), recursive=True)
-        with self.fs.open_output_stream(self._abs(name)) as f:
+        with self.open_output(name) as f:
             f.write(data)
         return self.path(name)
+
+    def open_output(self, name: str):
+        """A binary output stream at ``name`` (parents created), for writers that stream (``torch.save``)."""
+        self.fs.create_dir(os.path.dirname(self._abs(name)), recursive=True)
+        return self.fs.open_output_stream(self._abs(name))
 
     def write_json(self, name: str, doc) -> str:
         """Write ``doc`` as JSON at ``name`` so that a reader never sees half a file; returns its path."""

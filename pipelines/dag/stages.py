@@ -208,7 +208,7 @@ def train_stage(run_uri: str, arch: str, settings: dict, data_rec: dict, after=N
     run = RunDir(run_uri)
     name = f"archs/{arch}/train"
     inputs = {"data": data_rec["key"]}
-    stage = Stage(run, name, stage_key("train", settings, inputs))
+    stage = _train_stage_of(run, arch, settings, data_rec)
     if lane is not None:
         if (ready := _lane_result(run, arch, settings, stage, lane["token"])) is not None:
             return ready

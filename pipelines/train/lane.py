@@ -13,7 +13,7 @@ the per-epoch progress lines, metrics, curves and checkpoints in each run direct
   dataset manager or split coordinator processes.
 - Checkpoints: written by the worker to ``RUN_DIR/checkpoints/epoch_NNNN/checkpoint.pt`` (a temporary file,
   then a rename), without Ray Train's registry; the loaders take a run's ``epoch_*`` folders when it has no
-  registry, and ``fit`` resumes such a run (``resume_from_checkpoint``).
+  registry, and a later ``fit`` of such a run resumes from them (``trainer.RayTrainIO.resume``).
 - Failures: a training that raises or diverges ends as ``RUN_DIR/lane.json`` ``{"status": "failed"}`` and
   the lane goes on with the next one. A worker process that dies is restarted by Ray Train
   (``max_failures``): the lane then skips the trainings that ended and resumes the one that was running
@@ -50,28 +50,23 @@ class LaneIO:
         return load_payload(cfg.out, map_location=device) if checkpoint_candidates(cfg.out) else None
 
     def save(self, record: dict, model, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
-        import io
-
         import torch
 
-        from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS
+        from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS, checkpoint_dir_name, checkpoint_payload
 
-        payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
         run = storage.RunDir(cfg.out)
-        name = f"{CHECKPOINTS}/epoch_{epoch:04d}/{CHECKPOINT_FILE}"
-        run.write_bytes(name + ".tmp", buf.getvalue())
+        name = f"{CHECKPOINTS}/{checkpoint_dir_name(epoch)}/{CHECKPOINT_FILE}"
+        with run.open_output(name + ".tmp") as f:  # streamed: no second copy of a 1.6 GB payload in memory
+            torch.save(checkpoint_payload(model, optimizer, cfg, epoch), f)
         run.move(name + ".tmp", name)  # a reader never sees half a file under the final name
         storage.append_metrics(cfg.out, record)
         _prune(run, cfg.checkpoints_to_keep)
 
     def committed(self, cfg: TrainConfig, epoch: int) -> bool:
         """Whether a restart would resume from ``epoch``'s checkpoint (its file is in place)."""
-        from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS
+        from pipelines.train.trainer import CHECKPOINT_FILE, CHECKPOINTS, checkpoint_dir_name
 
-        return storage.exists(cfg.out, f"{CHECKPOINTS}/epoch_{epoch:04d}/{CHECKPOINT_FILE}")
+        return storage.exists(cfg.out, f"{CHECKPOINTS}/{checkpoint_dir_name(epoch)}/{CHECKPOINT_FILE}")
 
     def release(self, shard) -> None:
         pass
@@ -169,14 +164,14 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
     )
     started_at = time.time()
     with _own_sigint_handler():
-        result = trainer.fit()
+        trainer.fit()  # each training's outcome is in its lane.json (one that never ended has none)
     ended_at = time.time()
     for i, cfg, out in where:
-        results[i] = _outcome(cfg, out, result, started_at, ended_at)
+        results[i] = _outcome(cfg, out, started_at, ended_at)
     return results
 
 
-def _outcome(cfg: TrainConfig, out: str, result, started_at: float, ended_at: float):
+def _outcome(cfg: TrainConfig, out: str, started_at: float, ended_at: float):
     from pipelines.train.trainer import TrainingDiverged, _phases
 
     doc = storage.read_json(out, LANE_FILE)

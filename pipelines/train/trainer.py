@@ -82,11 +82,16 @@ def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
                                    find_unused_parameters=getattr(task, "FIND_UNUSED_PARAMETERS", False))
 
 
+def checkpoint_dir_name(epoch: int) -> str:
+    """The folder of ``epoch``'s checkpoint under ``RUN_DIR/checkpoints`` (Ray Train's and a lane's)."""
+    return f"epoch_{epoch:04d}"
+
+
 def _checkpoint_registered(cfg: TrainConfig, epoch: int) -> bool:
     """Whether Ray Train's controller has recorded ``epoch``'s checkpoint (its snapshot on storage)."""
     snapshot = storage.read_json(cfg.out, f"{CHECKPOINTS}/checkpoint_manager_snapshot.json") or {}
     names = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
-    return f"epoch_{epoch:04d}" in names
+    return checkpoint_dir_name(epoch) in names
 
 
 def _chaos(cfg: TrainConfig, epoch: int, rank: int, committed=_checkpoint_registered, wait_s: float = 600.0) -> None:
@@ -147,18 +152,23 @@ def _load_payload(checkpoint, device) -> dict:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
 
 
+def checkpoint_payload(model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> dict:
+    """What ``checkpoint.pt`` holds: {"model" (CPU tensors), "optimizer", "epoch", "config"}."""
+    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")}
+
+
 def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
     import ray.train
 
     if rank != 0:
         ray.train.report(record)  # a barrier: every worker reports every epoch
         return
-    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")}
+    payload = checkpoint_payload(model, optimizer, cfg, epoch)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(payload, os.path.join(tmp, CHECKPOINT_FILE))
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+                         checkpoint_dir_name=checkpoint_dir_name(epoch))
     storage.append_metrics(cfg.out, record)
 
 
