@@ -5,7 +5,8 @@
 - Slow bodies get 408 JSON from the Ingress (`limits.body_timeout_s`), and 300 of them do not stop a
   normal request; Serve's own request timeout answers 408 too (text, not JSON).
 - Every queue is bounded: a full one answers 503 JSON with Retry-After; a replica killed mid-request
-  gives 503 `unavailable` JSON, and Serve's replacement serves the next requests.
+  (a detector's, or the NMS stage's while a detector waits on it) gives 503 `unavailable` JSON naming the
+  stage that died, and Serve's replacement serves the next requests.
 Random weights and tiny model inputs throughout; the slow clients are raw sockets on loopback.
 """
 from __future__ import annotations
@@ -349,23 +350,38 @@ def test_killed_replica_answers_503_then_serve_replaces_it(url):
     assert _post(url, "/v1/segment", _image(80, 60), max_detections=3).status_code == 200
 
 
-def test_mask_pixel_limit_answers_413_json(url):
-    """Past `limits.max_mask_pixels` (here 1 Mi; each mask's region at 4096 x 4096 is at least 128 x 128
-    pixels, so 100 masks need more): 413 JSON naming the limit and how to ask for less; the same ask on a
-    smaller image is served. Redeploys the application with that limit (last test of the module)."""
+NMS_WAIT_S = 3.0  # the redeployed NMS stage waits this long to fill a batch
+
+
+@pytest.fixture(scope="module")
+def redeployed(url):
+    """The application redeployed once, for the module's last tests: a 1 Mi mask-pixel limit, and an NMS
+    stage that waits NMS_WAIT_S to fill a batch, so a detector's call to it is in flight long enough to kill
+    its replica."""
     from pipelines.serve import deploy
     from pipelines.serve.config import HttpOptions
 
-    old_ingress = _handle("Ingress").pid.remote().result()
-    deploy({**ARGS, "limits": {**ARGS["limits"], "max_mask_pixels": 2**20}}, port=PORT,
+    replaced = ("Ingress", "NmsStage")  # the two whose arguments change
+    old = {d: _handle(d).pid.remote().result() for d in replaced}
+    deploy({**ARGS, "limits": {**ARGS["limits"], "max_mask_pixels": 2**20},
+            "nms_batching": {"max_batch_size": 32, "batch_wait_timeout_s": NMS_WAIT_S}}, port=PORT,
            http_options=HttpOptions(request_timeout_s=REQUEST_TIMEOUT_S))
-    # The Ingress holds the limits: its replica is replaced by a rolling update, which can still be draining
-    # the old one when deploy returns. Wait until only the new one answers.
+    # A rolling update can still be draining the old replicas when deploy returns: wait until only the new
+    # ones answer.
     deadline, streak = time.monotonic() + 120, 0
     while streak < 3 and time.monotonic() < deadline:
-        streak = streak + 1 if _handle("Ingress").pid.remote().result() != old_ingress else 0
+        fresh = all(_handle(d).pid.remote().result() != old[d] for d in replaced)
+        streak = streak + 1 if fresh else 0
         time.sleep(0.5)
-    assert streak == 3, "the Ingress was not replaced with the new limits"
+    assert streak == 3, f"{replaced} were not replaced with the new arguments"
+    return url
+
+
+def test_mask_pixel_limit_answers_413_json(redeployed):
+    """Past `limits.max_mask_pixels` (here 1 Mi; each mask's region at 4096 x 4096 is at least 128 x 128
+    pixels, so 100 masks need more): 413 JSON naming the limit and how to ask for less; the same ask on a
+    smaller image is served."""
+    url = redeployed
     ask = {"score_threshold": 0, "iou_threshold": 1, "max_detections": 100}
     r = _post(url, "/v1/segment", _image(4096, 4096), timeout=300, **ask)
     message = _assert_error(r, 413, "too_large")
@@ -374,3 +390,29 @@ def test_mask_pixel_limit_answers_413_json(url):
     print(message)
     r = _post(url, "/v1/segment", _image(100, 100), **ask)  # 100 masks of at most 100 x 100 pixels
     assert r.status_code == 200 and r.json()["detections"], r.text[:300]
+
+
+def test_killed_nms_stage_answers_503_naming_it(redeployed):
+    """SIGKILL the NMS stage's replica while a segmenter's batch waits in it: 503 `unavailable` JSON that
+    names the NMS stage (the detector that called it is alive), then Serve's replacement serves again."""
+    url = redeployed
+    handle = _handle("NmsStage")
+    pid = handle.pid.remote().result()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, url, "/v1/segment", _image(80, 60), "image/jpeg", 120, None, max_detections=3)
+        time.sleep(NMS_WAIT_S / 2)  # the model ran (64-pixel input); its NMS call waits for a batch to fill
+        os.kill(pid, signal.SIGKILL)
+        r = pending.result()
+    message = _assert_error(r, 503, "unavailable")
+    assert "NmsStage" in message and "Detector" not in message and "Traceback" not in r.text, message
+    assert int(r.headers["retry-after"]) >= 1
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        r = _post(url, "/v1/segment", _image(80, 60), max_detections=3, timeout=60)
+        if r.status_code == 200:
+            break
+        assert r.json()["error"]["code"] in ("unavailable", "overloaded"), r.text
+        time.sleep(1.0)
+    print(f"NMS stage replaced in {time.monotonic() - t0:.1f} s")
+    assert r.status_code == 200, r.text
+    assert handle.pid.remote().result() != pid

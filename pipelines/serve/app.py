@@ -47,7 +47,7 @@ def build_app(args: dict | ServeArgs) -> Application:
     models = {}
     for spec in specs:
         cls = Classifier if spec.task == "classification" else Detector
-        extra = () if cls is Classifier else (nms,)
+        extra = () if cls is Classifier else (nms, args.nms_stage.retry_after_s)
         models[spec.name] = cls.options(name=f"{cls.name}_{spec.name}", **spec.model.deployment_options()) \
             .bind(spec.model_dump(), *extra)
     preprocess = postprocess = None  # stages_in_ingress: the Ingress runs them itself

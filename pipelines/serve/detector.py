@@ -9,6 +9,7 @@ from ray import serve
 
 from pipelines.serve.batching import Batcher
 from pipelines.serve.config import ModelSpec
+from pipelines.serve.errors import REPLICA_LOST, unavailable
 from pipelines.serve.models import load_served_model, run_candidates, run_classifier
 from vision.structures import Detections, as_tensor
 
@@ -60,10 +61,12 @@ class Detector(_BatchedModel):
     the pixels of the image given, "ms": the model's, "nms_ms": the NMS stage's, "batch"}``.
 
     A batch's candidates go to the NMS stage (its own deployment: the GPU stage on a cluster) in one call;
-    masks stay here, and only the kept ones leave with the answer."""
+    masks stay here, and only the kept ones leave with the answer. When that stage's replica dies during the
+    call, each request of the batch gets a 503 ``ApiError`` naming the NMS stage (returned, not raised: the
+    Ingress would otherwise name this deployment); ``nms_retry_after_s`` is its Retry-After."""
 
-    def __init__(self, spec: dict, nms):
-        self.nms = nms
+    def __init__(self, spec: dict, nms, nms_retry_after_s: float = 1.0):
+        self.nms, self.nms_retry_after_s = nms, nms_retry_after_s
         super().__init__(spec)
 
     async def __call__(self, image, nms: dict) -> dict:
@@ -79,8 +82,14 @@ class Detector(_BatchedModel):
 
     async def _finish(self, items: list, results: list[dict]) -> list[dict]:
         """The batch's NMS: one call to the NMS stage with boxes only; the kept masks rejoin their boxes."""
-        kept = await self.nms.remote([{"dets": Detections(r["dets"].boxes, r["dets"].scores, r["dets"].labels),
-                                       **params} for (_, params), r in zip(items, results)])
+        try:
+            kept = await self.nms.remote([{"dets": Detections(r["dets"].boxes, r["dets"].scores, r["dets"].labels),
+                                           **params} for (_, params), r in zip(items, results)])
+        except REPLICA_LOST as e:
+            error = unavailable(f"{self.nms.deployment_name} is unavailable ({type(e).__name__}: its replica "
+                                f"stopped while suppressing this request's boxes; Serve replaces it); retry later",
+                                self.nms_retry_after_s)
+            return [error] * len(items)
         out = []
         for r, k in zip(results, kept):
             dets, masks = k["dets"], r["dets"].masks

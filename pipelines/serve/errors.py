@@ -4,6 +4,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ray.exceptions import OutOfMemoryError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+# What a call to another deployment raises when the replica serving it stopped (killed, out of memory).
+REPLICA_LOST = (RayActorError, DeploymentUnavailableError, OutOfMemoryError)
+
 
 class ApiError(Exception):
     """A request the service refuses, with the HTTP status, a message naming what was wrong and, for

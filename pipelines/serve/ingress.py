@@ -20,15 +20,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.exceptions import OutOfMemoryError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from pipelines.serve.config import ENDPOINT_TASK, ServeArgs, StageResources
-from pipelines.serve.errors import (ApiError, bad_parameter, not_an_image, overloaded, request_timeout, too_large,
-                                    unavailable)
+from pipelines.serve.errors import (REPLICA_LOST, ApiError, bad_parameter, not_an_image, overloaded, request_timeout,
+                                    too_large, unavailable)
 from pipelines.serve.images import check_content_type
 from pipelines.serve.models import ClassifyAnswer, DetectAnswer, ErrorAnswer, HealthAnswer, ModelsAnswer
 from pipelines.serve.page import PAGE_HTML, SAMPLE_COUNT, SamplesAnswer, sample_png, samples
@@ -234,7 +233,7 @@ class Ingress:
             # A stage called by another (the NMS stage, by the detector) comes back wrapped: name the cause.
             raise overloaded(f"the service is overloaded ({getattr(e, 'cause', None) or e}); retry later",
                              retry) from None
-        except (RayActorError, DeploymentUnavailableError, OutOfMemoryError) as e:
+        except REPLICA_LOST as e:
             name = getattr(handle, "deployment_name", "a stage")
             raise unavailable(f"{name} is unavailable ({type(e).__name__}: a replica stopped while serving this "
                               f"request; Serve replaces it); retry later", stage.retry_after_s) from None
@@ -258,6 +257,8 @@ class Ingress:
             "iou_threshold": nms.iou_threshold if iou_threshold is None else iou_threshold,
             "score_threshold": nms.score_threshold if score_threshold is None else score_threshold,
             "max_detections": nms.max_detections if max_detections is None else max_detections})
+        if isinstance(kept, ApiError):  # the NMS stage's replica died during the batch's call
+            raise kept
         post = await self._call(self.args.postprocess, self.postprocess.detections, kept["dets"],
                                 tuple(prep["image"].shape[-2:]), prep["size"], info["categories"],
                                 self.args.limits.max_mask_pixels)

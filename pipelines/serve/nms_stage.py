@@ -5,6 +5,7 @@ Candidates of several requests are suppressed in ONE ``vision.ops.batched_nms`` 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -62,6 +63,10 @@ class NmsStage:
 
     async def __call__(self, items: list[dict]) -> list[dict]:
         return await self.batcher(items)
+
+    def pid(self) -> int:
+        """The replica's process id (tests kill it during a call)."""
+        return os.getpid()
 
     def _run(self, calls: list[list[dict]]) -> list[list[dict]]:
         t0 = time.perf_counter()
