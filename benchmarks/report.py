@@ -112,8 +112,8 @@ against a baseline in the same run, so read the ratios: absolute speeds depend o
 else ran on it. Quality benchmarks report a metric next to its target and to chance.
 
 For each file the page says where its command, date, load average and core count come from. A results
-file that does not hold one of them says **not recorded**. Several files note that they were measured on
-a shared 2-core machine; none recorded the machine's load while it ran.
+file that does not hold one of them says **not recorded**: it predates `benchmarks/provenance.py`, and
+its figures may come from a loaded machine (some such files were off by 2x or more when rerun idle).
 """
 
 def _fmt(value) -> str:

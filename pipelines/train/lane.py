@@ -132,7 +132,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
     from pipelines.train.trainer import _own_sigint_handler, prepare
 
     results: list = [None] * len(cfgs)
-    runs, where = [], []
+    runs, where, lane_resources = [], [], {}
     for i, cfg in enumerate(cfgs):
         if cfg.workers != 1:
             results[i] = ValueError(f"{cfg.arch}: a lane trains single-worker runs only (workers={cfg.workers})")
@@ -140,7 +140,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
         if registered_checkpoints(cfg.out) is not None:
             continue  # a run Ray Train's registry keeps (an earlier fit of its own): left to fit (None)
         try:
-            cfg, out, datasets, _ = prepare(cfg)
+            cfg, out, datasets, resources = prepare(cfg)
         except Exception as e:  # noqa: BLE001 -- that training's error; the others train
             results[i] = e
             continue
@@ -148,16 +148,16 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
         runs.append({"cfg": cfg.model_dump(mode="json"), "datasets": datasets,
                      "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))})
         where.append((i, cfg, out))
+        for k, v in resources.items():  # the one worker holds what the largest training asks for
+            lane_resources[k] = max(lane_resources.get(k, 0), v)
     if not runs:
         return results
-    cpus = max(c.cpus_per_worker for _, c, _ in where)
-    gpus = max(c.gpus_per_worker for _, c, _ in where)
     first = where[0][2]
     trainer = TorchTrainer(
         lane_loop,
         train_loop_config={"runs": runs, "reporter": reporter, "started_at": time.time()},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu="GPU" in lane_resources,
+                                     resources_per_worker=lane_resources),
         # Ray Train's own run record of the lane (no checkpoints: each training keeps its own).
         run_config=RunConfig(name="lane", storage_path=storage.join(first, "_lane"),
                              failure_config=FailureConfig(max_failures=max(c.max_failures for _, c, _ in where))),

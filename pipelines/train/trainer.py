@@ -470,12 +470,12 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     from pipelines.train import watch
 
     cfg, out, datasets, resources = prepare(cfg, restart=restart)
-    use_gpu = cfg.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
                            "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu="GPU" in resources,
+                                     resources_per_worker=resources,
                                      placement_strategy=cfg.placement.upper(),
                                      elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s),
         run_config=RunConfig(name=CHECKPOINTS, storage_path=out,
