@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torchvision.ops import box_iou
 
@@ -31,6 +32,7 @@ def _largest_objects(root, n: int):
     return torch.stack(images[:n]), torch.tensor(classes[:n]), torch.stack(boxes[:n])
 
 
+@pytest.mark.slow  # (18 s) make test trains and evaluates a localizer in test_compare_runs.py
 def test_localizer_fits_the_boxes_of_a_few_shapes_images(tmp_path):
     write_synth(tmp_path, images=40, size=96, seed=0)
     images, labels, boxes = _largest_objects(tmp_path, 16)

@@ -225,6 +225,7 @@ def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_h
         assert out["answer"] not in ("ALIVE", "not found", "DEAD") and out["seconds"] < 5, out
 
 
+@pytest.mark.slow  # (26 s) make test keeps the local-start and dead-address checks above
 def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_start(other_head):
     """Last in this module: it kills the head."""
     killed = _kill_head(other_head["address"])
