@@ -92,7 +92,11 @@ DESCRIPTIONS = {
         "in-process at several batch sizes in the same run (the best batch is `in_process_limit`). "
         "`vs_in_process` is Serve's throughput over that limit (target: >= 0.7 at the highest "
         "concurrency); `batching_gain` is the highest concurrency's throughput over concurrency 1's. "
-        "`nms_p50_ms` is the median of the NMS stage's `Server-Timing` entry (the whole batched call)."),
+        "`nms_p50_ms` is the median of the NMS stage's `Server-Timing` entry (the whole batched call). "
+        "`lone_request_ms` splits a request at concurrency 1 (p50s): `http_hop` is the client's latency less "
+        "the Ingress's own time, `handle_hops` the Ingress's time less the stages' work (the Ingress -> "
+        "detector and detector -> NMS stage calls); `hop_without_work_ms` times one hop with nothing to do: "
+        "`GET /healthz` over HTTP, and an empty call of the NMS stage's handle from the driver."),
     "train_overhead": (
         "Ray Train with 2 workers (DDP over gloo, one thread each) against one plain PyTorch process, same "
         "crops held in memory, same ResNet-18, same global batch; the first epoch of each side is untimed. "

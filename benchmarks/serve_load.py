@@ -8,6 +8,11 @@ In one run:
   on loopback, a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
   p50/p99 latency, the mean batch the detector ran, the ratio to the in-process limit;
 - the NMS stage's own cost per request (p50 of its ``Server-Timing`` entry), separately;
+- where a lone request's time goes (concurrency 1, from ``Server-Timing``): the HTTP hop (client ->
+  proxy -> Ingress and back: latency less the Ingress's ``total``), the two handle hops inside the graph
+  (Ingress -> detector -> NMS stage: ``total`` less preprocess, model, NMS and postprocess) and the
+  stages' own work; and the cost of one hop with no work on either side: ``GET /healthz`` (HTTP hop)
+  and an empty call of the NMS stage's handle from the driver (handle hop), p50 of ``--probes`` each;
 - with ``--hostile``: a segmentation model joins the graph and, at ``--hostile-concurrency`` (32), the
   same good requests run twice: alone (clean), then mixed with hostile ones (10% bad: not an image,
   truncated, wrong type, parameters out of range; 5% big: a 4096 x 4096 image to /v1/segment asking for
@@ -148,7 +153,8 @@ async def _mixed(url: str, schedule: list[dict], concurrency: int) -> dict:
 async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict:
     import aiohttp
 
-    latencies, nms_ms, model_ms, codes = [], [], [], {}
+    latencies, codes = [], {}
+    stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "model", "nms", "postprocess", "total")}
     counter = iter(range(n))
     timing = re.compile(r"(\w+);dur=([\d.]+)")
 
@@ -162,8 +168,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict
                 if r.status == 200:
                     latencies.append(time.perf_counter() - t0)
                     parts = dict(timing.findall(r.headers.get("server-timing", "")))
-                    nms_ms.append(float(parts.get("nms", "nan")))
-                    model_ms.append(float(parts.get("model", "nan")))
+                    for k, v in stages.items():
+                        v.append(float(parts.get(k, "nan")))
 
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
@@ -171,10 +177,35 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     lat = np.array(latencies) * 1e3
+    st = {k: np.array(v) for k, v in stages.items()}
+    work = st["preprocess"] + st["model"] + st["nms"] + st["postprocess"]
     return {"concurrency": concurrency, "requests": n, "status": codes, "seconds": round(wall, 2),
             "throughput": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "nms_p50_ms": float(np.nanpercentile(nms_ms, 50)),
-            "model_p50_ms": float(np.nanpercentile(model_ms, 50))}
+            "p99_ms": float(np.percentile(lat, 99)), "nms_p50_ms": float(np.nanpercentile(st["nms"], 50)),
+            "model_p50_ms": float(np.nanpercentile(st["model"], 50)),
+            # Per request, then the median: where a request's time went besides the model.
+            "stages_p50_ms": {k: float(np.nanpercentile(v, 50)) for k, v in st.items()},
+            "http_hop_p50_ms": float(np.nanpercentile(lat - st["total"], 50)),
+            "handle_hops_p50_ms": float(np.nanpercentile(st["total"] - work, 50))}
+
+
+def probe_hops(url: str, nms_handle, n: int) -> dict:
+    """p50 ms of one hop with no work on either side: ``GET /healthz`` (client -> proxy -> Ingress) and an
+    empty call of the NMS stage (driver -> replica through a handle, its batcher included)."""
+    import requests
+
+    def p50(call) -> float:
+        call()  # warm
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return float(np.percentile(times, 50) * 1e3)
+
+    with requests.Session() as http:
+        return {"healthz_p50_ms": p50(lambda: http.get(f"{url}/healthz", timeout=30).raise_for_status()),
+                "empty_handle_call_p50_ms": p50(lambda: nms_handle.remote([]).result())}
 
 
 def main() -> None:
@@ -186,6 +217,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="the detector's batching.max_batch_size")
     p.add_argument("--detector-cpus", type=int, default=1, help="CPUs (= torch threads) of the detector replica")
     p.add_argument("--port", type=int, default=8471)
+    p.add_argument("--probes", type=int, default=50, help="no-work calls per hop probe")
     p.add_argument("--split-stages", action="store_true",
                    help="preprocess and postprocess as their own deployments (stages_in_ingress: false)")
     p.add_argument("--hostile", action="store_true",
@@ -232,6 +264,9 @@ def main() -> None:
         best_batch, limit = max(rates.items(), key=lambda kv: kv[1])
         bodies = _jpegs(16, args.size)
         asyncio.run(_load(url, bodies, 4, 8))  # warm-up: every stage has run once
+        hops = probe_hops(url, serve.get_deployment_handle("NmsStage", app_name="visionflow"), args.probes)
+        print(f"  one hop, no work: HTTP (GET /healthz) {hops['healthz_p50_ms']:.1f} ms, "
+              f"handle (empty NMS call) {hops['empty_handle_call_p50_ms']:.1f} ms", flush=True)
         for c in levels:
             before = len(detector.recent_batch_sizes.remote().result())
             row = asyncio.run(_load(url, bodies, c, max(16, args.requests * c // 4 if c > 1 else args.requests)))
@@ -269,6 +304,11 @@ def main() -> None:
         "nms_stage_p50_ms": float(np.median([r["nms_p50_ms"] for r in rows])),
         # What the graph adds to a lone request: its p50 latency less the model's own p50.
         "overhead_at_lowest_concurrency_ms": by_c[min(by_c)]["p50_ms"] - by_c[min(by_c)]["model_p50_ms"],
+        # ... split: the HTTP hop, the two handle hops, the stages' work besides the model (p50s of a lone request).
+        "lone_request_ms": {"http_hop": by_c[min(by_c)]["http_hop_p50_ms"],
+                            "handle_hops": by_c[min(by_c)]["handle_hops_p50_ms"],
+                            **{k: v for k, v in by_c[min(by_c)]["stages_p50_ms"].items() if k != "total"}},
+        "hop_without_work_ms": hops,
         "cpu_count": os.cpu_count(),
         "note": "shared 2-core machine: other processes load the CPU too",
     }
@@ -285,6 +325,9 @@ def main() -> None:
     print(f"throughput at concurrency {max(by_c)} / in-process limit: {summary['ratio_at_max_concurrency']:.2f} "
           f"(target >= 0.7); concurrency {max(by_c)} / concurrency {min(by_c)}: {summary['batching_gain']:.2f}x; "
           f"graph overhead at concurrency {min(by_c)}: {summary['overhead_at_lowest_concurrency_ms']:.0f} ms")
+    lone = summary["lone_request_ms"]
+    print(f"a lone request (p50 ms): " + ", ".join(f"{k} {v:.1f}" for k, v in lone.items())
+          + f"; one hop without work: HTTP {hops['healthz_p50_ms']:.1f}, handle {hops['empty_handle_call_p50_ms']:.1f}")
     if hostile is not None:
         print(f"hostile mix at concurrency {args.hostile_concurrency}: good throughput "
               f"{hostile['good_throughput_ratio']:.2f}x the clean run (target >= 0.8); 5xx other than 503: "
