@@ -126,6 +126,8 @@ def test_batches_form_and_a_full_queue_answers_503_json(served):
     def post(i):
         return requests.post(f"{url}/v1/detect", data=_jpeg(i), headers={"content-type": "image/jpeg"}, timeout=120)
 
+    detector = serve.get_deployment_handle("Detector_det", app_name="visionflow")
+    before = len(detector.recent_batch_sizes.remote().result())
     with ThreadPoolExecutor(24) as pool:
         responses = list(pool.map(post, range(24)))
     codes = sorted(r.status_code for r in responses)
@@ -137,8 +139,10 @@ def test_batches_form_and_a_full_queue_answers_503_json(served):
     for r in responses:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
-    sizes = serve.get_deployment_handle("Detector_det", app_name="visionflow").recent_batch_sizes.remote().result()
+    sizes = detector.recent_batch_sizes.remote().result()[before:]
     assert max(sizes) > 1, sizes  # concurrent requests were run as one batch
+    # Each answered request ran in a batch once; a refused one never reached the model.
+    assert sum(sizes) == codes.count(200), (sizes, codes)
     # Still serving right after.
     assert post(99).status_code == 200
 
