@@ -76,3 +76,19 @@ def object_store_summary(gcs_address: str) -> str:
     from ray._private.internal_api import memory_summary
 
     return memory_summary(gcs_address, stats_only=True)
+
+
+# The logger of Ray Train's placement-group cleaner (ray.train.v2._internal.execution.controller
+# .placement_group_cleaner). It asks the State API every second whether the run's controller lives; a
+# cluster without a dashboard has no State API server, so it logs "Failed to query Ray Train Controller
+# actor state" every second of every training.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """A ``worker_process_setup_hook`` for clusters started without a dashboard: the cleaner's logger keeps
+    its errors and drops its once-a-second warning that the State API (which lives in the dashboard) is
+    not there."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)

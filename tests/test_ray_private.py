@@ -37,6 +37,22 @@ def test_split_coordinator_of_a_streaming_split(ray_cluster):
     ray.kill(coordinator, no_restart=True)
 
 
+def test_the_placement_group_cleaners_state_api_warning_comes_from_the_quieted_logger():
+    import logging
+
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    assert placement_group_cleaner.logger.name == ray_private.PLACEMENT_GROUP_CLEANER_LOGGER
+    assert "Failed to query Ray Train Controller actor state" in inspect.getsource(placement_group_cleaner)
+    logger = logging.getLogger(ray_private.PLACEMENT_GROUP_CLEANER_LOGGER)
+    level = logger.level
+    try:
+        ray_private.quiet_placement_group_cleaner()
+        assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    finally:
+        logger.setLevel(level)
+
+
 def test_running_serve_http_answers_without_starting_serve(ray_cluster):
     found = ray_private.running_serve_http()
     assert found is None or (isinstance(found[0], str) and isinstance(found[1], int))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ ARCH = "squeezenet1_0"  # small, and no other test trains it: its progress lines
 TINY = {"task": "classification", "arch": ARCH, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5,
         "augment_cpus": 0.25, "lr": 0.01, "optimizer": "adamw"}
 PNG = b"\x89PNG\r\n\x1a\n"
+LOGGED: dict[str, str] = {}  # log file name -> what it got during the fixture's fit
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,33 @@ def watched_run(ray_cluster, data_dir, tmp_path_factory):
     out, weights = folder / "run", folder / "squeezenet1_0-imagenet-shaped.pth"
     torch.manual_seed(1)
     torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), weights)
-    started = time.time()
-    cfg = TrainConfig(data=str(data_dir), out=str(out), epochs=2, init_from=str(weights), **TINY)
-    fit(cfg)
+    started, before = time.time(), _log_sizes()
+    # --out relative to the command's working directory, as a user types it: every file below must land
+    # there, not under the worker's own working directory
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        cfg = TrainConfig(data=str(data_dir), out="run", epochs=2, init_from=str(weights), **TINY)
+        fit(cfg)
+    finally:
+        os.chdir(cwd)
+    LOGGED.update(_logged_since(before))
     return out, started, cfg
+
+
+def _log_sizes() -> dict[Path, int]:
+    return {p: p.stat().st_size for p in _logs_dir().rglob("*") if p.is_file() and p.suffix in (".out", ".log", ".err")}
+
+
+def _logged_since(before: dict[Path, int]) -> dict[str, str]:
+    """What each Ray log file got after ``before`` (a new file: all of it)."""
+    new = {}
+    for path, size in _log_sizes().items():
+        if size > before.get(path, 0):
+            with open(path, "rb") as f:
+                f.seek(before.get(path, 0))
+                new[path.name] = f.read().decode(errors="replace")
+    return new
 
 
 def test_the_run_records_where_its_weights_started(watched_run):
@@ -45,6 +70,22 @@ def test_the_run_records_where_its_weights_started(watched_run):
     # the classifier's 1000-class layer was skipped: the data has 5 classes
     assert {s["name"] for s in init["skipped_shape"]} == {"net.classifier.1.weight", "net.classifier.1.bias"}
     assert init["loaded"] == init["tensors"] - 2 and not init["pretrained"]
+
+
+def test_a_single_worker_run_iterates_its_data_without_a_split_coordinator(watched_run):
+    """One worker has nothing to split: no coordinator process per epoch, so none to end, and Ray Train's
+    shutdown has no ended coordinator to complain about in the logs."""
+    logs = LOGGED  # what the cluster's processes logged during the fit
+    assert any(":actor_name:RayTrainWorker" in text for text in logs.values())  # the logs of this run are here
+    assert [name for name, text in logs.items() if ":actor_name:SplitCoordinator" in text] == []
+    assert [name for name, text in logs.items() if "Failed to gracefully terminate the Ray Data executor" in text] == []
+
+
+def test_a_cluster_without_a_dashboard_keeps_the_placement_group_cleaners_warning_out_of_the_output(watched_run):
+    """The test cluster has no dashboard, so no State API: Ray Train's placement-group cleaner cannot see
+    the controller and would warn once a second for the whole fit."""
+    assert any(":actor_name:PlacementGroupCleaner" in text for text in LOGGED.values())
+    assert [name for name, text in LOGGED.items() if "Failed to query Ray Train Controller actor state" in text] == []
 
 
 @pytest.mark.slow  # a second Ray Train run (~45 s on 2 loaded cores)

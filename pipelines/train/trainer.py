@@ -5,8 +5,8 @@ Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<t
 - ``build_model(cfg)``; the loop moves it to the worker's device unless it has a ``devices`` attribute
   (a model that placed its own parts, like the two-tower AlexNet on two GPUs).
 - ``view(ds, cfg, train=, epoch=)``: the training view is built once per epoch (``train_<epoch>``), so each
-  epoch gets its own augmentation draws; Ray Train splits every dataset equally over the workers
-  (``get_dataset_shard``), so every worker runs the same number of steps.
+  epoch gets its own augmentation draws; Ray Train splits every dataset equally over several workers
+  (``get_dataset_shard``), so every worker runs the same number of steps; one worker iterates it whole.
 - ``collate(numpy_batch, device)`` -> whatever ``train_step`` and ``evaluate`` take. Numpy batches come from
   ``iter_batches`` (not ``iter_torch_batches``), so ragged detection rows are the task's to collate.
 - ``MIN_BATCH`` (optional, default 1): smaller batches are skipped (batch norm needs 2 samples).
@@ -445,6 +445,9 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
+    # The workers write metrics, curves and checkpoints to cfg.out from their own working directory (Ray
+    # Train's run folder): a relative --out would land there, not where the user asked.
+    cfg = cfg.model_copy(update={"out": out})
     # Starting weights (--init-from, --pretrained) apply to a fresh run only.
     fresh = restart or not checkpoint_candidates(out)
     init = init_weights.check(cfg) if fresh else None
@@ -463,13 +466,16 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
     Raises ValueError for bad input (data directory, architecture; ``RunMismatch`` for a run directory of other
     data or another model), ``TrainingDiverged`` at a non-finite loss and RuntimeError if training fails."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.data import read_manifest
     from pipelines.train import watch
 
     cfg, out, datasets, resources = prepare(cfg, restart=restart)
+    # One worker has nothing to split: it iterates each dataset itself (``Dataset.iterator()``, as a lane
+    # does), with no split coordinator process per epoch. Several workers get equal streaming splits.
+    single = cfg.workers == 1
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"),
@@ -482,6 +488,7 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[] if single else "all"),
     )
     started, started_at = time.perf_counter(), time.time()
     with _own_sigint_handler():
