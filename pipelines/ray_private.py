@@ -79,16 +79,24 @@ def object_store_summary(gcs_address: str) -> str:
 
 
 # The logger of Ray Train's placement-group cleaner (ray.train.v2._internal.execution.controller
-# .placement_group_cleaner). It asks the State API every second whether the run's controller lives; a
-# cluster without a dashboard has no State API server, so it logs "Failed to query Ray Train Controller
-# actor state" every second of every training.
+# .placement_group_cleaner) and the warning it logs every second when the State API does not answer: a
+# cluster without a dashboard has no State API server, so every training printed it once a second.
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+PLACEMENT_GROUP_CLEANER_WARNING = "Failed to query Ray Train Controller actor state"
+
+
+class _DropStateApiWarning:
+    """A ``logging`` filter that drops the cleaner's State API warning and lets everything else through."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(PLACEMENT_GROUP_CLEANER_WARNING)
 
 
 def quiet_placement_group_cleaner() -> None:
-    """A ``worker_process_setup_hook`` for clusters started without a dashboard: the cleaner's logger keeps
-    its errors and drops its once-a-second warning that the State API (which lives in the dashboard) is
-    not there."""
+    """A ``worker_process_setup_hook`` for clusters started without a dashboard: the cleaner's logger drops
+    its once-a-second "State API may be temporarily unavailable" warning; its other messages stay."""
     import logging
 
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    logger = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropStateApiWarning) for f in logger.filters):
+        logger.addFilter(_DropStateApiWarning())

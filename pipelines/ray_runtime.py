@@ -150,10 +150,10 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     else:  # no State API server: a refused connection answers at once (the cleaner keeps watching)
         api_server = "http://127.0.0.1:9"
-        # ... and says so once a second in every training's output: not in this cluster's processes.
-        env = dict(runtime_env or {})
-        env.setdefault("worker_process_setup_hook", "pipelines.ray_private.quiet_placement_group_cleaner")
-        kwargs["runtime_env"] = env
+        # ... and says so once a second in every training's output: not in this cluster's processes. Only
+        # without a runtime env of the caller's: one may run workers where this project is not importable.
+        if runtime_env is None:
+            kwargs["runtime_env"] = {"worker_process_setup_hook": "pipelines.ray_private.quiet_placement_group_cleaner"}
     cluster_env = {"RAY_API_SERVER_ADDRESS": api_server,
                    **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
     before = {k: os.environ.get(k) for k in cluster_env}

@@ -73,12 +73,11 @@ def test_the_run_records_where_its_weights_started(watched_run):
 
 
 def test_a_single_worker_run_iterates_its_data_without_a_split_coordinator(watched_run):
-    """One worker has nothing to split: no coordinator process per epoch, so none to end, and Ray Train's
-    shutdown has no ended coordinator to complain about in the logs."""
+    """One worker has nothing to split: no coordinator process per epoch, so none to end (and none for Ray
+    Train's shutdown to find ended and log a traceback about)."""
     logs = LOGGED  # what the cluster's processes logged during the fit
     assert any(":actor_name:RayTrainWorker" in text for text in logs.values())  # the logs of this run are here
     assert [name for name, text in logs.items() if ":actor_name:SplitCoordinator" in text] == []
-    assert [name for name, text in logs.items() if "Failed to gracefully terminate the Ray Data executor" in text] == []
 
 
 def test_a_cluster_without_a_dashboard_keeps_the_placement_group_cleaners_warning_out_of_the_output(watched_run):

@@ -300,7 +300,8 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
         net.train()
         sums, images, t0 = {"loss": 0.0}, 0, time.perf_counter()
         shard = next_shard if next_shard is not None else io.shard(f"train_{epoch}")
-        # The next epoch's split coordinator (an actor process) starts while this epoch trains.
+        # The next epoch's shard (with several workers, its split coordinator process) starts while this
+        # epoch trains.
         next_shard = io.shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
         bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
