@@ -6,9 +6,18 @@ import json
 
 import pytest
 import torch
+from ray_logs import log_sizes, logged_since
 
 from pipelines.train import TrainConfig, evaluate_checkpoint, fit, latest_checkpoint, load_checkpoint
 from pipelines.storage import read_metrics
+
+SEEN: dict = {}  # around the fixture's fit: what the logs got, the split coordinators it made
+
+
+def _split_coordinators() -> dict[str, str]:
+    from pipelines.ray_private import actor_table
+
+    return {i: a["State"] for i, a in actor_table().items() if a["ActorClassName"] == "SplitCoordinator"}
 
 TINY = {"epochs": 2, "batch_size": 8, "image_size": 32, "cpus_per_worker": 0.5, "augment_cpus": 0.25, "lr": 0.01}
 
@@ -20,7 +29,11 @@ def killed_run(ray_cluster, data_dir, tmp_path_factory):
     marker = out.parent / "killed.marker"
     cfg = TrainConfig(task="classification", arch="resnet18", data=str(data_dir), out=str(out), workers=2,
                       max_failures=1, chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 1}, **TINY)
-    return cfg, fit(cfg), marker
+    before, coordinators = log_sizes(), _split_coordinators()
+    result = fit(cfg)
+    SEEN["logged"] = logged_since(before, settle_s=3.0)  # Ray Train's data shutdown is fire-and-forget
+    SEEN["coordinators"] = {k: v for k, v in _split_coordinators().items() if k not in coordinators}
+    return cfg, result, marker
 
 
 def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint(killed_run):
@@ -35,6 +48,18 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
         assert r["train_images"] > 0 and r["train_images_per_s"] > 0
         assert 0.0 <= r["val_top1"] <= 1.0 and r["val_top1"] <= r["val_top5"]
         assert r["train_loss"] > 0 and torch.isfinite(torch.tensor(r["train_loss"]))
+
+
+def test_each_epochs_split_ends_with_its_epoch_and_no_traceback_at_shutdown(killed_run):
+    """Two workers split each epoch's view themselves; rank 0 ends that split's coordinator after the epoch.
+    Ray Train's dataset manager (val's split) never saw it, so its shutdown, after the killed worker group
+    and at the end, has no ended coordinator to complain about."""
+    made = SEEN["coordinators"]
+    # val's and each epoch's, in each of the two worker groups (rank 1 was killed in epoch 1)
+    assert len(made) >= 3, made
+    assert [i for i in made if _split_coordinators()[i] != "DEAD"] == []
+    logged = SEEN["logged"]
+    assert [n for n, text in logged.items() if "Failed to gracefully terminate the Ray Data executor" in text] == []
 
 
 def test_a_local_cluster_starts_no_preemption_watcher(killed_run):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_logs import log_sizes, logged_since, logs_dir
 
 from pipelines import storage
 from pipelines.train import TrainConfig, fit
@@ -35,7 +36,7 @@ def watched_run(ray_cluster, data_dir, tmp_path_factory):
     out, weights = folder / "run", folder / "squeezenet1_0-imagenet-shaped.pth"
     torch.manual_seed(1)
     torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), weights)
-    started, before = time.time(), _log_sizes()
+    started, before = time.time(), log_sizes()
     # --out relative to the command's working directory, as a user types it: every file below must land
     # there, not under the worker's own working directory
     cwd = os.getcwd()
@@ -45,23 +46,8 @@ def watched_run(ray_cluster, data_dir, tmp_path_factory):
         fit(cfg)
     finally:
         os.chdir(cwd)
-    LOGGED.update(_logged_since(before))
+    LOGGED.update(logged_since(before))
     return out, started, cfg
-
-
-def _log_sizes() -> dict[Path, int]:
-    return {p: p.stat().st_size for p in _logs_dir().rglob("*") if p.is_file() and p.suffix in (".out", ".log", ".err")}
-
-
-def _logged_since(before: dict[Path, int]) -> dict[str, str]:
-    """What each Ray log file got after ``before`` (a new file: all of it)."""
-    new = {}
-    for path, size in _log_sizes().items():
-        if size > before.get(path, 0):
-            with open(path, "rb") as f:
-                f.seek(before.get(path, 0))
-                new[path.name] = f.read().decode(errors="replace")
-    return new
 
 
 def test_the_run_records_where_its_weights_started(watched_run):
@@ -167,18 +153,11 @@ def test_curves_png_is_drawn_for_the_run(watched_run):
         assert img.width > 600 and img.height > 250
 
 
-def _logs_dir() -> Path:
-    import ray
-
-    ctx = ray.get_runtime_context()
-    return Path(ctx.get_temp_dir()) / ctx.get_session_name() / "logs"
-
-
 def test_the_progress_bar_prints_images_per_second_and_eta_on_rank_0(watched_run):
     """The worker's stdout (which Ray streams to the driver of `visionflow train`) holds the epoch's bar."""
     _, started, _ = watched_run
     lines = []
-    for path in _logs_dir().rglob("*"):
+    for path in logs_dir().rglob("*"):
         if path.is_file() and path.suffix in (".out", ".log", ".err") and path.stat().st_mtime >= started:
             lines += [l for l in path.read_text(errors="replace").splitlines() if f"{ARCH} epoch " in l]
     bars = [l for l in lines if "img/s" in l and " eta " in l and "step " in l and "loss " in l]

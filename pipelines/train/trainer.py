@@ -172,6 +172,23 @@ def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig
     storage.append_metrics(cfg.out, record)
 
 
+def _split(ds):
+    """This worker's equal part of an epoch's training view. Rank 0 splits it (``streaming_split``: a
+    coordinator process that rank 0 owns) and hands the parts to the others through the object store.
+    Ray Train's own split of a dataset is kept by its dataset manager, which at shutdown asks every
+    coordinator it made to stop and logs a traceback for each one ``_release`` already ended; these it
+    never sees. Every worker calls this at the same point of the loop (``broadcast_from_rank_zero`` is a
+    barrier)."""
+    import ray
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    parts = [ray.put(ds.streaming_split(world, equal=True))] if rank == 0 else None
+    return ray.get(broadcast_from_rank_zero(parts)[0])[rank]
+
+
 def _release(shard) -> None:
     """End the finished epoch's split coordinator (one actor process per epoch's view); ``report`` was a
     barrier, so no worker reads that shard any more."""
@@ -203,11 +220,17 @@ def _say(line: str) -> None:
 
 class RayTrainIO:
     """How one training of ``train_one`` reaches its data and keeps its checkpoints under a fit of its own:
-    Ray Train's dataset shards, its checkpoint registry (``report``) and its restore (``get_checkpoint``)."""
+    Ray Train's dataset shards (``val``; ``train_<epoch>`` too with one worker), the epochs' own splits with
+    several workers (``_split``), its checkpoint registry (``report``) and its restore (``get_checkpoint``)."""
+
+    def __init__(self, epochs: dict | None = None):
+        self.epochs = epochs or {}  # train_<epoch> -> Dataset: split here, not by Ray Train
 
     def shard(self, name: str):
         import ray.train
 
+        if name in self.epochs:
+            return _split(self.epochs[name])
         return ray.train.get_dataset_shard(name)
 
     def resume(self, cfg: TrainConfig, device) -> dict | None:
@@ -238,7 +261,7 @@ class RayTrainIO:
 
 def train_loop(config: dict) -> None:
     """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``); ``config = {"cfg": TrainConfig dict}``."""
-    train_one(TrainConfig.model_validate(config["cfg"]), config.get("rows"), RayTrainIO())
+    train_one(TrainConfig.model_validate(config["cfg"]), config.get("rows"), RayTrainIO(config.get("epochs")))
 
 
 def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
@@ -475,11 +498,14 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
 
     cfg, out, datasets, resources = prepare(cfg, restart=restart)
     # One worker has nothing to split: it iterates each dataset itself (``Dataset.iterator()``, as a lane
-    # does), with no split coordinator process per epoch. Several workers get equal streaming splits.
+    # does), with no split coordinator process per epoch. Several workers split each epoch's training view
+    # themselves (``_split``) and get ``val`` split by Ray Train.
     single = cfg.workers == 1
+    epochs = {} if single else {k: v for k, v in datasets.items() if k.startswith("train_")}
+    datasets = {k: v for k, v in datasets.items() if k not in epochs}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "epochs": epochs,
                            "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu="GPU" in resources,
                                      resources_per_worker=resources,
