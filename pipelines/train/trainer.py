@@ -5,8 +5,9 @@ Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<t
 - ``build_model(cfg)``; the loop moves it to the worker's device unless it has a ``devices`` attribute
   (a model that placed its own parts, like the two-tower AlexNet on two GPUs).
 - ``view(ds, cfg, train=, epoch=)``: the training view is built once per epoch (``train_<epoch>``), so each
-  epoch gets its own augmentation draws; Ray Train splits every dataset equally over several workers
-  (``get_dataset_shard``), so every worker runs the same number of steps; one worker iterates it whole.
+  epoch gets its own augmentation draws; several workers split it equally (``_split``; ``val`` through
+  Ray Train's ``get_dataset_shard``), so every worker runs the same number of steps; one worker iterates
+  each dataset whole.
 - ``collate(numpy_batch, device)`` -> whatever ``train_step`` and ``evaluate`` take. Numpy batches come from
   ``iter_batches`` (not ``iter_torch_batches``), so ragged detection rows are the task's to collate.
 - ``MIN_BATCH`` (optional, default 1): smaller batches are skipped (batch norm needs 2 samples).
@@ -172,20 +173,22 @@ def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig
     storage.append_metrics(cfg.out, record)
 
 
-def _split(ds):
+def _split(ds, worker_nodes: list[str] | None = None):
     """This worker's equal part of an epoch's training view. Rank 0 splits it (``streaming_split``: a
     coordinator process that rank 0 owns) and hands the parts to the others through the object store.
     Ray Train's own split of a dataset is kept by its dataset manager, which at shutdown asks every
     coordinator it made to stop and logs a traceback for each one ``_release`` already ended; these it
     never sees. Every worker calls this at the same point of the loop (``broadcast_from_rank_zero`` is a
-    barrier)."""
+    barrier). ``worker_nodes`` (each rank's node id) become the split's locality hints, as Ray Train's own
+    split passes them."""
     import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    parts = [ray.put(ds.streaming_split(world, equal=True))] if rank == 0 else None
+    hints = worker_nodes if worker_nodes is not None and len(worker_nodes) == world else None
+    parts = [ray.put(ds.streaming_split(world, equal=True, locality_hints=hints))] if rank == 0 else None
     return ray.get(broadcast_from_rank_zero(parts)[0])[rank]
 
 
@@ -225,12 +228,13 @@ class RayTrainIO:
 
     def __init__(self, epochs: dict | None = None):
         self.epochs = epochs or {}  # train_<epoch> -> Dataset: split here, not by Ray Train
+        self.worker_nodes: list[str] | None = None  # each rank's node (train_one sets it): locality hints
 
     def shard(self, name: str):
         import ray.train
 
         if name in self.epochs:
-            return _split(self.epochs[name])
+            return _split(self.epochs[name], self.worker_nodes)
         return ray.train.get_dataset_shard(name)
 
     def resume(self, cfg: TrainConfig, device) -> dict | None:
@@ -278,6 +282,8 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
     # The Ray node of each worker, by rank: every epoch's record says where it trained (spread placement,
     # an elastic group that shrank or grew, a restart on other nodes after a node was lost).
     worker_nodes = gather_strings(ray.get_runtime_context().get_node_id())
+    if hasattr(io, "worker_nodes"):
+        io.worker_nodes = worker_nodes
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
