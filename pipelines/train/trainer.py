@@ -180,7 +180,7 @@ def _split(ds, worker_nodes: list[str] | None = None):
     coordinator it made to stop and logs a traceback for each one ``_release`` already ended; these it
     never sees. Every worker calls this at the same point of the loop (``broadcast_from_rank_zero`` is a
     barrier). ``worker_nodes`` (each rank's node id) become the split's locality hints, as Ray Train's own
-    split passes them."""
+    split passes them. Returns ``(this rank's part, the parts' object ref on rank 0 else None)``."""
     import ray
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
@@ -188,8 +188,10 @@ def _split(ds, worker_nodes: list[str] | None = None):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     hints = worker_nodes if worker_nodes is not None and len(worker_nodes) == world else None
-    parts = [ray.put(ds.streaming_split(world, equal=True, locality_hints=hints))] if rank == 0 else None
-    return ray.get(broadcast_from_rank_zero(parts)[0])[rank]
+    ref = ray.put(ds.streaming_split(world, equal=True, locality_hints=hints)) if rank == 0 else None
+    got = broadcast_from_rank_zero([ref])[0]
+    # Returned with rank 0's ref, which the caller holds until every rank has fetched its part.
+    return ray.get(got)[rank], ref
 
 
 def _release(shard) -> None:
@@ -229,12 +231,16 @@ class RayTrainIO:
     def __init__(self, epochs: dict | None = None):
         self.epochs = epochs or {}  # train_<epoch> -> Dataset: split here, not by Ray Train
         self.worker_nodes: list[str] | None = None  # each rank's node (train_one sets it): locality hints
+        self.parts: list = []  # rank 0: the splits' object refs, held until every rank has its part
 
     def shard(self, name: str):
         import ray.train
 
         if name in self.epochs:
-            return _split(self.epochs[name], self.worker_nodes)
+            part, ref = _split(self.epochs[name], self.worker_nodes)
+            if ref is not None:
+                self.parts.append(ref)
+            return part
         return ray.train.get_dataset_shard(name)
 
     def resume(self, cfg: TrainConfig, device) -> dict | None:
@@ -260,7 +266,10 @@ class RayTrainIO:
         return _checkpoint_registered(cfg, epoch)
 
     def release(self, shard) -> None:
+        """After an epoch's ``report`` (a barrier): every rank has long had its parts of this epoch's split
+        and the next one's."""
         _release(shard)
+        self.parts.clear()
 
 
 def train_loop(config: dict) -> None:
