@@ -40,6 +40,7 @@ class LaneIO:
 
     def __init__(self, datasets: dict):
         self.datasets = datasets
+        self.worker_nodes: list[str] | None = None  # set by train_one; one worker splits nothing
 
     def shard(self, name: str):
         return self.datasets[name].iterator()

@@ -291,8 +291,7 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
     # The Ray node of each worker, by rank: every epoch's record says where it trained (spread placement,
     # an elastic group that shrank or grew, a restart on other nodes after a node was lost).
     worker_nodes = gather_strings(ray.get_runtime_context().get_node_id())
-    if hasattr(io, "worker_nodes"):
-        io.worker_nodes = worker_nodes
+    io.worker_nodes = worker_nodes  # the locality hints of the epochs' splits
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
