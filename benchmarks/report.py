@@ -90,13 +90,15 @@ DESCRIPTIONS = {
         "The Serve graph (HTTP -> Ingress -> Preprocess -> detector with dynamic batching -> NMS stage -> "
         "Postprocess) under concurrent clients, against the same model's `candidates` + NMS called "
         "in-process at several batch sizes in the same run (the best batch is `in_process_limit`). "
-        "`vs_in_process` is Serve's throughput over that limit (target: >= 0.7 at the highest "
+        "`vs_in_process` is Serve's throughput over that limit (target: >= 1.0 at the highest "
         "concurrency); `batching_gain` is the highest concurrency's throughput over concurrency 1's. "
         "`nms_p50_ms` is the median of the NMS stage's `Server-Timing` entry (the whole batched call). "
         "`lone_request_ms` splits a request at concurrency 1 (p50s): `http_hop` is the client's latency less "
         "the Ingress's own time, `handle_hops` the Ingress's time less the stages' work (the Ingress -> "
         "detector and detector -> NMS stage calls); `hop_without_work_ms` times one hop with nothing to do: "
-        "`GET /healthz` over HTTP, and an empty call of the NMS stage's handle from the driver."),
+        "`GET /healthz` over HTTP, and an empty call of the NMS stage's handle from the driver. `batch_size_cap` is the "
+        "detector's batch cap: `max_batch_size`, or with `--calibrate` the size its replica chose at start "
+        "(`replica_batch_rates`: the images/s it measured by batch size)."),
     "train_overhead": (
         "Ray Train with 2 workers (DDP over gloo, one thread each) against one plain PyTorch process, same "
         "crops held in memory, same ResNet-18, same global batch; the first epoch of each side is untimed. "

@@ -129,3 +129,26 @@ def test_semantic_segmenters_predict_every_pixel():
     with pytest.raises(ValueError, match="share one size"):
         model([torch.rand(3, 64, 80), torch.rand(3, 32, 32)])
     assert "fcn_resnet50" in list_models("segmentation")
+
+
+def test_ssdlite_runs_at_the_size_it_is_given():
+    """``size`` sets the square SSDlite resizes to (torchvision fixes 320): the anchors follow it, boxes
+    come back in the pixels of each image as given, and the network costs less on small images."""
+    small = create_model("ssdlite_mobilenet_v3", 3, size=96).eval()
+    assert small.net.transform.fixed_size == (96, 96)
+    assert create_model("ssdlite_mobilenet_v3", 3).net.transform.fixed_size == (320, 320)
+    images = [torch.rand(3, 96, 96), torch.rand(3, 60, 80)]
+    out = small.candidates(images)
+    for d, img in zip(out, images):
+        h, w = img.shape[1:]
+        assert len(d.boxes) > 0 and float(d.boxes[:, 2].max()) <= w and float(d.boxes[:, 3].max()) <= h
+    # Its anchors (default boxes) are laid out for 96 px: 6 x 6 cells on the first map, not 20 x 20.
+    feats = small.net.backbone(small.net.transform(images[:1])[0].tensors)
+    assert next(iter(feats.values())).shape[-1] == 6
+    small.train()
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1])}
+    losses = small.compute_losses(images, [target, target])  # (batch norm on its 1 x 1 maps needs 2 images)
+    assert set(losses) == {"bbox_regression", "classification"} and all(torch.isfinite(v) for v in losses.values())
+    for bad in (16, 96.0, True):
+        with pytest.raises(ValueError, match="size must be an integer"):
+            create_model("ssdlite_mobilenet_v3", 3, size=bad)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipelines.serve.batching import Batcher
+from pipelines.serve.batching import Batcher, best_batch_size
 
 
 def _slow(seconds: float, calls: list):
@@ -131,3 +131,41 @@ def test_wrong_settings_and_a_short_answer_are_refused():
 
     with pytest.raises(RuntimeError, match="0 results for a batch of 1"):
         asyncio.run(main())
+
+
+def _costs(per_call: dict[int, float], calls: list):
+    """A stage whose call on n items sleeps ``per_call[n]`` seconds."""
+    def run(items):
+        calls.append(len(items))
+        time.sleep(per_call[len(items)])
+        return items
+    return run
+
+
+def test_calibration_keeps_the_batch_where_images_per_second_peak():
+    """A CPU-like stage (fastest per item at 2, slower beyond: 67, 80, 58 items/s) is capped at 2 and not
+    tried past the peak; a GPU-like one (a fixed cost per call) keeps its maximum."""
+    calls: list = []
+    cap, rates = best_batch_size(_costs({1: 0.015, 2: 0.025, 4: 0.069, 8: 0.2}, calls), lambda n: list(range(n)), 8,
+                                 reps=3)
+    assert cap == 2 and sorted(rates) == [1, 2, 4], rates
+    # A warm-up and a timed call per size, then two rounds over the sizes tried, in turn.
+    assert 8 not in calls and calls == [1, 1, 2, 2, 4, 4] + [1, 2, 4] * 2, calls
+    assert rates[2] > rates[1] > rates[4]
+    cap, rates = best_batch_size(_costs({1: 0.02, 2: 0.021, 4: 0.023, 6: 0.025}, []), lambda n: list(range(n)), 6)
+    assert cap == 6 and sorted(rates) == [1, 2, 4, 6], rates
+
+
+def test_calibration_stays_within_its_time_budget_and_a_tolerance_prefers_smaller_batches():
+    calls: list = []
+    start = time.perf_counter()
+    cap, rates = best_batch_size(_costs({1: 0.1, 2: 0.2, 4: 0.4}, calls), lambda n: list(range(n)), 4, budget_s=0.45)
+    # After the warm-up, size 1 took 0.1 s; size 2 would take 0.4 s more, ending after 0.45 s: not started;
+    # the three more rounds (reps 4) over size 1 fit.
+    assert calls == [1] * 5 and cap == 1 and list(rates) == [1]
+    assert time.perf_counter() - start < 0.65
+    # 67 and 80 items/s at sizes 1 and 2: within 20% of the best, the smaller size wins.
+    cap, _ = best_batch_size(_costs({1: 0.015, 2: 0.025, 4: 0.069}, []), lambda n: list(range(n)), 4, tolerance=0.2)
+    assert cap == 1
+    with pytest.raises(ValueError, match="max_batch_size"):
+        best_batch_size(lambda items: items, lambda n: [0] * n, 0)

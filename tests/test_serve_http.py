@@ -15,7 +15,8 @@ PORT = 8461
 ARGS = {
     "models": [
         {"name": "ssd", "task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3,
-         "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
+         "random_weights": True, "image_size": 64, "batching": {"calibrate": True},
+         "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
         {"name": "mask", "task": "segmentation", "arch": "maskrcnn_resnet18_fpn", "num_classes": 3,
          "random_weights": True, "image_size": 64, "model": {"num_cpus": 0.2, "max_ongoing_requests": 8}},
         {"name": "squeeze", "task": "classification", "arch": "squeezenet1_1", "num_classes": 3,
@@ -134,6 +135,14 @@ def test_models_health_docs(url):
     assert {m["name"]: m["task"] for m in models} == {"ssd": "detection",
                                                       "mask": "segmentation", "squeeze": "classification"}
     assert all(m["source"] == "random-weights" for m in models)
+    # The detector's replica timed its model at start (batching.calibrate) and caps its batches at the fastest
+    # size measured, within the configured maximum; the others keep their maximum.
+    by_name = {m["name"]: m for m in models}
+    ssd = by_name.pop("ssd")
+    rates = {int(b): r for b, r in ssd["batch_rates"].items()}
+    assert rates and min(rates) == 1 and max(rates) <= ssd["max_batch_size"] == 8 and all(r > 0 for r in rates.values())
+    assert ssd["batch_size_cap"] in rates and rates[ssd["batch_size_cap"]] == max(rates.values()), ssd
+    assert all(m["batch_rates"] == {} and m["batch_size_cap"] == m["max_batch_size"] for m in by_name.values())
     assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()

@@ -98,6 +98,15 @@ class Batching(_Strict):
     batch_wait_timeout_s: float = Field(0.0, ge=0)
 
 
+class ModelBatching(Batching):
+    """A served model's batching. With ``calibrate`` its replica times the model at start on batches of 1,
+    2, 4, ... up to ``max_batch_size`` and caps its batches at the size with the most images/s
+    (``pipelines.serve.batching.best_batch_size``): on a CPU a full batch can run slower per image than a
+    small one. Off by default (docs/serving.md: where it helps and where it did not)."""
+
+    calibrate: bool = False
+
+
 class NmsSettings(_Strict):
     """Defaults of the NMS stage; requests may override the thresholds with query parameters."""
 
@@ -123,7 +132,7 @@ class ModelSpec(_Strict):
     num_classes: Optional[int] = Field(None, ge=1)
     # Longest side fed to a detector / square side fed to a classifier; from the checkpoint when unset.
     image_size: Optional[int] = Field(None, ge=16, le=4096)
-    batching: Batching = Field(default_factory=Batching)
+    batching: ModelBatching = Field(default_factory=ModelBatching)
     model: StageResources = Field(default_factory=lambda: StageResources(num_cpus=1.0, max_ongoing_requests=16))
     top_k: int = Field(5, ge=1, le=1000)
 

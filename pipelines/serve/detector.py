@@ -7,7 +7,7 @@ import time
 import torch
 from ray import serve
 
-from pipelines.serve.batching import Batcher
+from pipelines.serve.batching import Batcher, best_batch_size
 from pipelines.serve.config import ModelSpec
 from pipelines.serve.errors import REPLICA_LOST, unavailable
 from pipelines.serve.models import load_served_model, run_candidates, run_classifier
@@ -35,12 +35,27 @@ class _BatchedModel:
         model, self.info = load_served_model(self.spec)
         self.model = model.to(self.device)
         finish = getattr(self, "_finish", None)
-        self.batcher = Batcher(self._run, self.spec.batching.max_batch_size, self.spec.batching.batch_wait_timeout_s,
-                               finish=finish)
+        batching = self.spec.batching
+        self.batch_rates: dict[int, float] = {}
+        cap = batching.max_batch_size
+        if batching.calibrate and cap > 1:
+            cap, self.batch_rates = best_batch_size(self._run, self._probe_items, cap)
+            print(f"{self.info.name}: batches capped at {cap} of {batching.max_batch_size} on {self.device} (images/s "
+                  f"by batch size: {', '.join(f'{b}: {r:.1f}' for b, r in self.batch_rates.items())})", flush=True)
+        self.batcher = Batcher(self._run, cap, batching.batch_wait_timeout_s, finish=finish)
 
     def describe(self) -> dict:
         return {**self.info.describe(), "device": str(self.device), "torch_threads": torch.get_num_threads(),
-                "max_batch_size": self.spec.batching.max_batch_size}
+                "max_batch_size": self.spec.batching.max_batch_size, "batch_size_cap": self.batcher.max_batch_size,
+                "batch_rates": {str(b): round(r, 2) for b, r in self.batch_rates.items()}}
+
+    def _probe_items(self, n: int) -> list:
+        """``n`` items like a request's, for the calibration: mid-grey square images of the served size."""
+        side = self.info.image_size
+        return [self._probe_item(torch.full((3, side, side), 128, dtype=torch.uint8)) for _ in range(n)]
+
+    def _probe_item(self, image: torch.Tensor):
+        return image
 
     def pid(self) -> int:
         """The replica's process id (tests read its memory from /proc, or kill it)."""
@@ -68,6 +83,9 @@ class Detector(_BatchedModel):
     def __init__(self, spec: dict, nms, nms_retry_after_s: float = 1.0):
         self.nms, self.nms_retry_after_s = nms, nms_retry_after_s
         super().__init__(spec)
+
+    def _probe_item(self, image: torch.Tensor):
+        return image, {}
 
     async def __call__(self, image, nms: dict) -> dict:
         # Batched with the requests that queue meanwhile; run in a thread, so the replica keeps accepting.

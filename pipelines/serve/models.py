@@ -170,7 +170,11 @@ class ModelInfo(_Schema):
     # What the model's replica reports about itself (detector.py).
     device: str = Field(..., description="where the replica runs the model: cpu, cuda:0, ...")
     torch_threads: int
-    max_batch_size: int = Field(..., description="of its dynamic batching")
+    max_batch_size: int = Field(..., description="of its dynamic batching, as configured")
+    batch_size_cap: int = Field(..., description="the batch size it runs at most: max_batch_size, or less where "
+                                "the replica's calibration at start found smaller batches faster per image")
+    batch_rates: dict[str, float] = Field(..., description="images/s by batch size measured by that calibration "
+                                          "(empty without it)")
 
 
 class ModelsAnswer(_Schema):
