@@ -133,39 +133,59 @@ def test_wrong_settings_and_a_short_answer_are_refused():
         asyncio.run(main())
 
 
-def _costs(per_call: dict[int, float], calls: list):
-    """A stage whose call on n items sleeps ``per_call[n]`` seconds."""
-    def run(items):
-        calls.append(len(items))
-        time.sleep(per_call[len(items)])
+class _Stage:
+    """A stage whose call on n items costs ``per_call[n]`` seconds of a virtual clock (exact on any
+    machine); ``fail_at`` sizes raise, as a batch that runs out of memory does."""
+
+    def __init__(self, per_call: dict[int, float], fail_at: tuple = ()):
+        self.per_call, self.fail_at, self.now, self.calls = per_call, fail_at, 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, items):
+        self.calls.append(len(items))
+        if len(items) in self.fail_at:
+            raise RuntimeError("out of memory")
+        self.now += self.per_call[len(items)]
         return items
-    return run
+
+
+def _calibrate(stage: _Stage, max_batch_size: int, **kw):
+    return best_batch_size(stage.run, lambda n: list(range(n)), max_batch_size, clock=stage.clock, **kw)
 
 
 def test_calibration_keeps_the_batch_where_images_per_second_peak():
     """A CPU-like stage (fastest per item at 2, slower beyond: 67, 80, 58 items/s) is capped at 2 and not
     tried past the peak; a GPU-like one (a fixed cost per call) keeps its maximum."""
-    calls: list = []
-    cap, rates = best_batch_size(_costs({1: 0.015, 2: 0.025, 4: 0.069, 8: 0.2}, calls), lambda n: list(range(n)), 8,
-                                 reps=3)
+    cpu = _Stage({1: 0.015, 2: 0.025, 4: 0.069, 8: 0.2})
+    cap, rates = _calibrate(cpu, 8, reps=3)
     assert cap == 2 and sorted(rates) == [1, 2, 4], rates
     # A warm-up and a timed call per size, then two rounds over the sizes tried, in turn.
-    assert 8 not in calls and calls == [1, 1, 2, 2, 4, 4] + [1, 2, 4] * 2, calls
+    assert cpu.calls == [1, 1, 2, 2, 4, 4] + [1, 2, 4] * 2, cpu.calls
     assert rates[2] > rates[1] > rates[4]
-    cap, rates = best_batch_size(_costs({1: 0.02, 2: 0.021, 4: 0.023, 6: 0.025}, []), lambda n: list(range(n)), 6)
+    cap, rates = _calibrate(_Stage({1: 0.02, 2: 0.021, 4: 0.023, 6: 0.025}), 6)
     assert cap == 6 and sorted(rates) == [1, 2, 4, 6], rates
 
 
 def test_calibration_stays_within_its_time_budget_and_a_tolerance_prefers_smaller_batches():
-    calls: list = []
-    start = time.perf_counter()
-    cap, rates = best_batch_size(_costs({1: 0.1, 2: 0.2, 4: 0.4}, calls), lambda n: list(range(n)), 4, budget_s=0.45)
+    slow = _Stage({1: 0.1, 2: 0.2, 4: 0.4})
+    cap, rates = _calibrate(slow, 4, budget_s=0.45)
     # After the warm-up, size 1 took 0.1 s; size 2 would take 0.4 s more, ending after 0.45 s: not started;
     # the three more rounds (reps 4) over size 1 fit.
-    assert calls == [1] * 5 and cap == 1 and list(rates) == [1]
-    assert time.perf_counter() - start < 0.65
+    assert slow.calls == [1] * 5 and cap == 1 and list(rates) == [1]
     # 67 and 80 items/s at sizes 1 and 2: within 20% of the best, the smaller size wins.
-    cap, _ = best_batch_size(_costs({1: 0.015, 2: 0.025, 4: 0.069}, []), lambda n: list(range(n)), 4, tolerance=0.2)
+    cap, _ = _calibrate(_Stage({1: 0.015, 2: 0.025, 4: 0.069}), 4, tolerance=0.2)
     assert cap == 1
     with pytest.raises(ValueError, match="max_batch_size"):
         best_batch_size(lambda items: items, lambda n: [0] * n, 0)
+    with pytest.raises(ValueError, match="tolerance"):
+        _calibrate(_Stage({1: 0.1}), 1, tolerance=1.0)
+
+
+def test_a_batch_that_fails_ends_the_calibration_and_a_model_that_cannot_run_one_item_raises():
+    oom = _Stage({1: 0.02, 2: 0.03, 4: 0.05}, fail_at=(8,))
+    cap, rates = _calibrate(oom, 8)
+    assert cap == 4 and sorted(rates) == [1, 2, 4] and oom.calls.count(8) == 1
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _calibrate(_Stage({}, fail_at=(1,)), 8)

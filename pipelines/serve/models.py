@@ -172,7 +172,8 @@ class ModelInfo(_Schema):
     torch_threads: int
     max_batch_size: int = Field(..., description="of its dynamic batching, as configured")
     batch_size_cap: int = Field(..., description="the batch size it runs at most: max_batch_size, or less where "
-                                "the replica's calibration at start found smaller batches faster per image")
+                                "the replica's calibration at start found smaller batches faster per image (as "
+                                "reported by one replica: each replica calibrates on its own)")
     batch_rates: dict[str, float] = Field(..., description="images/s by batch size measured by that calibration "
                                           "(empty without it)")
 
