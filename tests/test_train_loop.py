@@ -74,12 +74,15 @@ def test_a_local_cluster_starts_no_preemption_watcher(killed_run):
 def test_rerunning_the_same_command_continues_from_the_last_checkpoint(killed_run):
     cfg, _, _ = killed_run
     before = read_metrics(cfg.out)
-    result = fit(cfg.model_copy(update={"epochs": 3, "chaos": None}))
+    # The first run read its small epochs whole before their steps; this one streams them (in_memory_mib 0).
+    assert killed_run[1]["phases"]["data_in_memory"] is True
+    result = fit(cfg.model_copy(update={"epochs": 3, "chaos": None, "in_memory_mib": 0}))
     after = read_metrics(cfg.out)
     assert [r["epoch"] for r in after] == [0, 1, 2]
     assert after[:2] == before  # the finished epochs were not trained again
-    assert after[2]["start_epoch"] == 2
+    assert after[2]["start_epoch"] == 2 and after[2]["train_images"] == before[1]["train_images"]
     assert result["checkpoint"].endswith("epoch_0002")
+    assert result["phases"]["data_in_memory"] is False
 
 
 def test_checkpoint_payload_and_load_checkpoint(killed_run):
@@ -115,3 +118,20 @@ def test_bad_data_directory_is_named(ray_cluster, tmp_path):
     cfg = TrainConfig(arch="resnet18", data=str(tmp_path / "nowhere"), out=str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         fit(cfg)
+
+
+def test_a_small_view_is_read_whole_and_a_large_one_streams():
+    """``in_memory_mib``: a worker's part of an epoch, estimated from the rows and the training size."""
+    from pipelines.train.trainer import in_memory, view_mib
+
+    cfg = TrainConfig(task="detection", arch="fasterrcnn_resnet18_fpn", data="-", out="-", image_size=128)
+    # 480 images of up to 160 x 160 x 3 (scale jitter 1.25): 35 MiB, 17.6 on each of two workers.
+    assert abs(view_mib(cfg, 480, 1) - 480 * 160 * 160 * 3 / 2**20) < 1e-9
+    assert abs(view_mib(cfg, 480, 2) - view_mib(cfg, 480, 1) / 2) < 1e-9
+    assert in_memory(cfg, 480, 1) and not in_memory(cfg, 118_000, 1)  # COCO's train split streams
+    assert not in_memory(cfg, None, 1)  # unknown size: stream
+    assert not in_memory(cfg.model_copy(update={"in_memory_mib": 0}), 480, 1)
+    seg = cfg.model_copy(update={"task": "segmentation", "arch": "maskrcnn_resnet18_fpn"})
+    assert view_mib(seg, 480, 1) == 2 * view_mib(cfg, 480, 1)  # masks: about three objects an image
+    with pytest.raises(ValueError, match="in_memory_mib"):
+        TrainConfig(arch="resnet18", data="-", out="-", in_memory_mib=-1)

@@ -206,6 +206,23 @@ def _release(shard) -> None:
         ray.kill(coordinator, no_restart=True)
 
 
+def view_mib(cfg: TrainConfig, rows: int | None, world: int) -> float | None:
+    """Estimated MiB of one worker's part of a view of ``rows`` rows: uint8 images at the training size,
+    scale jitter's largest side for detection and segmentation (masks: one byte per pixel, about three
+    objects an image). None when the rows are unknown."""
+    if not rows:
+        return None
+    side = cfg.image_size * (1.25 if cfg.task in ("detection", "segmentation") else 1.0)
+    per_row = side * side * (3 + (3 if cfg.task == "segmentation" else 0))
+    return rows / max(world, 1) * per_row / 2**20
+
+
+def in_memory(cfg: TrainConfig, rows: int | None, world: int) -> bool:
+    """Whether a worker reads a view of ``rows`` rows whole before using it (``cfg.in_memory_mib``)."""
+    mib = view_mib(cfg, rows, world)
+    return mib is not None and mib <= cfg.in_memory_mib
+
+
 def format_progress(record: dict, epochs: int) -> str:
     """One progress line: epoch, images/s, losses and metrics."""
     skip = {"epoch", "start_epoch", "train_images", "val_images", "train_seconds", "val_seconds", "lr"}
@@ -328,7 +345,10 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
 
         watch = watching.Watch(cfg.out, cfg.task, f"{cfg.arch} ({cfg.task}): {os.path.basename(cfg.out.rstrip('/'))}",
                                start)
-    next_shard = None
+    next_shard, val_rows = None, None
+    # A small view is read whole before it is used: streaming it while the steps run costs them 3-10%
+    # (Ray Data's executor and the augmentation share the cores with the step's threads; docs/training.md).
+    whole = in_memory(cfg, expected, world)
     steps, last_finite, diverged = 0, None, None
     first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
     for epoch in range(start, cfg.epochs):
@@ -341,6 +361,8 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
         # epoch trains.
         next_shard = io.shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+        if whole:  # a small epoch: augmented in one burst, then steps with the CPU to themselves
+            batches = list(batches)
         bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
                                  world=world) if rank == 0 else None)
         for step, raw in enumerate(batches):
@@ -381,9 +403,13 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
 
         net.eval()
         t1 = time.perf_counter()
-        val_shard = io.shard("val")
-        val_batches = (task.collate(b, device)
-                       for b in val_shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"))
+        if val_rows is None:
+            val_rows = io.shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+            if whole:  # the val view is the same every epoch (no augmentation): read once, kept
+                val_rows = list(val_rows)
+        val_batches = (task.collate(b, device) for b in val_rows)
+        if not whole:
+            val_rows = None
         with torch.no_grad(), autocast():
             val = task.evaluate(model, val_batches, cfg)
         val_seconds = time.perf_counter() - t1
@@ -415,7 +441,7 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
     if rank == 0 and first_batch_at is not None:
         storage.write_json(cfg.out, PHASES, {"loop_started_at": loop_started_at, "first_batch_at": first_batch_at,
                                              "steps_s": step_seconds, "val_s": val_seconds_sum,
-                                             "loop_ended_at": time.time()})
+                                             "loop_ended_at": time.time(), "data_in_memory": whole})
     if diverged is not None and rank == 0:  # every worker stopped at the same step; fit raises
         storage.write_json(cfg.out, DIVERGED, diverged)
 
@@ -558,4 +584,4 @@ def _phases(out: str, started_at: float, ended_at: float) -> dict | None:
     parts = {"train_start_s": p["loop_started_at"] - started_at, "data_start_s": p["first_batch_at"] - p["loop_started_at"],
              "steps_s": p["steps_s"], "val_s": p["val_s"]}
     parts["other_s"] = wall - sum(parts.values())
-    return {"wall_s": wall, **{k: round(v, 2) for k, v in parts.items()}}
+    return {"wall_s": wall, **{k: round(v, 2) for k, v in parts.items()}, "data_in_memory": p.get("data_in_memory")}
