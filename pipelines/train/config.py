@@ -61,8 +61,8 @@ class TrainConfig(BaseModel):
     augment_cpus: float = Field(0.5, gt=0, description="Ray Data CPUs per augmentation task")
     in_memory_mib: float = Field(256.0, ge=0, description="a worker whose part of an epoch's view is estimated "
                                  "at most this many MiB reads it whole before the epoch's steps (the "
-                                 "augmentation then does not share the CPU with them) and keeps its val part "
-                                 "for every epoch; 0: always stream")
+                                 "augmentation then does not share the CPU with them; from the run's second "
+                                 "epoch) and keeps its val part for every epoch; 0: always stream")
     # optimisation
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="per worker; the global batch is workers x batch size")

@@ -346,8 +346,9 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
         watch = watching.Watch(cfg.out, cfg.task, f"{cfg.arch} ({cfg.task}): {os.path.basename(cfg.out.rstrip('/'))}",
                                start)
     next_shard, val_rows = None, None
-    # A small view is read whole before it is used: streaming it while the steps run costs them 3-10%
-    # (Ray Data's executor and the augmentation share the cores with the step's threads; docs/training.md).
+    # A small view is read whole before it is used (from the run's second epoch on; val once): streaming it
+    # while the steps run costs them 3-10% (Ray Data's executor and the augmentation share the cores with
+    # the step's threads; docs/training.md).
     whole = in_memory(cfg, expected, world)
     steps, last_finite, diverged = 0, None, None
     first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
@@ -361,8 +362,9 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
         # epoch trains.
         next_shard = io.shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
-        if whole:  # a small epoch: augmented in one burst, then steps with the CPU to themselves
-            batches = list(batches)
+        if whole and epoch > start:  # a small epoch: augmented in one burst, then steps with the CPU to
+            batches = list(batches)  # themselves (not the run's first: its map workers are still starting,
+            # and reading all of it would wait for every one of them before the first step)
         bar = (watching.EpochBar(f"{cfg.arch} epoch {epoch + 1}/{cfg.epochs}", expected, batch_size=cfg.batch_size,
                                  world=world) if rank == 0 else None)
         for step, raw in enumerate(batches):
