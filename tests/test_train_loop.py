@@ -135,3 +135,46 @@ def test_a_small_view_is_read_whole_and_a_large_one_streams():
     assert view_mib(seg, 480, 1) == 2 * view_mib(cfg, 480, 1)  # masks: about three objects an image
     with pytest.raises(ValueError, match="in_memory_mib"):
         TrainConfig(arch="resnet18", data="-", out="-", in_memory_mib=-1)
+
+
+def test_bn_momentum_sets_every_batch_norm_and_moves_the_statistics_by_it():
+    """``bn_momentum``: every batch norm of the model (backbone and heads) follows its batches by that
+    fraction; None keeps the architecture's own (SSDlite's 0.03, torch's 0.1)."""
+    from pipelines.train.tasks import get_task
+    from pipelines.train.trainer import set_bn_momentum
+
+    cfg = TrainConfig(task="detection", arch="ssdlite_mobilenet_v3", data="-", out="-", num_classes=3)
+    default = get_task("detection").build_model(cfg)
+    fast = get_task("detection").build_model(cfg)
+    fast.load_state_dict(default.state_dict())  # the same weights (momentum is not part of the state)
+    assert set_bn_momentum(fast, 0.3) > 50
+    norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {m.momentum for m in norms} == {0.3}
+    assert {m.momentum for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.03}
+    assert any("head" in n for n, m in fast.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 96) for _ in range(2)]
+    target = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1])}
+    moved = []
+    for model in (default, fast):
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        model.train()
+        model.compute_losses(images, [target, target])
+        moved.append(float(first.running_mean.abs().max()))
+    assert moved[0] > 0 and moved[1] == pytest.approx(moved[0] * 10, rel=1e-3)  # same batch, 10x the momentum
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="bn_momentum"):
+            TrainConfig(arch="resnet18", data="-", out="-", bn_momentum=bad)
+
+
+def test_each_split_is_sized_from_its_own_manifest(data_dir):
+    """Whether the val view is kept in memory is decided by the val split's size, not the train split's."""
+    from pipelines.data import read_manifest
+    from pipelines.train.watch import expected_split_rows
+
+    cfg = TrainConfig(task="detection", arch="ssdlite_mobilenet_v3", data=str(data_dir), out="-")
+    rows = expected_split_rows(cfg)
+    assert rows == {s: read_manifest(data_dir / s)["num_images"] for s in ("train", "val")}
+    assert rows["train"] != rows["val"]
+    objects = expected_split_rows(cfg.model_copy(update={"task": "classification", "arch": "resnet18"}))
+    assert objects == {s: read_manifest(data_dir / s)["num_instances"] for s in ("train", "val")}

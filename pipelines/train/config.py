@@ -75,6 +75,10 @@ class TrainConfig(BaseModel):
     warmup_epochs: int = Field(0, ge=0)
     step_size: int = Field(30, ge=1, description="epochs between decays of the step schedule")
     gamma: float = Field(0.1, gt=0, le=1)
+    bn_momentum: Optional[float] = Field(None, gt=0, le=1, description="momentum of every batch norm's running "
+                                         "statistics (None: the architecture's own, 0.1 in torch, 0.03 in "
+                                         "SSDlite); larger values let a short run's statistics follow its "
+                                         "weights (docs/training.md)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     aux_weight: float = Field(0.3, ge=0, description="weight of GoogLeNet's auxiliary classifier losses")
     amp: bool = Field(True, description="mixed precision (only where a GPU runs the step)")

@@ -127,7 +127,6 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data import read_manifest
     from pipelines.train import watch
     from pipelines.train.checkpoint import registered_checkpoints
     from pipelines.train.trainer import _own_sigint_handler, prepare
@@ -147,7 +146,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
             continue
         storage.RunDir(out).remove(LANE_FILE)
         runs.append({"cfg": cfg.model_dump(mode="json"), "datasets": datasets,
-                     "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))})
+                     "rows": watch.expected_split_rows(cfg)})
         where.append((i, cfg, out))
         for k, v in resources.items():  # the one worker holds what the largest training asks for
             lane_resources[k] = max(lane_resources.get(k, 0), v)

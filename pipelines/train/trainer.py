@@ -206,6 +206,21 @@ def _release(shard) -> None:
         ray.kill(coordinator, no_restart=True)
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> int:
+    """Set the running-statistics momentum of every batch norm in ``model``; returns how many.
+
+    Evaluation uses the running statistics, an exponential average over training batches. With few steps
+    and fast-moving weights, a small momentum (SSDlite's 0.03 averages over ~33 steps) leaves them behind
+    the weights, and the model evaluates far worse than it trains until the learning rate decays."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
+    for m in norms:
+        m.momentum = momentum
+    return len(norms)
+
+
 def view_mib(cfg: TrainConfig, rows: int | None, world: int) -> float | None:
     """Estimated MiB of one worker's part of a view of ``rows`` rows: uint8 images at the training size,
     scale jitter's largest side for detection and segmentation (masks: one byte per pixel, about three
@@ -291,12 +306,13 @@ class RayTrainIO:
 
 def train_loop(config: dict) -> None:
     """The per-worker loop (``TorchTrainer``'s ``train_loop_per_worker``); ``config = {"cfg": TrainConfig dict}``."""
-    train_one(TrainConfig.model_validate(config["cfg"]), config.get("rows"), RayTrainIO(config.get("epochs")))
+    train_one(TrainConfig.model_validate(config["cfg"]), config.get("rows") or {}, RayTrainIO(config.get("epochs")))
 
 
-def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
-    """One architecture's training on this worker, epochs ``[resumed epoch, cfg.epochs)``; ``expected``: the
-    epoch's images over all workers (for the progress bar), ``io``: where data and checkpoints live
+def train_one(cfg: TrainConfig, rows: dict, io) -> None:
+    """One architecture's training on this worker, epochs ``[resumed epoch, cfg.epochs)``; ``rows``: the
+    rows of the train and val views over all workers, from the manifests (``watch.expected_split_rows``: the
+    progress bar's total, whether a view is read whole), ``io``: where data and checkpoints live
     (``RayTrainIO``, or a lane's: ``pipelines.train.lane``)."""
     import ray.train
     import ray.train.torch
@@ -313,6 +329,8 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
     model = task.build_model(cfg)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
     if not is_multi_device(model):
         model.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -345,11 +363,13 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
 
         watch = watching.Watch(cfg.out, cfg.task, f"{cfg.arch} ({cfg.task}): {os.path.basename(cfg.out.rstrip('/'))}",
                                start)
-    next_shard, val_rows = None, None
+    next_shard, val_cache = None, None
     # A small view is read whole before it is used (from the run's second epoch on; val once): streaming it
     # while the steps run costs them 3-10% (Ray Data's executor and the augmentation share the cores with
     # the step's threads; docs/training.md).
+    expected = rows.get("train")
     whole = in_memory(cfg, expected, world)
+    val_whole = in_memory(cfg, rows.get("val"), world)
     steps, last_finite, diverged = 0, None, None
     first_batch_at, step_seconds, val_seconds_sum = None, 0.0, 0.0
     for epoch in range(start, cfg.epochs):
@@ -405,13 +425,10 @@ def train_one(cfg: TrainConfig, expected: int | None, io) -> None:
 
         net.eval()
         t1 = time.perf_counter()
-        if val_rows is None:
-            val_rows = io.shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
-            if whole:  # the val view is the same every epoch (no augmentation): read once, kept
-                val_rows = list(val_rows)
+        val_rows = val_cache if val_cache is not None else io.shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+        if val_whole and val_cache is None:  # the val view is the same every epoch (no augmentation): read
+            val_rows = val_cache = list(val_rows)  # once, kept
         val_batches = (task.collate(b, device) for b in val_rows)
-        if not whole:
-            val_rows = None
         with torch.no_grad(), autocast():
             val = task.evaluate(model, val_batches, cfg)
         val_seconds = time.perf_counter() - t1
@@ -535,7 +552,6 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data import read_manifest
     from pipelines.train import watch
 
     cfg, out, datasets, resources = prepare(cfg, restart=restart)
@@ -548,7 +564,7 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "epochs": epochs,
-                           "rows": watch.expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), "train")))},
+                           "rows": watch.expected_split_rows(cfg)},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu="GPU" in resources,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.placement.upper(),

@@ -47,6 +47,15 @@ def expected_rows(task: str, manifest: dict) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def expected_split_rows(cfg) -> dict:
+    """``expected_rows`` of the run's train and val splits: {"train": n, "val": n} (None where unknown)."""
+    from pipelines import storage
+    from pipelines.data import read_manifest
+
+    return {split: expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), split)))
+            for split in ("train", "val")}
+
+
 class EpochBar:
     """One epoch's progress bar on rank 0: ``update(images_in_batch, loss)`` per step. ``total_images`` is
     the epoch's images over all workers (None: unknown, no ETA); shards are equal, so rank 0's count times
