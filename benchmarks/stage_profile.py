@@ -13,7 +13,13 @@ figures are those of the run as it happened (under whatever load it ran: the run
 how long it took). A training stage that was skipped on a rerun, or recorded before phases were kept,
 shows only its wall time.
 
-    .venv/bin/python -m benchmarks.stage_profile [RUN_DIR] [--json OUT]
+    .venv/bin/python -m benchmarks.stage_profile [RUN_DIR] [--json OUT] [--lane-costs OUT]
+
+``--lane-costs pipelines/dag/lane_costs.json`` writes what the run planner balances its lanes with
+(``pipelines.dag.lanes``): per architecture, the seconds of one epoch (steps, validation and the rest of
+its fit, over its epochs; not the lane's Ray Train and data start, paid once per lane) and of its
+evaluation stage, with the core count of the machine (the run's own load is the figure's provenance: run
+it on an idle machine).
 """
 from __future__ import annotations
 
@@ -61,6 +67,19 @@ def profile(run: Path) -> dict:
                        "eval_s": round(sum(r["eval_wall_s"] or 0 for r in with_phases), 1)}}
 
 
+def lane_costs(run: Path, prof: dict) -> dict:
+    """Per architecture ``{"epoch_s", "eval_s"}`` from a profiled run (its rows with phases)."""
+    out = {}
+    for r in prof["rows"]:
+        if "steps_s" not in r:
+            continue
+        cfg = json.loads((run / "archs" / r["arch"] / "train" / "config.json").read_text())
+        epochs = max(1, int(cfg.get("epochs", 1)))
+        out[r["arch"]] = {"epoch_s": round((r["steps_s"] + r["val_s"] + r["other_s"]) / epochs, 2),
+                          "eval_s": round(r["eval_wall_s"] or 0.0, 2)}
+    return out
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.1f}"
 
@@ -69,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", nargs="?", default="runs/quickstart", help="a visionflow run directory")
     p.add_argument("--json", help="also write the profile as JSON here")
+    p.add_argument("--lane-costs", help="write the per-architecture costs the run planner balances lanes with")
     a = p.parse_args(argv)
     run = Path(a.run)
     if not (run / "archs").is_dir():
@@ -90,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the run took {prof['run_seconds']} s of wall time (lanes overlap)")
     if a.json:
         Path(a.json).write_text(json.dumps(prof, indent=2) + "\n")
+    if a.lane_costs:
+        import os
+        import time
+
+        doc = {"measured": {"run": str(run), "cores": os.cpu_count(),
+                            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                            "note": "seconds of one epoch at the run's settings; only the ratios matter"},
+               "archs": lane_costs(run, prof)}
+        Path(a.lane_costs).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        print(f"lane costs of {len(doc['archs'])} architectures: {a.lane_costs}")
     return 0
 
 

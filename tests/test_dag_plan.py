@@ -1,6 +1,7 @@
 """`visionflow run --plan`: the DAG printed and drawn, nothing run."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from pipelines.cli import main
@@ -32,14 +33,34 @@ def test_plan_prints_every_stage_with_its_inputs_and_draws_it(tmp_path, capsys):
 def test_max_parallel_lanes_order_the_trainings(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
-                                   "train": {"archs": ["resnet18", "squeezenet1_1", "zfnet"], "max_parallel": 2}}))
+                                   "train": {"archs": ["resnet18", "squeezenet1_1", "zfnet"], "max_parallel": 2,
+                                             "per_arch": {"resnet18": {"epochs": 30}}}}))
     assert main(["run", "--config", str(cfg), "--plan", "--plan-png", str(tmp_path / "p.png")]) == 0
     deps = {ln.split("<-")[0].strip(): ln.split("<-")[1].strip() for ln in capsys.readouterr().out.splitlines()
             if "<-" in ln}
-    # Two lanes: resnet18 (trained, then evaluated) then zfnet in one, squeezenet1_1 in the other.
+    # Two lanes: resnet18's 30 epochs alone in one; squeezenet1_1 (trained, then evaluated) then zfnet in
+    # the other (dealt out in turn, resnet18 and zfnet would have shared a lane).
     assert deps["train/resnet18"] == "data" and deps["train/squeezenet1_1"] == "data"
-    assert set(deps["train/zfnet"].split(", ")) == {"data", "eval/resnet18"}
+    assert set(deps["train/zfnet"].split(", ")) == {"data", "eval/squeezenet1_1"}
     assert not any(name.startswith("after/") for name in deps)
+
+
+def test_lanes_get_about_the_same_estimated_work():
+    """Longest first onto the least-loaded lane; the run's order within a lane; the estimate is epochs x
+    the measured per-epoch cost (+ evaluation), the median architecture's for one never measured."""
+    from pipelines.dag import lanes
+
+    seconds = {"a": 10.0, "b": 50.0, "c": 20.0, "d": 20.0, "e": 5.0, "f": 5.0}
+    plan = lanes.assign(list(seconds), seconds, 2)
+    assert plan == [["b", "e"], ["a", "c", "d", "f"]]  # 55 s and 55 s (in turn: a c e = 35, b d f = 75)
+    assert lanes.assign(["x", "y"], {"x": 1.0, "y": 1.0}, 3) == [["x"], ["y"]]  # no empty lanes
+    assert lanes.assign(["x", "y"], {"x": 1.0, "y": 2.0}, 1) == [["x", "y"]]
+    costs = lanes._costs()
+    assert {"resnet18", "ssdlite_mobilenet_v3", "vgg16"} <= set(costs)
+    one = lanes.estimated_seconds("resnet18", {"epochs": 1})
+    assert lanes.estimated_seconds("resnet18", {"epochs": 3}) - one == pytest.approx(2 * costs["resnet18"]["epoch_s"])
+    assert lanes.estimated_seconds("vgg16", {"epochs": 1}) > lanes.estimated_seconds("squeezenet1_1", {"epochs": 1})
+    assert lanes.estimated_seconds("not_measured", {"epochs": 1}) > 0
 
 
 def test_plan_without_deploy_ends_at_the_comparison(tmp_path, capsys):

@@ -19,6 +19,7 @@ import ray
 
 from pipelines.dag import stages
 from pipelines.dag.config import RunConfig
+from pipelines.dag.lanes import assign as assign_lanes, estimated_seconds
 
 
 AFTER = "after/"  # helper nodes that order a training lane; the plan shows their edges, not them
@@ -65,28 +66,33 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
     run = cfg.run_dir
     archs = cfg.archs()
     data = _node(stages.data_stage, "data", num_cpus=1)(run, cfg.data.model_dump(), board)
-    evals = []
     # Lanes, each training and then evaluating its architectures one after another: a training is not
     # even scheduled (no process, no memory) until the branch before it in its lane has ended, however it
-    # ended, so the lanes never ask for more than the cluster has (pipelines.dag.placement).
-    lane_ends: list = [None] * (lanes or cfg.train.max_parallel)
+    # ended, so the lanes never ask for more than the cluster has (pipelines.dag.placement). Each lane
+    # gets about the same estimated work (pipelines.dag.lanes).
+    settings = {arch: cfg.train_settings(arch) for arch in archs}
+    plan = assign_lanes(archs, {a: estimated_seconds(a, s) for a, s in settings.items()},
+                        lanes or cfg.train.max_parallel)
     # A lane's single-worker trainings share one Ray Train run (stages.train_stage, pipelines.train.lane);
     # the token tells this run's lane records from an earlier run's.
     token = uuid.uuid4().hex[:12]
-    for i, arch in enumerate(archs):
-        lane = i % len(lane_ends)
-        peers = [[a, cfg.train_settings(a)] for a in archs[i + len(lane_ends)::len(lane_ends)]]
-        # The stage task only drives the trainer; the Ray Train workers ask for their own CPUs/GPUs.
-        # One retry: a driver process that died resumes from the last checkpoint.
-        branch = _node(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1)(
-            run, arch, cfg.train_settings(arch), data, lane_ends[lane], board,
-            {"token": token, "peers": peers} if cfg.train.share_workers else None)
-        if cfg.eval.enabled:
-            branch = _node(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
-                           num_gpus=cfg.eval.num_gpus, max_retries=0)(
-                run, arch, cfg.eval.model_dump(), branch, data, board)
-        lane_ends[lane] = _node(stages.settle, f"{AFTER}{arch}", num_cpus=0)([branch])
-        evals.append(branch)
+    branches = {}
+    for members in plan:
+        after = None
+        for j, arch in enumerate(members):
+            peers = [[a, settings[a]] for a in members[j + 1:]]
+            # The stage task only drives the trainer; the Ray Train workers ask for their own CPUs/GPUs.
+            # One retry: a driver process that died resumes from the last checkpoint.
+            branch = _node(stages.train_stage, f"train/{arch}", num_cpus=0, max_retries=1)(
+                run, arch, settings[arch], data, after, board,
+                {"token": token, "peers": peers} if cfg.train.share_workers else None)
+            if cfg.eval.enabled:
+                branch = _node(stages.eval_stage, f"eval/{arch}", num_cpus=cfg.eval.num_cpus,
+                               num_gpus=cfg.eval.num_gpus, max_retries=0)(
+                    run, arch, cfg.eval.model_dump(), branch, data, board)
+            after = _node(stages.settle, f"{AFTER}{arch}", num_cpus=0)([branch])
+            branches[arch] = branch
+    evals = [branches[arch] for arch in archs]  # the comparison reads them in the run's order
     # Branches go in a list: Ray does not resolve nested refs, so one crashed branch cannot fail the gather.
     robustness = None
     if cfg.robustness.enabled:

@@ -1,0 +1,59 @@
+"""Which architectures train in which lane: the longest first, each onto the lane with the least work.
+
+A run trains its architectures in ``train.max_parallel`` lanes, each one after another (a lane of
+single-worker trainings is one Ray Train run with one warm worker: ``pipelines.train.lane``). The lanes
+are fixed when the graph is built, so the run lasts as long as its busiest lane. Dealing the
+architectures out in turn left one quickstart lane with 431 s of work and the other with 255 s (the
+served detector's many epochs and three of the four slowest 1-epoch trainings fell into one).
+
+``assign`` balances them by estimated seconds (longest processing time first: the classic greedy bound is
+4/3 of the best split). The estimate is ``epochs x`` a per-epoch cost measured for each registered
+architecture at the quickstart's settings on a 2-core CPU (``lane_costs.json``, written by
+``benchmarks/stage_profile.py --lane-costs``), plus its evaluation stage. Only the ratios between
+architectures matter; other image sizes or devices shift them, which costs balance, not correctness. An
+architecture without a measured cost counts as the median one.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from statistics import median
+
+COSTS_FILE = Path(__file__).with_name("lane_costs.json")
+
+
+@lru_cache(maxsize=1)
+def _costs() -> dict:
+    try:
+        return json.loads(COSTS_FILE.read_text())["archs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def estimated_seconds(arch: str, settings: dict) -> float:
+    """Estimated seconds of ``arch``'s training (``settings``: its TrainConfig fields) and evaluation."""
+    from pipelines.train.config import TrainConfig
+
+    costs = _costs()
+    cost = costs.get(arch)
+    if cost is None:
+        known = list(costs.values())
+        cost = ({"epoch_s": median(c["epoch_s"] for c in known), "eval_s": median(c["eval_s"] for c in known)}
+                if known else {"epoch_s": 1.0, "eval_s": 0.0})
+    epochs = int(settings.get("epochs", TrainConfig.model_fields["epochs"].default))
+    return epochs * cost["epoch_s"] + cost["eval_s"]
+
+
+def assign(archs: list[str], seconds: dict[str, float], lanes: int) -> list[list[str]]:
+    """``archs`` split into ``lanes`` lists: each architecture, longest estimate first (ties: the order of
+    ``archs``), goes to the lane with the least estimated work so far (ties: the lower lane). Within a lane
+    the architectures keep the order of ``archs``. Empty lanes are dropped."""
+    load = [0.0] * max(1, lanes)
+    members: list[list[str]] = [[] for _ in load]
+    order = {a: i for i, a in enumerate(archs)}
+    for arch in sorted(archs, key=lambda a: (-seconds[a], order[a])):
+        lane = min(range(len(load)), key=lambda k: (load[k], k))
+        load[lane] += seconds[arch]
+        members[lane].append(arch)
+    return [sorted(m, key=order.__getitem__) for m in members if m]
