@@ -18,8 +18,7 @@ shows only its wall time.
 ``--lane-costs pipelines/dag/lane_costs.json`` writes what the run planner balances its lanes with
 (``pipelines.dag.lanes``): per architecture, the seconds of one epoch (steps, validation and the rest of
 its fit, over its epochs; not the lane's Ray Train and data start, paid once per lane) and of its
-evaluation stage, with the core count of the machine (the run's own load is the figure's provenance: run
-it on an idle machine).
+evaluation stage, with the run's time, load average at its start and core count (``summary.json``'s).
 """
 from __future__ import annotations
 
@@ -60,6 +59,7 @@ def profile(run: Path) -> dict:
     stage_time = sum(r["train_wall_s"] + (r["eval_wall_s"] or 0) for r in with_phases)
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     return {"run": str(run), "run_seconds": summary.get("seconds"), "rows": rows,
+            "machine": summary.get("machine") or {"load_average_at_start": None, "cores": None},
             "stages_with_phases": len(with_phases),
             "totals": {"stage_time_s": round(stage_time, 1), "compute_s": round(compute, 1),
                        "fixed_s": round(stage_time - compute, 1),
@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(prof, indent=2) + "\n")
     if a.lane_costs:
-        import os
         import time
 
-        doc = {"measured": {"run": str(run), "cores": os.cpu_count(),
+        doc = {"measured": {"run": str(run), "run_seconds": prof["run_seconds"], **prof["machine"],
                             "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                             "note": "seconds of one epoch at the run's settings; only the ratios matter"},
                "archs": lane_costs(run, prof)}

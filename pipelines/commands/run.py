@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -82,8 +83,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     started = False
     try:
+        load = os.getloadavg()[0]  # before this run starts Ray: the machine's own load
         started = runner.connect(cfg, args.address, args.dashboard)
-        summary = runner.run(cfg)
+        summary = runner.run(cfg, load_at_start=load)
         print(runner.format_summary(summary), flush=True)
         if args.prune and not summary["failed"]:
             gone = prune_set_aside(RunDir(cfg.run_dir))

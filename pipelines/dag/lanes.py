@@ -3,8 +3,8 @@
 A run trains its architectures in ``train.max_parallel`` lanes, each one after another (a lane of
 single-worker trainings is one Ray Train run with one warm worker: ``pipelines.train.lane``). The lanes
 are fixed when the graph is built, so the run lasts as long as its busiest lane. Dealing the
-architectures out in turn left one quickstart lane with 431 s of work and the other with 255 s (the
-served detector's many epochs and three of the four slowest 1-epoch trainings fell into one).
+architectures out in turn gave one quickstart lane 431 s of work and the other 255 s (the served
+detector's many epochs and three of the four slowest 1-epoch trainings fell into one).
 
 ``assign`` balances them by estimated seconds (longest processing time first: the classic greedy bound is
 4/3 of the best split). The estimate is ``epochs x`` a per-epoch cost measured for each registered

@@ -33,9 +33,12 @@ def plan(cfg: RunConfig, png: str | None = None) -> list[str]:
     return lines
 
 
-def run(cfg: RunConfig, out=None) -> dict:
+def run(cfg: RunConfig, out=None, load_at_start: float | None = None) -> dict:
     """Execute the run (resuming whatever an earlier run of the same config finished). Returns the
-    summary dict; ``summary["failed"]`` lists what failed."""
+    summary dict; ``summary["failed"]`` lists what failed. ``summary.json`` gets the run's ``seconds`` and
+    the ``machine`` it ran on: ``load_at_start`` (the load average before Ray started, from the caller;
+    None: measured now) and the core count, the provenance of any time read from the run."""
+    load_at_start = os.getloadavg()[0] if load_at_start is None else load_at_start
     out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
     fit = placement.plan_on_cluster(cfg, cfg.train.placement_wait_s, out=out)  # ClusterTooSmall: refuse now
     RunDir(cfg.run_dir).makedirs("")
@@ -55,6 +58,8 @@ def run(cfg: RunConfig, out=None) -> dict:
     finally:
         release()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["machine"] = {"load_average_at_start": round(load_at_start, 2), "cores": os.cpu_count()}
+    RunDir(cfg.run_dir).write_json("summary.json", summary)
     ray.kill(board)
     return summary
 
