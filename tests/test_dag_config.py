@@ -1,6 +1,8 @@
 """The run config: composed stage sections, strict keys, errors that name the bad field."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -61,6 +63,7 @@ def test_overrides_and_exclude(tmp_path):
     ({"data": {"source": "imagenet"}}, "data.source"),
     ({"train": {"per_task": {"detektion": {}}}}, "detektion"),
     ({"smoke": {"images": 0}}, "smoke.images"),
+    ({"smoke": {"expect_objects": ["detect"]}}, "smoke.expect_objects"),
 ])
 def test_bad_config_names_the_field(tmp_path, doc, needle):
     with pytest.raises(ValueError, match="invalid run config|expected") as e:
@@ -97,3 +100,22 @@ def test_train_settings_are_checked_against_the_trainers_schema(tmp_path, train,
 def test_packaged_train_settings_are_valid():
     for name in ("quickstart.yaml", "coco.yaml"):
         load_config(ROOT / "pipelines" / "configs" / name).check_train_settings()
+
+
+def test_smoke_fails_when_an_expected_endpoint_finds_nothing():
+    """``smoke.expect_objects``: an endpoint that answered but found nothing in every image is an error
+    naming it; one that found something in any image, or that is not expected, is not."""
+    from pipelines.dag.stages import missing_objects
+
+    box = {"label": "circle", "score": 0.9, "box": [1, 2, 3, 4], "mask": False}
+    found = [{"endpoint": "/v1/detect", "image": "a.jpg", "detections": []},
+             {"endpoint": "/v1/detect", "image": "b.jpg", "detections": [box]},
+             {"endpoint": "/v1/segment", "image": "a.jpg", "detections": []},
+             {"endpoint": "/v1/segment", "image": "b.jpg", "detections": []}]
+    assert missing_objects(found, ["detection"], 0.3) == []
+    (error,) = missing_objects(found, ["detection", "segmentation"], 0.3)
+    assert error.startswith("segment: the segmentation model found no object in 2 val images at score >= 0.3")
+    assert missing_objects(found, [], 0.3) == []
+    assert missing_objects(found[2:], ["detection"], 0.3) == []  # no answer at all: the request's own error
+    quickstart = load_config(Path(__file__).parents[1] / "pipelines/configs/quickstart.yaml")
+    assert quickstart.smoke.expect_objects == ["detection"]

@@ -133,6 +133,9 @@ class SmokeStage(_Strict):
     images: int = Field(3, ge=1, le=100)
     score_threshold: float = Field(0.3, ge=0, le=1)
     timeout_s: float = Field(60.0, gt=0)
+    # Tasks whose endpoint must find at least one object in those images (at score_threshold): a model
+    # that was trained to find them and finds nothing fails the stage. Empty: only that each one answers.
+    expect_objects: list[Literal["detection", "segmentation"]] = Field(default_factory=list)
 
 
 class RobustnessStage(_Strict):

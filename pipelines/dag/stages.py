@@ -472,6 +472,9 @@ def _post(url: str, body: bytes, timeout: float) -> dict:
         return json.loads(r.read())
 
 
+SMOKE_ROUTES = {"detection": "detect", "segmentation": "segment"}  # task -> /v1/<route>
+
+
 def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=None) -> dict:
     """Send a few val images to the deployed endpoints; returns what each found (and prints it)."""
     run = RunDir(run_uri)
@@ -480,7 +483,7 @@ def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=N
     _report(board, "smoke", "running")
     images = _val_images(data_rec["outputs"]["data_dir"], cfg["images"])
     found, errors = [], []
-    for task, route in (("detection", "detect"), ("segmentation", "segment")):
+    for task, route in SMOKE_ROUTES.items():
         if task not in deployed["models"]:
             continue
         for file_name, data in images:
@@ -496,11 +499,25 @@ def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=N
             found.append({"endpoint": f"/v1/{route}", "image": file_name, "detections": summary})
             print(f"smoke /v1/{route} {file_name}: {len(summary)} found "
                   + ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[:5]), flush=True)
+    errors += missing_objects(found, [t for t in cfg.get("expect_objects", []) if t in deployed["models"]],
+                              cfg["score_threshold"])
     out = {"status": "done" if found and not errors else "failed", "url": deployed["url"], "results": found,
            "errors": errors}
     run.write_json("smoke/results.json", out)
     _report(board, "smoke", out["status"], **({"error": "; ".join(errors)[:300]} if errors else {}))
     return out
+
+
+def missing_objects(found: list[dict], expected: list[str], score_threshold: float) -> list[str]:
+    """One error per task of ``expected`` whose endpoint answered but found nothing in any smoke image."""
+    errors = []
+    for task in expected:
+        route = SMOKE_ROUTES[task]
+        answers = [f for f in found if f["endpoint"] == f"/v1/{route}"]
+        if answers and not any(f["detections"] for f in answers):
+            errors.append(f"{route}: the {task} model found no object in {len(answers)} val images at score "
+                          f">= {score_threshold:g} (smoke.expect_objects)")
+    return errors
 
 
 def finish_stage(run_uri: str, compared: dict, smoke: dict, deployed: dict, robustness: dict | None) -> dict:
