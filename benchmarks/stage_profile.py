@@ -18,7 +18,9 @@ shows only its wall time.
 ``--lane-costs pipelines/dag/lane_costs.json`` writes what the run planner balances its lanes with
 (``pipelines.dag.lanes``): per architecture, the seconds of one epoch (steps, validation and the rest of
 its fit, over its epochs; not the lane's Ray Train and data start, paid once per lane) and of its
-evaluation stage, with the run's time, load average at its start and core count (``summary.json``'s).
+evaluation stage, with the run's time, the load average before it started and the core count
+(``summary.json``'s: a run that started loaded, or that predates that record, is refused without
+``--allow-load``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from benchmarks import provenance
 
 PARTS = ("train_start_s", "data_start_s", "steps_s", "val_s", "other_s")
 COMPUTE = ("steps_s", "val_s")
@@ -68,13 +72,17 @@ def profile(run: Path) -> dict:
 
 
 def lane_costs(run: Path, prof: dict) -> dict:
-    """Per architecture ``{"epoch_s", "eval_s"}`` from a profiled run (its rows with phases)."""
+    """Per architecture ``{"epoch_s", "eval_s"}`` from a profiled run (its rows with phases). The phases
+    cover the training's last fit only: a resumed one ran the epochs from its ``start_epoch``."""
+    from pipelines.storage import read_metrics
+
     out = {}
     for r in prof["rows"]:
-        if "steps_s" not in r:
+        records = read_metrics(str(run / "archs" / r["arch"] / "train")) if "steps_s" in r else []
+        if not records:
             continue
-        cfg = json.loads((run / "archs" / r["arch"] / "train" / "config.json").read_text())
-        epochs = max(1, int(cfg.get("epochs", 1)))
+        last = records[-1]
+        epochs = max(1, int(last["epoch"]) + 1 - int(last.get("start_epoch", 0)))
         out[r["arch"]] = {"epoch_s": round((r["steps_s"] + r["val_s"] + r["other_s"]) / epochs, 2),
                           "eval_s": round(r["eval_wall_s"] or 0.0, 2)}
     return out
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", nargs="?", default="runs/quickstart", help="a visionflow run directory")
     p.add_argument("--json", help="also write the profile as JSON here")
     p.add_argument("--lane-costs", help="write the per-architecture costs the run planner balances lanes with")
+    provenance.add_arguments(p)  # --allow-load: write lane costs from a run that started on a loaded machine
     a = p.parse_args(argv)
     run = Path(a.run)
     if not (run / "archs").is_dir():
@@ -111,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(prof, indent=2) + "\n")
     if a.lane_costs:
-        import time
-
-        doc = {"measured": {"run": str(run), "run_seconds": prof["run_seconds"], **prof["machine"],
-                            "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            "note": "seconds of one epoch at the run's settings; only the ratios matter"},
+        # The figures are the run's: its own load and cores (summary.json), not this script's.
+        machine = prof["machine"]
+        load = machine.get("load_average_at_start")
+        state = {**provenance.begin(a), "load_average": float("inf") if load is None else load,
+                 "cores": machine.get("cores") or 1}
+        doc = {"run": str(run), "run_seconds": prof["run_seconds"],
+               "note": "seconds of one epoch at the run's settings; only the ratios matter",
                "archs": lane_costs(run, prof)}
-        Path(a.lane_costs).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        if not provenance.write(a.lane_costs, doc, state, indent=1):
+            return 1
         print(f"lane costs of {len(doc['archs'])} architectures: {a.lane_costs}")
     return 0
 

@@ -33,8 +33,8 @@ def test_plan_prints_every_stage_with_its_inputs_and_draws_it(tmp_path, capsys):
 def test_max_parallel_lanes_order_the_trainings(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
-                                   "train": {"archs": ["resnet18", "squeezenet1_1", "zfnet"], "max_parallel": 2,
-                                             "per_arch": {"resnet18": {"epochs": 30}}}}))
+                                   "train": {"archs": ["squeezenet1_1", "resnet18", "zfnet"], "max_parallel": 2,
+                                             "defaults": {"epochs": 1}, "per_arch": {"resnet18": {"epochs": 30}}}}))
     assert main(["run", "--config", str(cfg), "--plan", "--plan-png", str(tmp_path / "p.png")]) == 0
     deps = {ln.split("<-")[0].strip(): ln.split("<-")[1].strip() for ln in capsys.readouterr().out.splitlines()
             if "<-" in ln}
@@ -42,6 +42,8 @@ def test_max_parallel_lanes_order_the_trainings(tmp_path, capsys):
     # the other (dealt out in turn, resnet18 and zfnet would have shared a lane).
     assert deps["train/resnet18"] == "data" and deps["train/squeezenet1_1"] == "data"
     assert set(deps["train/zfnet"].split(", ")) == {"data", "eval/squeezenet1_1"}
+    # The comparison gets the branches in the run's order, not the lanes'.
+    assert deps["compare"] == "eval/squeezenet1_1, eval/resnet18, eval/zfnet"
     assert not any(name.startswith("after/") for name in deps)
 
 

@@ -74,15 +74,22 @@ def test_a_local_cluster_starts_no_preemption_watcher(killed_run):
 def test_rerunning_the_same_command_continues_from_the_last_checkpoint(killed_run):
     cfg, _, _ = killed_run
     before = read_metrics(cfg.out)
-    # The first run read its small epochs whole before their steps; this one streams them (in_memory_mib 0).
-    assert killed_run[1]["phases"]["data_in_memory"] is True
-    result = fit(cfg.model_copy(update={"epochs": 3, "chaos": None, "in_memory_mib": 0}))
+    # The first run read its small epochs whole before their steps; this one streams them: its limit lies
+    # between the val part's estimate and the train part's, so only val (sized by its own manifest) is kept.
+    from pipelines.train.trainer import view_mib
+    from pipelines.train.watch import expected_split_rows
+
+    assert killed_run[1]["phases"]["data_in_memory"] is True and killed_run[1]["phases"]["val_in_memory"] is True
+    rows = expected_split_rows(cfg)
+    val_mib, train_mib = (view_mib(cfg, rows[s], cfg.workers) for s in ("val", "train"))
+    assert val_mib < train_mib
+    result = fit(cfg.model_copy(update={"epochs": 3, "chaos": None, "in_memory_mib": (val_mib + train_mib) / 2}))
     after = read_metrics(cfg.out)
     assert [r["epoch"] for r in after] == [0, 1, 2]
     assert after[:2] == before  # the finished epochs were not trained again
     assert after[2]["start_epoch"] == 2 and after[2]["train_images"] == before[1]["train_images"]
     assert result["checkpoint"].endswith("epoch_0002")
-    assert result["phases"]["data_in_memory"] is False
+    assert result["phases"]["data_in_memory"] is False and result["phases"]["val_in_memory"] is True
 
 
 def test_checkpoint_payload_and_load_checkpoint(killed_run):
@@ -140,14 +147,13 @@ def test_a_small_view_is_read_whole_and_a_large_one_streams():
 def test_bn_momentum_sets_every_batch_norm_and_moves_the_statistics_by_it():
     """``bn_momentum``: every batch norm of the model (backbone and heads) follows its batches by that
     fraction; None keeps the architecture's own (SSDlite's 0.03, torch's 0.1)."""
-    from pipelines.train.tasks import get_task
-    from pipelines.train.trainer import set_bn_momentum
+    from pipelines.train.trainer import build_model, set_bn_momentum
 
     cfg = TrainConfig(task="detection", arch="ssdlite_mobilenet_v3", data="-", out="-", num_classes=3)
-    default = get_task("detection").build_model(cfg)
-    fast = get_task("detection").build_model(cfg)
+    default = build_model(cfg)
+    fast = build_model(cfg.model_copy(update={"bn_momentum": 0.3}))  # what a training builds
     fast.load_state_dict(default.state_dict())  # the same weights (momentum is not part of the state)
-    assert set_bn_momentum(fast, 0.3) > 50
+    assert set_bn_momentum(build_model(cfg), 0.5) > 50
     norms = [m for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert {m.momentum for m in norms} == {0.3}
     assert {m.momentum for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.03}

@@ -71,7 +71,7 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
     # ended, so the lanes never ask for more than the cluster has (pipelines.dag.placement). Each lane
     # gets about the same estimated work (pipelines.dag.lanes).
     settings = {arch: cfg.train_settings(arch) for arch in archs}
-    plan = assign_lanes(archs, {a: estimated_seconds(a, s) for a, s in settings.items()},
+    plan = assign_lanes(archs, {a: estimated_seconds(a, s, cfg.eval.enabled) for a, s in settings.items()},
                         lanes or cfg.train.max_parallel)
     # A lane's single-worker trainings share one Ray Train run (stages.train_stage, pipelines.train.lane);
     # the token tells this run's lane records from an earlier run's.

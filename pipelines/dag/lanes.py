@@ -2,9 +2,9 @@
 
 A run trains its architectures in ``train.max_parallel`` lanes, each one after another (a lane of
 single-worker trainings is one Ray Train run with one warm worker: ``pipelines.train.lane``). The lanes
-are fixed when the graph is built, so the run lasts as long as its busiest lane. Dealing the
-architectures out in turn gave one quickstart lane 431 s of work and the other 255 s (the served
-detector's many epochs and three of the four slowest 1-epoch trainings fell into one).
+are fixed when the graph is built, so the run lasts as long as its busiest lane. Dealt out in turn, one
+quickstart lane got 431 s of work and the other 255 s in the profile of an afternoon run (the served
+detector's 15 epochs and three of the four slowest 1-epoch trainings fell into one).
 
 ``assign`` balances them by estimated seconds (longest processing time first: the classic greedy bound is
 4/3 of the best split). The estimate is ``epochs x`` a per-epoch cost measured for each registered
@@ -31,8 +31,9 @@ def _costs() -> dict:
         return {}
 
 
-def estimated_seconds(arch: str, settings: dict) -> float:
-    """Estimated seconds of ``arch``'s training (``settings``: its TrainConfig fields) and evaluation."""
+def estimated_seconds(arch: str, settings: dict, evaluate: bool = True) -> float:
+    """Estimated seconds of ``arch``'s training (``settings``: its TrainConfig fields) and, when
+    ``evaluate``, its evaluation stage."""
     from pipelines.train.config import TrainConfig
 
     costs = _costs()
@@ -42,7 +43,7 @@ def estimated_seconds(arch: str, settings: dict) -> float:
         cost = ({"epoch_s": median(c["epoch_s"] for c in known), "eval_s": median(c["eval_s"] for c in known)}
                 if known else {"epoch_s": 1.0, "eval_s": 0.0})
     epochs = int(settings.get("epochs", TrainConfig.model_fields["epochs"].default))
-    return epochs * cost["epoch_s"] + cost["eval_s"]
+    return epochs * cost["epoch_s"] + (cost["eval_s"] if evaluate else 0.0)
 
 
 def assign(archs: list[str], seconds: dict[str, float], lanes: int) -> list[list[str]]:

@@ -209,6 +209,14 @@ def _release(shard) -> None:
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def build_model(cfg: TrainConfig, task=None) -> nn.Module:
+    """The model a training of ``cfg`` starts from: the task's builder, then ``cfg.bn_momentum``."""
+    model = (task or get_task(cfg.task)).build_model(cfg)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
+    return model
+
+
 def set_bn_momentum(model: torch.nn.Module, momentum: float) -> int:
     """Set the running-statistics momentum of every batch norm in ``model``; returns how many.
 
@@ -328,9 +336,7 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
 
-    model = task.build_model(cfg)
-    if cfg.bn_momentum is not None:
-        set_bn_momentum(model, cfg.bn_momentum)
+    model = build_model(cfg, task)
     if not is_multi_device(model):
         model.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -460,7 +466,8 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     if rank == 0 and first_batch_at is not None:
         storage.write_json(cfg.out, PHASES, {"loop_started_at": loop_started_at, "first_batch_at": first_batch_at,
                                              "steps_s": step_seconds, "val_s": val_seconds_sum,
-                                             "loop_ended_at": time.time(), "data_in_memory": whole})
+                                             "loop_ended_at": time.time(), "data_in_memory": whole,
+                                             "val_in_memory": val_whole})
     if diverged is not None and rank == 0:  # every worker stopped at the same step; fit raises
         storage.write_json(cfg.out, DIVERGED, diverged)
 
@@ -602,4 +609,5 @@ def _phases(out: str, started_at: float, ended_at: float) -> dict | None:
     parts = {"train_start_s": p["loop_started_at"] - started_at, "data_start_s": p["first_batch_at"] - p["loop_started_at"],
              "steps_s": p["steps_s"], "val_s": p["val_s"]}
     parts["other_s"] = wall - sum(parts.values())
-    return {"wall_s": wall, **{k: round(v, 2) for k, v in parts.items()}, "data_in_memory": p.get("data_in_memory")}
+    return {"wall_s": wall, **{k: round(v, 2) for k, v in parts.items()}, "data_in_memory": p.get("data_in_memory"),
+            "val_in_memory": p.get("val_in_memory")}

@@ -39,7 +39,7 @@ def _say(line: str) -> None:
 
 
 def expected_rows(task: str, manifest: dict) -> int | None:
-    """Rows of the training view per epoch, from the split manifest, before the first epoch counted them:
+    """Rows of a view (train per epoch, or val) from its split's manifest, before the first epoch counted them:
     a classification view has a row per object (crowd and tiny ones dropped: an upper bound), the others a
     row per image (localization drops images without an object)."""
     key = "num_instances" if task == "classification" else "num_images"
