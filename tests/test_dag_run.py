@@ -75,7 +75,8 @@ def test_rerun_skips_finished_stages_and_a_failing_arch_fails_only_its_branch(ra
     assert metrics_from_training(metrics["checkpoint"], metrics["data"], split="train") is None
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] == [] and Path(summary["report"]).is_file()
-    assert summary["seconds"] > 0 and summary["machine"]["cores"] >= 1 and summary["machine"]["load_average_at_start"] >= 0
+    machine = summary["machine"]
+    assert summary["seconds"] > 0 and machine["cores"] >= 1 and machine["load_average_at_start"] >= 0
     # Where the training stage's time went: its phases add up to the fit, the fit and the task to the stage.
     from benchmarks.stage_profile import PARTS, profile
 

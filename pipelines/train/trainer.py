@@ -431,7 +431,8 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
 
         net.eval()
         t1 = time.perf_counter()
-        val_rows = val_cache if val_cache is not None else io.shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+        val_rows = (val_cache if val_cache is not None
+                    else io.shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy"))
         if val_whole and val_cache is None:  # the val view is the same every epoch (no augmentation): read
             val_rows = val_cache = list(val_rows)  # once, kept
         val_batches = (task.collate(b, device) for b in val_rows)
