@@ -261,17 +261,7 @@ def main(argv=None) -> dict:
 def save(path: Path, arch: str, result: dict, start: dict) -> bool:
     """Put this run into ``path`` under its architecture, with the run's command, date and load (each
     architecture is its own run of many minutes); nothing is written from a loaded machine."""
-    if provenance.loaded(start) and not start["allow_load"]:
-        print(f"not writing {path}: load average {start['load_average']} > half of {start['cores']} cores at the "
-              f"start (rerun on an idle machine, or pass --allow-load)", flush=True)
-        return False
-    old = json.loads(path.read_text()) if path.exists() else {}
-    runs = {k: v for k, v in old.get("runs", {}).items() if k != arch}
-    runs[arch] = {**result, **{k: v for k, v in start.items() if k != "allow_load" or v}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "detection_vs_reference", "runs": dict(sorted(runs.items()))},
-                               indent=2, default=str))
-    return True
+    return provenance.write_run(path, "detection_vs_reference", arch, result, start)
 
 
 if __name__ == "__main__":

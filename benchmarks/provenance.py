@@ -59,3 +59,21 @@ def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
                                 **({"allow_load": True} if state["allow_load"] and loaded(state) else {})},
                                indent=indent, default=str))
     return True
+
+
+def write_run(path: str | Path, benchmark: str, key: str, doc: dict, state: dict) -> bool:
+    """Put one run into ``path``'s ``runs`` under ``key`` (an architecture, an image count), with its own
+    provenance, keeping the other keys' runs (each its own run of many minutes); refused like ``write``."""
+    if loaded(state) and not state["allow_load"]:
+        print(f"not writing {path}: load average {state['load_average']} > half of {state['cores']} cores at the "
+              f"start (rerun on an idle machine, or pass --allow-load)", file=sys.stderr, flush=True)
+        return False
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    runs = {k: v for k, v in old.get("runs", {}).items() if k != key}
+    runs[key] = {**doc, **{k: v for k, v in state.items() if k != "allow_load" or v}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, "runs": dict(sorted(runs.items()))}, indent=2, default=str)
+                    + "\n")
+    return True
+

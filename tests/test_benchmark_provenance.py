@@ -50,3 +50,16 @@ def test_every_benchmark_that_writes_results_goes_through_provenance():
         text = path.read_text()
         if "results" in text and ".json" in text and path.name not in ("report.py", "provenance.py", "run_all.py"):
             assert "provenance" in text, f"{path.name} writes results without recording how they were measured"
+
+
+def test_a_run_keyed_file_keeps_the_other_runs_and_refuses_a_loaded_one(tmp_path):
+    path = tmp_path / "r.json"
+    assert provenance.write_run(path, "data_throughput", "1000 images", {"x": 1}, _state(load=0.3))
+    assert provenance.write_run(path, "data_throughput", "4000 images", {"x": 4}, _state(load=0.4))
+    assert provenance.write_run(path, "data_throughput", "1000 images", {"x": 2}, _state(load=0.2))
+    assert provenance.write_run(path, "data_throughput", "4000 images", {"x": 9}, _state(load=1.5)) is False
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == "data_throughput" and list(doc["runs"]) == ["1000 images", "4000 images"]
+    assert doc["runs"]["1000 images"] == {"x": 2, "command": "python -m benchmarks.nms",
+                                          "date": "2026-11-30T00:00:00+0000", "load_average": 0.2, "cores": 2}
+    assert doc["runs"]["4000 images"]["x"] == 4  # the loaded run replaced nothing

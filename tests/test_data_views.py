@@ -128,3 +128,18 @@ def test_bad_view_arguments(split):
         augment(ds, task="keypoints", size=32)
     with pytest.raises(ValueError, match="size"):
         augment(ds, task="detection", size=0)
+
+
+def test_an_augmentation_task_streams_its_rows_in_small_blocks(split, monkeypatch):
+    """A task's rows leave it block by block (the first batch does not wait for the whole task): each
+    block stays near ``VIEW_BLOCK_BYTES`` (Ray Data's 128 MiB default held all of a task's rows in one)."""
+    from pipelines.data import views
+
+    ds, manifest, table = split
+    monkeypatch.setattr(views, "VIEW_BLOCK_BYTES", 64 * 1024)  # read on the driver, when the plan is built
+    view = augment(ds, task="detection", size=96, train=False)
+    blocks = [len(b["image_id"]) for b in view.iter_batches(batch_size=None, batch_format="numpy")]
+    row_bytes = 96 * 96 * 3  # eval: each image at its original 96 px
+    assert sum(blocks) == table.num_rows
+    assert len(blocks) >= table.num_rows * row_bytes // (64 * 1024) // 2
+    assert max(blocks) <= 64 * 1024 // row_bytes + views.AUGMENT_BATCH  # one augmentation batch past the target

@@ -7,6 +7,7 @@ drops the instances that became empty. Randomness comes from torch's generator, 
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -64,11 +65,13 @@ def _per_instance(sample):
     return tuple(target[k] for k in ("labels", "iscrowd") if k in target)
 
 
+@functools.lru_cache(maxsize=64)
 def detection_transform(size: int, train: bool, scale_range=SCALE_RANGE, flip_p: float = 0.5):
     """The detection/segmentation transform on ``(image, target)``.
 
     Train: random horizontal flip, scale jitter so the image fits ``size`` x ``size`` times a factor
     in ``scale_range`` (aspect kept), then sanitize. Eval: the identity (detectors see the original size).
+    Built once per setting (the modules hold no state: each call draws from torch's generator).
     """
     if not train:
         return v2.Identity()

@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # torch and torchvision load in the processes that augment, n
 TASKS = ("classification", "localization", "detection", "segmentation")
 # Rows per augmentation batch: a few encoded images in, a few MiB of decoded pixels out.
 AUGMENT_BATCH = 16
+# Largest block an augmentation task emits. Ray Data's default (128 MiB) made each task hold all its rows
+# (about 500 images of 128 px, 24 MiB) in one block, so the first batch waited for a whole task: 2 s of a
+# warm 2,000-image epoch against 0.5 s at 4 MiB, for the same total time (docs/data.md).
+VIEW_BLOCK_BYTES = 4 * 2**20
 
 
 def _instances(row: dict):
@@ -110,7 +114,9 @@ def augment(ds, *, task: str, size: int, train: bool = True, seed: int = 0, epoc
     detection/segmentation ``{image_id, image uint8 HxWx3, boxes (N,4), labels 1..K, iscrowd[, masks (N,H,W)]}``.
     """
     fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
-    return ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+    view = ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+    view.context.target_max_block_size = VIEW_BLOCK_BYTES  # the plan's DataContext (copied at load_split)
+    return view
 
 
 def _rows_fn(task: str, *, size: int, train: bool, seed: int, epoch: int):
