@@ -57,7 +57,7 @@ def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**doc, **{k: v for k, v in state.items() if k != "allow_load"},
                                 **({"allow_load": True} if state["allow_load"] and loaded(state) else {})},
-                               indent=indent, default=str))
+                               indent=indent, default=str) + "\n")
     return True
 
 
