@@ -143,3 +143,18 @@ def test_an_augmentation_task_streams_its_rows_in_small_blocks(split, monkeypatc
     assert sum(blocks) == table.num_rows
     assert len(blocks) >= table.num_rows * row_bytes // (64 * 1024) // 2
     assert max(blocks) <= 64 * 1024 // row_bytes + views.AUGMENT_BATCH  # one augmentation batch past the target
+
+
+def test_a_trainings_views_read_and_augment_in_one_task(data_dir, tmp_path):
+    """``prepare`` reads the shards with the augmentation's CPUs, so Ray Data fuses the two maps: one task
+    per group of shards, no read tasks of their own handing blocks to the augmentation."""
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.trainer import prepare
+
+    cfg = TrainConfig(task="detection", arch="ssdlite_mobilenet_v3", data=str(data_dir), out=str(tmp_path / "run"),
+                      epochs=1, augment_cpus=0.5)
+    _, _, datasets, _ = prepare(cfg)
+    for name in ("train_0", "val"):
+        view = datasets[name]
+        assert sum(len(b["image_id"]) for b in view.iter_batches(batch_size=8, batch_format="numpy")) > 0
+        assert "MapBatches(_read_shards)->MapBatches(_detection_rows)" in view.stats(), name

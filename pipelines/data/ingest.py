@@ -175,8 +175,10 @@ def _split_manifest(data_dir, split: str, split_root: str) -> dict:
     return read_manifest(join(os.fspath(data_dir), split) if "://" in os.fspath(data_dir) else split_root)
 
 
-def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
-    """``(dataset, manifest)`` of ``data_dir/split`` (``split`` is e.g. "train" or "val")."""
+def load_split(data_dir, split: str, *, num_cpus: float = 1.0) -> tuple[ray.data.Dataset, dict]:
+    """``(dataset, manifest)`` of ``data_dir/split`` (``split`` is e.g. "train" or "val"). ``num_cpus``: of
+    each read task; give the augmentation's (``augment(num_cpus=...)``) so that Ray Data fuses the read into
+    it (maps with other resources run as separate tasks, each block passing through the object store)."""
     fs, root = resolve(data_dir)
     split_root = join(root, split)
     if fs.get_file_info(split_root).type != pafs.FileType.Directory:
@@ -191,7 +193,7 @@ def load_split(data_dir, split: str) -> tuple[ray.data.Dataset, dict]:
     # run as a single task on one CPU.
     shards = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
-                              fn_kwargs={"filesystem": fs}), manifest
+                              fn_kwargs={"filesystem": fs}, num_cpus=num_cpus), manifest
 
 
 def read_split_table(data_dir, split: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:

@@ -26,7 +26,7 @@ def load_crops(data_dir, size: int, limit: int, split: str = "val") -> tuple[tor
     augmentation: (float images N,3,size,size in [0, 1], labels 0..K-1, class names by label)."""
     from pipelines.data import augment, load_split
 
-    ds, manifest = load_split(data_dir, split)
+    ds, manifest = load_split(data_dir, split, num_cpus=0.25)
     rows = augment(ds, task="classification", size=int(size), train=False, num_cpus=0.25).limit(int(limit)).take_all()
     if not rows:
         raise ValueError(f"{data_dir}/{split} has no object crops to attack")

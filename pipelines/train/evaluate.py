@@ -39,7 +39,7 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     model, config = load_checkpoint(checkpoint, device=device)
     cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
     task = get_task(cfg.task)
-    ds, _ = load_split(data_dir, split)
+    ds, _ = load_split(data_dir, split, num_cpus=cfg.augment_cpus)
     view = task.view(ds, cfg, train=False, epoch=0)
     batches = (task.collate(b, device) for b in view.iter_batches(batch_size=batch_size, batch_format="numpy"))
     first = []
