@@ -188,9 +188,10 @@ def load_split(data_dir, split: str, *, num_cpus: float = 1.0) -> tuple[ray.data
     if not manifest.get("shards"):
         return ray.data.from_arrow(SHARD_SCHEMA.empty_table()), manifest
     paths = [join(split_root, s) for s in manifest["shards"]]
-    # One read task per shard, from the manifest's list. read_parquet would list the files again every
-    # epoch (seconds) and pack small shards into one read task, so the augmentation fused after it would
-    # run as a single task on one CPU.
+    # One block per shard, from the manifest's list. read_parquet would list the files again every epoch
+    # (seconds) and pack small shards into one read task, so the augmentation fused after it would run as
+    # a single task on one CPU. Fused with an augmentation (same num_cpus), a task takes as many shards as
+    # the augmentation's batch size (16).
     shards = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
     return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
                               fn_kwargs={"filesystem": fs}, num_cpus=num_cpus), manifest
