@@ -210,7 +210,7 @@ def ingest_memory(args) -> dict:
     import ray
     from pipelines.data import ingest
     from pipelines.ray_private import object_store_summary
-    from pipelines.ray_runtime import connect
+    from pipelines.ray_runtime import LOCAL, connect
     from vision.data.synth import write_synth
 
     # What the imports alone (torch, Ray, pyarrow) take, so the figures below can be read against it.
@@ -274,20 +274,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")
+    p.add_argument("--out", default=None, help="results file (default: benchmarks/results/data_throughput.json, or "
+                                              "data_ingest_memory.json with --ingest-memory)")
     provenance.add_arguments(p)
     args = p.parse_args(argv)
     start = provenance.begin(args)
     if args.ingest_memory:
         result = ingest_memory(args)
-        provenance.write_run(RESULTS / "data_ingest_memory.json", "data_ingest_memory", f"{args.ingest_memory} images",
-                             result, start)
+        provenance.write_run(args.out or RESULTS / "data_ingest_memory.json", "data_ingest_memory",
+                             f"{args.ingest_memory} images", result, start)
         print(f"{'synth + ingest of':<28}{result['num_images']} images ({result['jpeg_bytes_mib']:.0f} MiB of JPEG)")
         for k in ("imports_rss_mib", "synth_seconds", "synth_peak_rss_mib", "ingest_seconds",
                   "driver_peak_rss_mib", "ray_processes_peak_rss_mib", "object_store_peak_mib"):
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
-    provenance.write_run(RESULTS / "data_throughput.json", "data_throughput", f"{args.images} images", result, start)
+    provenance.write_run(args.out or RESULTS / "data_throughput.json", "data_throughput", f"{args.images} images",
+                         result, start)
     print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
     base = result["images_per_s"]["dataloader"]
     for k, v in result["images_per_s"].items():
