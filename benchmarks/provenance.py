@@ -46,12 +46,19 @@ def loaded(state: dict) -> bool:
     return state["load_average"] > state["cores"] / 2
 
 
-def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
-    """Write ``doc`` plus the provenance to ``path``; False (and nothing written) when the machine was
-    loaded at the start and ``--allow-load`` was not given."""
+def _refused(path, state: dict) -> bool:
+    """True (and says so) when the machine was loaded at the start and ``--allow-load`` was not given."""
     if loaded(state) and not state["allow_load"]:
         print(f"not writing {path}: load average {state['load_average']} > half of {state['cores']} cores at the "
               f"start (rerun on an idle machine, or pass --allow-load)", file=sys.stderr, flush=True)
+        return True
+    return False
+
+
+def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
+    """Write ``doc`` plus the provenance to ``path``; False (and nothing written) when the machine was
+    loaded at the start and ``--allow-load`` was not given."""
+    if _refused(path, state):
         return False
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +71,7 @@ def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
 def write_run(path: str | Path, benchmark: str, key: str, doc: dict, state: dict) -> bool:
     """Put one run into ``path``'s ``runs`` under ``key`` (an architecture, an image count), with its own
     provenance, keeping the other keys' runs (each its own run of many minutes); refused like ``write``."""
-    if loaded(state) and not state["allow_load"]:
-        print(f"not writing {path}: load average {state['load_average']} > half of {state['cores']} cores at the "
-              f"start (rerun on an idle machine, or pass --allow-load)", file=sys.stderr, flush=True)
+    if _refused(path, state):
         return False
     path = Path(path)
     old = json.loads(path.read_text()) if path.exists() else {}
