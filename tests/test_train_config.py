@@ -1,6 +1,7 @@
 """TrainConfig and the pieces of the loop that need no cluster: schedules, losses, optimizer groups."""
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,7 @@ from pydantic import ValidationError
 from pipelines.train.config import TrainConfig
 from pipelines.train.tasks import get_task
 from pipelines.train.tasks.classification import classification_loss, topk_correct
-from pipelines.train.trainer import format_progress, make_optimizer
+from pipelines.train.trainer import format_progress, load_optimizer_state, make_optimizer
 
 BASE = {"arch": "resnet18", "data": "d", "out": "o"}
 
@@ -64,6 +65,43 @@ def test_optimizer_keeps_weight_decay_off_biases_and_norms():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.01 and len(decay["params"]) == 1
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_runs_torchs_fused_kernel_with_the_same_update(name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    plain, initial = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = TrainConfig(**BASE, optimizer=name, lr=0.01, weight_decay=0.01)
+    opt = make_optimizer(model, cfg)
+    assert all(g["fused"] for g in opt.param_groups)
+    reference = (torch.optim.SGD if name == "sgd" else torch.optim.AdamW)(
+        [{"params": [p for p in plain.parameters() if p.ndim > 1], "weight_decay": 0.01},
+         {"params": [p for p in plain.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+        lr=0.01, **({"momentum": cfg.momentum} if name == "sgd" else {}), foreach=False)
+    x = torch.randn(8, 3, 8, 8)
+    for net, o in ((model, opt), (plain, reference)):
+        for _ in range(3):
+            o.zero_grad()
+            net(x).square().mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(next(model.parameters()), next(initial.parameters()))  # the steps moved it
+
+
+def test_a_resumed_optimizer_keeps_its_fused_kernel_over_a_saved_unfused_state():
+    model = torch.nn.Linear(3, 2)
+    # as checkpoints from before the fused kernels saved it: the same groups, torch's default kernel
+    old = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    old.step()
+    opt = make_optimizer(model, TrainConfig(**BASE, optimizer="adamw"))
+    load_optimizer_state(opt, old.state_dict())
+    assert all(g["fused"] is True for g in opt.param_groups)
+    assert opt.state[model.weight]["exp_avg"].abs().sum() > 0  # the saved moments were taken
+    opt.step()
 
 
 def test_task_plugins_are_found_by_name():

@@ -186,6 +186,26 @@ def test_a_run_whose_metrics_end_in_a_torn_line_resumes(trained_run, data_dir, t
 
 # -- 4. the loader takes registered, readable checkpoints only --------------------------------------------
 
+def test_a_model_load_maps_the_checkpoint_and_lets_it_go(trained_run, tmp_path):
+    """``load_checkpoint`` maps the file (a model load never reads the optimizer's two thirds of it) and holds
+    no mapping once the weights are copied into the model: a deleted checkpoint's space comes back."""
+    import gc
+
+    run = copy_run(trained_run, tmp_path / "run")
+    file = str(run / "checkpoints" / "epoch_0001" / "checkpoint.pt")
+    payload = load_payload(run, mmap=True)
+    assert file in Path("/proc/self/maps").read_text()  # mapped, not read into memory
+    assert torch.equal(payload["model"][next(iter(payload["model"]))],
+                       load_payload(run)["model"][next(iter(payload["model"]))])  # the same tensors as a read
+    del payload
+    gc.collect()
+    model, config = load_checkpoint(run)
+    gc.collect()
+    assert config["epoch"] == 1 and file not in Path("/proc/self/maps").read_text()
+    os.remove(file)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
 def test_the_loader_skips_a_torn_newest_checkpoint_and_an_unregistered_folder(trained_run, data_dir, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     ckpts = run / "checkpoints"

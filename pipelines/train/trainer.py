@@ -63,9 +63,34 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = cfg.learning_rate()
+    fused = fused_supported(decay + no_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+# torch's fused optimizer kernels: one pass over each parameter instead of one operation at a time (AdamW
+# on a CPU: VGG-16's 138M parameters 0.09 s a step against 1.0-1.2 s; docs/training.md).
+_FUSED_DEVICES = {"cpu", "cuda"}
+_FUSED_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def fused_supported(params: list) -> bool:
+    """Whether torch's fused SGD/AdamW kernels take ``params``: floating point, on a CPU or CUDA device
+    (a model split over two GPUs included), not sparse."""
+    return bool(params) and all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES and not p.is_sparse
+                                for p in params)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's own kernel choice: torch takes each
+    group's ``fused``/``foreach`` from the saved state, so a checkpoint from before the fused kernels (or
+    from a device without them) would switch them off, or on where they cannot run."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
@@ -344,7 +369,7 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     payload = io.resume(cfg, device)
     if payload is not None:  # a rerun of the same command, or a restart after a worker failure
         model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        load_optimizer_state(optimizer, payload["optimizer"])
         start = payload["epoch"] + 1
         if rank == 0:
             ignored = ("; --init-from and --pretrained start a fresh run only: ignored"
