@@ -144,11 +144,13 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
                                                   optimizer="adamw", lr=args.lr, weight_decay=args.weight_decay))
     train = reference_loader(coco, "train", args.size, args.batch, True, args.seed)
     val = reference_loader(coco, "val", args.size, args.batch, False, args.seed)
-    epochs, t0 = [], time.perf_counter()
+    epochs, t0, val_s, first_batch_s = [], time.perf_counter(), 0.0, None
     for epoch in range(args.epochs):
         model.train()
         losses = []
         for images, targets in train:
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - t0
             loss_dict = model(list(images), [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
                                              for t in targets])
             loss = sum(loss_dict.values())
@@ -156,11 +158,17 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+        t1 = time.perf_counter()
         ap50 = coco_ap50(model, val, coco)
+        val_s += time.perf_counter() - t1
         epochs.append({"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "bbox/AP50": ap50})
         print(f"  reference epoch {epoch + 1}/{args.epochs}: loss {epochs[-1]['loss']:.3f}  bbox AP50 {ap50:.4f}  "
               f"{time.perf_counter() - t0:.0f}s", flush=True)
-    return {"bbox/AP50": epochs[-1]["bbox/AP50"], "seconds": time.perf_counter() - t0, "epochs": epochs}
+    seconds = time.perf_counter() - t0
+    # visionflow's phases' names: the loader's start (its worker process) to the first batch, then the rest
+    return {"bbox/AP50": epochs[-1]["bbox/AP50"], "seconds": seconds, "epochs": epochs,
+            "phases": {"data_start_s": round(first_batch_s, 2), "val_s": round(val_s, 2),
+                       "steps_s": round(seconds - first_batch_s - val_s, 2)}}
 
 
 def run_visionflow(data: Path, out: Path, args) -> tuple[dict, "object"]:
@@ -254,6 +262,8 @@ def main(argv=None) -> dict:
           f"reference {ref['bbox/AP50']:.4f}, difference {result['ap50_difference']:+.4f}; wall: visionflow "
           f"{ours['seconds']:.0f}s, reference {ref['seconds']:.0f}s, speed {result['speed_ratio_reference_over_visionflow']:.2f}x "
           f"of the reference", flush=True)
+    for side, phases in (("reference", ref["phases"]), ("visionflow", ours.get("phases") or {})):
+        print(f"  {side}: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in phases.items() if k.endswith("_s")), flush=True)
     save(Path(args.out), args.arch, result, start)
     return result
 
