@@ -22,7 +22,8 @@ def test_plan_prints_every_stage_with_its_inputs_and_draws_it(tmp_path, capsys):
     # The robustness report is linked from the comparison's report, so the comparison waits for it.
     assert set(deps["robustness"].split(", ")) == {"eval/resnet18", "eval/squeezenet1_1", "data"}
     assert set(deps["compare"].split(", ")) == {"eval/resnet18", "eval/squeezenet1_1", "robustness"}
-    assert "compare" in deps["deploy"] and "deploy" in deps["smoke"]
+    # Deploy chooses from the evaluations alone: it runs beside the comparison, not after it.
+    assert set(deps["deploy"].split(", ")) == {"eval/resnet18", "eval/squeezenet1_1"} and "deploy" in deps["smoke"]
     # Dependencies come before the stages that need them.
     order = list(deps)
     assert order.index("data") < order.index("train/resnet18") < order.index("eval/resnet18") < order.index("compare")

@@ -1,4 +1,4 @@
-"""`visionflow run`: the whole pipeline as a resumable DAG (data -> train -> eval -> compare -> deploy -> smoke)."""
+"""`visionflow run`: the whole pipeline as a resumable DAG (data -> train -> eval -> compare, deploy -> smoke)."""
 from __future__ import annotations
 
 import argparse

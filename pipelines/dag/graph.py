@@ -1,5 +1,5 @@
-"""The run as a graph of Ray tasks: data -> train x N -> eval x N [-> robustness] -> compare -> deploy ->
-smoke -> finish.
+"""The run as a graph of Ray tasks: data -> train x N -> eval x N, then [robustness ->] compare beside
+deploy -> smoke (both need only the evaluations), then finish.
 
 ``build_dag`` only describes the graph (``Node``s: a stage function, its arguments and its Ray options);
 ``submit`` starts it with plain ``ray.remote(...).remote()`` calls, dependencies first, each node's
@@ -102,8 +102,10 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
         run, evals, archs, cfg.compare.enabled, robustness, board)
     deployed, smoke = {"status": "disabled"}, {"status": "disabled"}
     if cfg.deploy.enabled:
+        # Beside the comparison, not after it: the choice needs only the evaluations, and the comparison's
+        # model-size measurements (CPU) overlap the Serve start (mostly waiting on new processes).
         deployed = _node(stages.deploy_stage, "deploy", num_cpus=0, **on_driver)(
-            run, cfg.deploy.model_dump(), compare, board)
+            run, cfg.deploy.model_dump(), evals, board)
         if cfg.smoke.enabled:
             smoke = _node(stages.smoke_stage, "smoke", num_cpus=0, **on_driver)(
                 run, cfg.smoke.model_dump(), deployed, data, board)

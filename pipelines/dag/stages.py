@@ -399,11 +399,12 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
                      failed=lambda error: {"error": error})
 
 
-def deploy_stage(run_uri: str, cfg: dict, compared: dict, board=None) -> dict:
-    """Serve the best detection and segmentation checkpoints (or the configured ones) over HTTP.
+def deploy_stage(run_uri: str, cfg: dict, branches: list, board=None) -> dict:
+    """Serve the best detection and segmentation checkpoints (or the configured ones) over HTTP, chosen
+    from the branch results (refs in a list, as the comparison gets them; a crashed branch is passed over).
     Always runs: a deployment is live state, not a file. Returns ``{"url", "models": {...}}`` or an error."""
     run = RunDir(run_uri)
-    branches = compared["branches"]
+    branches = [r for r in resolve_branches(branches) if r.get("arch") is not None]
     chosen = {}
     for task, fixed in (("detection", cfg.get("detection_arch")), ("segmentation", cfg.get("segmentation_arch"))):
         pick = next((r for r in branches if r["arch"] == fixed and r.get("status") == "done"), None) if fixed \
