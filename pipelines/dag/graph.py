@@ -103,7 +103,7 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
     deployed, smoke = {"status": "disabled"}, {"status": "disabled"}
     if cfg.deploy.enabled:
         # Beside the comparison, not after it: the choice needs only the evaluations, and the comparison's
-        # model-size measurements (CPU) overlap the Serve start (mostly waiting on new processes).
+        # model-size measurements overlap the Serve start (docs/pipeline.md).
         deployed = _node(stages.deploy_stage, "deploy", num_cpus=0, **on_driver)(
             run, cfg.deploy.model_dump(), evals, board)
         if cfg.smoke.enabled:
