@@ -47,3 +47,21 @@ def test_deploy_picks_the_best_instance_model_of_each_task():
     assert best_arch(branches, "detection")["arch"] == "fasterrcnn_resnet18_fpn"
     assert best_arch(branches, "segmentation")["arch"] == "maskrcnn_resnet18_fpn"
     assert best_arch(branches[4:], "segmentation") is None
+
+
+def test_deploy_of_a_run_whose_only_detector_crashed_fails_rather_than_skips(ray_cluster, tmp_path):
+    """Deploy gathers the branches itself (beside the comparison): a branch whose process died still counts
+    as a failed detector, so the run's deploy fails naming it instead of passing as a classifiers-only run."""
+    from pipelines.dag.stages import deploy_stage
+
+    ray = ray_cluster
+
+    @ray.remote(max_retries=0)
+    def crashed():
+        raise RuntimeError("the training process died")
+
+    classifier = {"arch": "resnet18", "task": "classification", "status": "done", "metrics": {"top1": 0.5}}
+    out = deploy_stage(str(tmp_path), {}, [crashed.remote(), classifier], ["yolo_v1", "resnet18"])
+    assert out["status"] == "failed" and "yolo_v1" in out["error"]
+    only_classifiers = deploy_stage(str(tmp_path), {}, [classifier], ["resnet18"])
+    assert only_classifiers["status"] == "skipped"

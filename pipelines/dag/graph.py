@@ -105,7 +105,7 @@ def build_dag(cfg: RunConfig, board=None, runtime_env: dict | None = None, drive
         # Beside the comparison, not after it: the choice needs only the evaluations, and the comparison's
         # model-size measurements overlap the Serve start (docs/pipeline.md).
         deployed = _node(stages.deploy_stage, "deploy", num_cpus=0, **on_driver)(
-            run, cfg.deploy.model_dump(), evals, board)
+            run, cfg.deploy.model_dump(), evals, archs, board)
         if cfg.smoke.enabled:
             smoke = _node(stages.smoke_stage, "smoke", num_cpus=0, **on_driver)(
                 run, cfg.smoke.model_dump(), deployed, data, board)

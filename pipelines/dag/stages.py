@@ -266,15 +266,22 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
 
 # --- compare, robustness, deploy, smoke -----------------------------------------------------------
 
-def resolve_branches(results: list) -> list[dict]:
+def resolve_branches(results: list, archs: list[str] | None = None) -> list[dict]:
     """The branch results (ObjectRefs nested in a list, so a crashed branch does not fail the stage that
-    gathers them): each resolved, or turned into a failed result naming the error."""
+    gathers them): each resolved, or turned into a failed result naming the error (``"crashed": True``;
+    with ``archs``, the branches' architectures in order, it also names its arch and task)."""
     out = []
-    for item in results:
+    for i, item in enumerate(results):
         try:
             out.append(ray.get(item) if isinstance(item, ray.ObjectRef) else item)
         except Exception as e:  # a worker that died (out of memory, killed) mid-branch
-            out.append({"arch": None, "status": "failed", "stage": "train", "error": _error_text(e)})
+            failed = {"arch": None, "task": None, "status": "failed", "stage": "train", "error": _error_text(e),
+                      "crashed": True}
+            if archs is not None:
+                from vision.models import model_task
+
+                failed.update(arch=archs[i], task=model_task(archs[i]))
+            out.append(failed)
     return out
 
 
@@ -283,13 +290,11 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
     """The comparison of every architecture of the run (table + chart), failed ones listed with their
     error. Returns ``{"branches": [...], "report": path, "chart": path, "table": path}``."""
     run = RunDir(run_uri)
-    results = resolve_branches(branches)
-    for arch, r in zip(archs, results):
-        if r.get("arch") is None:
-            from vision.models import model_task
-
-            r.update(_branch_failure(run, arch, r.get("stage", "train"), r["error"], model_task(arch)))
-            _report(board, f"{r['stage']}/{arch}", "failed", error=r["error"])
+    results = resolve_branches(branches, archs)
+    for r in results:
+        if r.pop("crashed", False):
+            r.update(_branch_failure(run, r["arch"], r["stage"], r["error"], r["task"]))
+            _report(board, f"{r['stage']}/{r['arch']}", "failed", error=r["error"])
     ok = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
     inputs = {r["arch"]: r.get("key", r.get("error")) for r in results}
@@ -399,12 +404,13 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
                      failed=lambda error: {"error": error})
 
 
-def deploy_stage(run_uri: str, cfg: dict, branches: list, board=None) -> dict:
+def deploy_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], board=None) -> dict:
     """Serve the best detection and segmentation checkpoints (or the configured ones) over HTTP, chosen
-    from the branch results (refs in a list, as the comparison gets them; a crashed branch is passed over).
-    Always runs: a deployment is live state, not a file. Returns ``{"url", "models": {...}}`` or an error."""
+    from the branch results (refs in a list, as the comparison gets them, with their ``archs``; a crashed
+    branch counts as a failed one of its task). Always runs: a deployment is live state, not a file.
+    Returns ``{"url", "models": {...}}`` or an error."""
     run = RunDir(run_uri)
-    branches = [r for r in resolve_branches(branches) if r.get("arch") is not None]
+    branches = resolve_branches(branches, archs)
     chosen = {}
     for task, fixed in (("detection", cfg.get("detection_arch")), ("segmentation", cfg.get("segmentation_arch"))):
         pick = next((r for r in branches if r["arch"] == fixed and r.get("status") == "done"), None) if fixed \
