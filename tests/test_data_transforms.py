@@ -42,6 +42,41 @@ def test_box_is_the_bbox_of_its_transformed_mask(rows):
     assert checked > 100
 
 
+def _composed(image, boxes, labels, *, size, train, iscrowd, masks, seed):
+    """The reference: torchvision's v2 Compose of ``detection_transform`` on tv_tensors."""
+    T._seed_torch(seed)
+    img, target = T.to_tv(image, boxes, labels, iscrowd, masks)
+    img, target = T.detection_transform(size, train)(img, target)
+    return img.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+
+
+def test_transform_detection_is_the_composed_v2_transform_bit_for_bit(rows):
+    """transform_detection calls the kernels directly: the same draws and outputs as the v2 Compose, on
+    the real rows (masks included) and on random boxes partly outside, degenerate or missing."""
+    cases = [(*_decoded(r), r["labels"], r["iscrowd"]) for r in rows[:12]]
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        h, w, n = int(rng.integers(24, 200)), int(rng.integers(24, 200)), int(rng.integers(0, 5))
+        xy = rng.uniform(-5, [w, h], (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(0, [w / 2, h / 2], (n, 2))], 1).astype(np.float32)
+        cases.append((torch.from_numpy(rng.integers(0, 255, (3, h, w), dtype=np.uint8)), boxes,
+                      torch.from_numpy(rng.integers(0, 2, (n, h, w), dtype=np.uint8)),
+                      rng.integers(1, 6, n).tolist(), rng.integers(0, 2, n).tolist()))
+    flipped = 0
+    for i, (image, boxes, masks, labels, crowd) in enumerate(cases):
+        for train, size, with_masks in ((True, 64, True), (True, 131, False), (False, 64, True)):
+            m = masks if with_masks else None
+            want = _composed(image, boxes, labels, size=size, train=train, iscrowd=crowd, masks=m, seed=i)
+            got = T.transform_detection(image, boxes, labels, size=size, train=train, iscrowd=crowd, masks=m,
+                                        seed=i)
+            assert torch.equal(got[0], want[0]) and got[1].keys() == want[1].keys(), (i, train, size)
+            for k in want[1]:
+                assert got[1][k].dtype == want[1][k].dtype and torch.equal(got[1][k], want[1][k]), (i, k)
+            flipped += train and not torch.equal(got[0], T.transform_detection(
+                image, boxes, labels, size=size, train=True, seed=i, flip_p=0.0)[0])
+    assert flipped > 50  # both branches of the flip were compared
+
+
 def test_flip_twice_is_the_original(rows):
     flip = v2.RandomHorizontalFlip(p=1.0)
     for row in rows[:10]:

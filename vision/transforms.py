@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 # Detection/segmentation train-time scale jitter around the training size.
 SCALE_RANGE = (0.75, 1.25)
+_XYXY = tv_tensors.BoundingBoxFormat.XYXY
 # Classification crops: context added around the object box (fraction of its size).
 CROP_CONTEXT = 0.1
 
@@ -98,24 +99,43 @@ def to_tv(image: torch.Tensor, boxes, labels, iscrowd=None, masks=None) -> tuple
 
 
 def transform_detection(image, boxes, labels, *, size: int, train: bool, iscrowd=None, masks=None,
-                        seed: int | None = None, scale_range=SCALE_RANGE):
+                        seed: int | None = None, scale_range=SCALE_RANGE, flip_p: float = 0.5):
     """Run :func:`detection_transform` on one image and its instances.
 
     Takes a uint8 (3, H, W) image, boxes (N, 4) xyxy pixels, labels (N,), optional iscrowd (N,) and
     masks (N, H, W); ``seed`` makes the draw reproducible. Returns ``(image uint8 (3, H', W'), target)``
     with ``boxes`` float32, ``labels`` int64 and, when given, ``iscrowd`` and ``masks`` uint8.
+
+    The same draws and the same torchvision kernels as :func:`detection_transform`, called directly on
+    plain tensors: bit for bit its result (``tests/test_data_transforms.py``) at half its cost per image
+    (the ``Compose``'s tv_tensors dispatch and pytree walks were most of it; docs/data.md).
     """
     if seed is not None:
         _seed_torch(seed)
-    img, target = to_tv(image, boxes, labels, iscrowd, masks)
-    img, target = detection_transform(size, train, scale_range)(img, target)
-    out = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
-           "labels": target["labels"].as_subclass(torch.Tensor)}
-    if "iscrowd" in target:
-        out["iscrowd"] = target["iscrowd"].as_subclass(torch.Tensor)
-    if "masks" in target:
-        out["masks"] = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
-    return img.as_subclass(torch.Tensor), out
+    b = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+    out = {"boxes": b, "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)}
+    if iscrowd is not None:
+        out["iscrowd"] = torch.as_tensor(np.asarray(iscrowd, dtype=np.uint8)).reshape(-1)
+    if train:
+        h, w = image.shape[-2:]
+        if torch.rand(1) < flip_p:  # v2.RandomHorizontalFlip's draw
+            image = F.horizontal_flip_image(image)
+            b = F.horizontal_flip_bounding_boxes(b, format=_XYXY, canvas_size=(h, w))
+            masks = None if masks is None else F.horizontal_flip_mask(masks)
+        # v2.ScaleJitter's draw and size
+        scale = scale_range[0] + torch.rand(1) * (scale_range[1] - scale_range[0])
+        r = min(size / h, size / w) * scale
+        new = [int(h * r), int(w * r)]
+        image = F.resize_image(image, new, antialias=True)
+        b, canvas = F.resize_bounding_boxes(b, canvas_size=(h, w), size=new)
+        masks = None if masks is None else F.resize_mask(masks, new)
+        b, valid = F.sanitize_bounding_boxes(b, format=_XYXY, canvas_size=canvas)  # v2.SanitizeBoundingBoxes
+        out = {k: (v[valid] if k != "boxes" else b) for k, v in out.items()}
+        masks = None if masks is None else masks[valid]
+    out["boxes"] = out["boxes"].float()
+    if masks is not None:
+        out["masks"] = masks.to(torch.uint8)
+    return image, out
 
 
 def crop_box(box, height: int, width: int, *, train: bool, context: float = CROP_CONTEXT,
