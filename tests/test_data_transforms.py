@@ -69,12 +69,30 @@ def test_transform_detection_is_the_composed_v2_transform_bit_for_bit(rows):
             want = _composed(image, boxes, labels, size=size, train=train, iscrowd=crowd, masks=m, seed=i)
             got = T.transform_detection(image, boxes, labels, size=size, train=train, iscrowd=crowd, masks=m,
                                         seed=i)
-            assert torch.equal(got[0], want[0]) and got[1].keys() == want[1].keys(), (i, train, size)
+            assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype, (i, train, size)
+            assert got[1].keys() == want[1].keys(), (i, train, size)
             for k in want[1]:
                 assert got[1][k].dtype == want[1][k].dtype and torch.equal(got[1][k], want[1][k]), (i, k)
             flipped += train and not torch.equal(got[0], T.transform_detection(
                 image, boxes, labels, size=size, train=True, seed=i, flip_p=0.0)[0])
     assert flipped > 50  # both branches of the flip were compared
+
+
+def test_transform_detection_names_mismatched_instances():
+    image = torch.zeros((3, 40, 50), dtype=torch.uint8)
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 30]], np.float32)
+    with pytest.raises(ValueError, match=r"masks of shape \(2, 40, 40\) for 2 boxes on a 40x50 image"):
+        T.transform_detection(image, boxes, [1, 2], masks=torch.zeros((2, 40, 40), dtype=torch.uint8), size=32,
+                              train=True, seed=0)
+    with pytest.raises(ValueError, match="expected \\(2, 40, 50\\)"):
+        T.transform_detection(image, boxes, [1, 2], masks=np.zeros((1, 40, 50), np.uint8), size=32, train=False)
+    with pytest.raises(ValueError, match="1 labels for 2 boxes"):
+        T.transform_detection(image, boxes, [1], size=32, train=True, seed=0)
+    with pytest.raises(ValueError, match="3 iscrowd for 2 boxes"):
+        T.transform_detection(image, boxes, [1, 2], iscrowd=[0, 0, 1], size=32, train=True, seed=0)
+    _, t = T.transform_detection(image, boxes, [1, 2], masks=np.ones((2, 40, 50), np.uint8), size=32, train=True,
+                                 seed=0)  # numpy masks are taken as tensors
+    assert t["masks"].dtype == torch.uint8 and t["masks"].shape[0] == len(t["boxes"])
 
 
 def test_flip_twice_is_the_original(rows):

@@ -116,8 +116,16 @@ def transform_detection(image, boxes, labels, *, size: int, train: bool, iscrowd
     out = {"boxes": b, "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)}
     if iscrowd is not None:
         out["iscrowd"] = torch.as_tensor(np.asarray(iscrowd, dtype=np.uint8)).reshape(-1)
+    h, w = image.shape[-2:]
+    for key in ("labels", "iscrowd"):
+        if key in out and len(out[key]) != len(b):
+            raise ValueError(f"{len(out[key])} {key} for {len(b)} boxes")
+    if masks is not None:
+        masks = torch.as_tensor(masks)
+        if tuple(masks.shape) != (len(b), h, w):
+            raise ValueError(f"masks of shape {tuple(masks.shape)} for {len(b)} boxes on a {h}x{w} image: "
+                             f"expected ({len(b)}, {h}, {w})")
     if train:
-        h, w = image.shape[-2:]
         if torch.rand(1) < flip_p:  # v2.RandomHorizontalFlip's draw
             image = F.horizontal_flip_image(image)
             b = F.horizontal_flip_bounding_boxes(b, format=_XYXY, canvas_size=(h, w))
