@@ -30,13 +30,44 @@ def test_labels_of_crowded_points_never_overlap():
 
 def test_one_panel_per_task_and_numbers_follow_the_metric():
     rows = [{"arch": f"c{i}", "task": "classification", "status": "done", "accuracy": 0.3 + i / 100,
-             "gflops": 1.0, "params": 1e6} for i in range(20)]
-    rows += [{"arch": "d", "task": "detection", "status": "done", "accuracy": 0.5, "gflops": 3.0, "params": 2e6},
+             "metric": "top-1", "gflops": 1.0, "params": 1e6} for i in range(20)]
+    rows += [{"arch": "d", "task": "detection", "status": "done", "accuracy": 0.5, "metric": "box AP",
+              "gflops": 3.0, "params": 2e6},
              {"arch": "bad", "task": "detection", "status": "failed", "error": "boom"}]
-    ranked = _ranked(rows, "classification")
+    ranked = _ranked(rows, "classification", "top-1")
     assert [r["arch"] for r in ranked[:2]] == ["c19", "c18"]  # number 1 is the best
     png = chart(rows, None)
     img = Image.open(io.BytesIO(png))
     two_tasks = img.size
     one_task = Image.open(io.BytesIO(chart(rows[:20], None))).size
     assert two_tasks[1] > 1.6 * one_task[1], (two_tasks, one_task)  # a second panel below the first
+
+
+def test_semantic_and_instance_segmenters_are_scored_by_their_own_metric(tmp_path):
+    """DeepLabV3 and FCN have no mask AP: their rows carry mIoU (from eval/metrics.json or the last val
+    record) and get a panel of their own, apart from Mask R-CNN's mask AP."""
+    import json
+
+    from pipelines.reports.compare import _panels, main_metric, markdown_table, summarize_run
+
+    assert main_metric("segmentation", {"miou": 0.4, "pixel_acc": 0.9}, None) == ("miou", "mIoU")
+    assert main_metric("segmentation", None, {"val_segm/AP": 0.1, "val_bbox/AP": 0.2}) == ("segm/AP", "mask AP")
+    assert main_metric("segmentation", None, None) == ("segm/AP", "mask AP")
+    assert main_metric("detection", {"bbox/AP": 0.3}, None) == ("bbox/AP", "box AP")
+
+    rows = []
+    for arch, metrics in (("deeplabv3_mobilenet_v3", {"miou": 0.42}),
+                          ("maskrcnn_resnet18_fpn", {"segm/AP": 0.21})):
+        run = tmp_path / arch
+        (run / "eval").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"arch": arch, "task": "segmentation"}))
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_images_per_s": 5.0}) + "\n")
+        (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        rows.append({**summarize_run(str(run)), "gflops": 1.0, "params": 1e6})
+    assert [(r["metric"], r["accuracy"]) for r in rows] == [("mIoU", 0.42), ("mask AP", 0.21)]
+    table = markdown_table(rows)
+    assert "| deeplabv3_mobilenet_v3 | segmentation |" in table and "| mIoU | 0.420 |" in table and "| mask AP | 0.210 |" in table
+    assert _panels(rows, ["segmentation"]) == [("segmentation", "mask AP"), ("segmentation", "mIoU")]
+    two = Image.open(io.BytesIO(chart(rows, None))).size
+    one = Image.open(io.BytesIO(chart(rows[:1], None))).size
+    assert two[1] > 1.6 * one[1], (two, one)  # two panels, not one axis mixing mIoU and mask AP

@@ -2,8 +2,9 @@
 
 For each run directory: architecture, task, parameters, GFLOPs (the trained model at 224x224, measured by
 ``torch.utils.flop_counter``), the accuracy it reached (the task's main metric: top-1, localization
-accuracy, box AP, mask AP), images/s in training and in inference on this machine. A run directory that
-holds ``failed.json`` ({"error": ...}, written by the DAG) is listed as failed with its error.
+accuracy, box AP, mask AP; mIoU for a semantic segmenter), images/s in training and in inference on this
+machine. A run directory that holds ``failed.json`` ({"error": ...}, written by the DAG) is listed as
+failed with its error.
 """
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ import math
 
 from pipelines import storage
 
-MAIN_METRIC = {"classification": "top1", "localization": "loc_acc", "detection": "bbox/AP",
-               "segmentation": "segm/AP"}
-METRIC_LABEL = {"classification": "top-1", "localization": "loc. acc.", "detection": "box AP",
-                "segmentation": "mask AP"}
+# Each task's main metric (its key in metrics.json, "val_" + key in the training records) and its label, in
+# order of preference: a semantic segmenter (DeepLabV3, FCN) has no mask AP; it is scored by mIoU.
+MAIN_METRICS = {"classification": [("top1", "top-1")], "localization": [("loc_acc", "loc. acc.")],
+                "detection": [("bbox/AP", "box AP")], "segmentation": [("segm/AP", "mask AP"), ("miou", "mIoU")]}
+
+
+def main_metric(task: str | None, evaluated: dict | None, record: dict | None) -> tuple[str, str]:
+    """``(key, label)`` of the first of ``task``'s main metrics that the evaluation (metrics.json) or the
+    last training record (``val_<key>``) holds; the task's first when neither does."""
+    options = MAIN_METRICS.get(task) or [("top1", "top-1")]
+    for key, label in options:
+        if key in (evaluated or {}) or f"val_{key}" in (record or {}):
+            return key, label
+    return options[0]
 
 
 def _train_dir(run_dir: str) -> str:
@@ -77,14 +88,14 @@ def summarize_run(run_dir: str) -> dict:
         return {"run_dir": run_dir, "arch": config["arch"], "task": config["task"], "status": "failed",
                 "error": "no finished epoch (metrics.jsonl is empty)"}
     task, last = config["task"], records[-1]
-    key = MAIN_METRIC.get(task, "top1")
     evaluated = _eval_metrics(run_dir, train_dir)
+    key, label = main_metric(task, evaluated, last)
     accuracy = (evaluated or {}).get(key, last.get(f"val_{key}"))
     inference = (evaluated or {}).get("inference_images_per_s") or last.get("val_images_per_s")
     params, gflops = _model_size(config)
     return {"run_dir": run_dir, "arch": config["arch"], "task": task, "status": "done",
             "backbone": config.get("model_kwargs", {}).get("backbone"),
-            "params": params, "gflops": gflops, "metric": METRIC_LABEL.get(task, key), "accuracy": accuracy,
+            "params": params, "gflops": gflops, "metric": label, "accuracy": accuracy,
             "epochs": last["epoch"] + 1, "workers": config.get("workers"),
             "train_images_per_s": sum(r["train_images_per_s"] for r in records) / len(records),
             "inference_images_per_s": inference}
@@ -139,14 +150,21 @@ def place_labels(points: list[tuple[float, float]], box: tuple[float, float], st
     return offsets
 
 
-def _ranked(rows: list[dict], task: str) -> list[dict]:
-    """The finished rows of ``task`` with a metric, best first (the numbers on the chart)."""
-    pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r["accuracy"] is not None]
+def _ranked(rows: list[dict], task: str, metric: str) -> list[dict]:
+    """The finished rows of ``task`` scored by ``metric`` (a label), best first (the numbers on the chart)."""
+    pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r["metric"] == metric
+           and r["accuracy"] is not None]
     return sorted(pts, key=lambda r: (-r["accuracy"], r["arch"]))
 
 
+def _panels(rows: list[dict], tasks) -> list[tuple[str, str]]:
+    """``(task, metric label)`` of each chart panel, in ``tasks`` order: one per metric a task's rows use."""
+    return [(t, label) for t in tasks for _key, label in MAIN_METRICS.get(t, []) if _ranked(rows, t, label)]
+
+
 def chart(rows: list[dict], path: str) -> bytes:
-    """PNG: one panel per task, accuracy (the task's metric) against GFLOPs, marker area by parameters.
+    """PNG: one panel per task and metric (semantic and instance segmenters apart), accuracy against GFLOPs,
+    marker area by parameters.
     Points carry numbers placed without overlap (``place_labels``); beside each panel its table, sorted by
     the metric, names every number. Returns the PNG bytes (also written to ``path`` when given)."""
     import io
@@ -158,15 +176,15 @@ def chart(rows: list[dict], path: str) -> bytes:
 
     colours = {"classification": "tab:blue", "localization": "tab:orange", "detection": "tab:green",
                "segmentation": "tab:red"}
-    tasks = [t for t in colours if _ranked(rows, t)]
+    panels = _panels(rows, colours)
     failed = [r["arch"] for r in rows if r["status"] != "done"]
-    n = max(1, len(tasks))
-    tallest = max((len(_ranked(rows, t)) for t in tasks), default=1)
+    n = max(1, len(panels))
+    tallest = max((len(_ranked(rows, *p)) for p in panels), default=1)
     fig = plt.figure(figsize=(12, max(3.2, 0.22 * tallest + 1.6) * n), dpi=110)
     grid = fig.add_gridspec(n, 2, width_ratios=[1.5, 1], hspace=0.45, wspace=0.05)
     biggest = max((r["params"] or 1 for r in rows if r["status"] == "done"), default=1)
-    for i, task in enumerate(tasks):
-        pts = _ranked(rows, task)
+    for i, (task, metric) in enumerate(panels):
+        pts = _ranked(rows, task, metric)
         ax, side = fig.add_subplot(grid[i, 0]), fig.add_subplot(grid[i, 1])
         xs = [r["gflops"] or 1e-3 for r in pts]
         ys = [r["accuracy"] for r in pts]
@@ -178,8 +196,8 @@ def chart(rows: list[dict], path: str) -> bytes:
         ax.set_ylim(max(0.0, lo - pad), min(1.05, hi + pad))
         ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
         ax.set_xlabel("GFLOPs per 224x224 image (log)")
-        ax.set_ylabel(METRIC_LABEL[task])
-        ax.set_title(f"{task}: {METRIC_LABEL[task]} vs compute (marker area ~ parameters)", fontsize=10)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}: {metric} vs compute (marker area ~ parameters)", fontsize=10)
         ax.grid(True, alpha=0.3)
         fig.canvas.draw()
         to_pt = 72.0 / fig.dpi
@@ -193,12 +211,12 @@ def chart(rows: list[dict], path: str) -> bytes:
         side.axis("off")
         cells = [[str(k), r["arch"], _num(r["accuracy"], ".3f"), _num(r["gflops"], ".2f"),
                   _num(r["params"] and r["params"] / 1e6, ".1f")] for k, r in enumerate(pts, start=1)]
-        table = side.table(cellText=cells, colLabels=["#", "architecture", METRIC_LABEL[task], "GFLOPs", "M params"],
-                           loc="upper left", cellLoc="left", colLoc="left", colWidths=[0.06, 0.52, 0.14, 0.14, 0.14])
+        table = side.table(cellText=cells, colLabels=["#", "architecture", metric, "GFLOPs", "M params"],
+                           loc="upper left", cellLoc="left", colLoc="left", colWidths=[0.06, 0.47, 0.15, 0.14, 0.18])
         table.auto_set_font_size(False)
         table.set_fontsize(7.5)
         table.scale(1, 1.1)
-    if not tasks:
+    if not panels:
         fig.text(0.5, 0.5, "no finished run with a metric", ha="center")
     if failed:
         fig.text(0.01, 0.005, "failed: " + ", ".join(failed), fontsize=8, color="tab:red")

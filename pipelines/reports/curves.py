@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 
-from pipelines.reports.compare import MAIN_METRIC, METRIC_LABEL
+from pipelines.reports.compare import MAIN_METRICS
 
 TASK_ORDER = ("classification", "localization", "detection", "segmentation")
 
@@ -32,18 +32,16 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def metric_key(task: str | None, records: list[dict]) -> str | None:
     """The record key of the task's main metric (``val_top1``, ``val_bbox/AP``...) when the records hold it;
     for a segmentation run without mask AP (a semantic segmenter), its ``val_miou``."""
-    candidates = [f"val_{MAIN_METRIC[task]}"] if task in MAIN_METRIC else []
-    if task == "segmentation":
-        candidates.append("val_miou")
-    for key in candidates:
+    for key in (f"val_{k}" for k, _label in MAIN_METRICS.get(task, [])):
         if any(key in r for r in records):
             return key
     return None
 
 
 def _metric_label(task: str | None, key: str) -> str:
-    if task in METRIC_LABEL and key == f"val_{MAIN_METRIC[task]}":
-        return f"val {METRIC_LABEL[task]}"
+    for k, label in MAIN_METRICS.get(task, []):
+        if key == f"val_{k}":
+            return f"val {label}"
     return key.replace("_", " ")
 
 
