@@ -158,3 +158,25 @@ def test_a_trainings_views_read_and_augment_in_one_task(data_dir, tmp_path):
         view = datasets[name]
         assert sum(len(b["image_id"]) for b in view.iter_batches(batch_size=8, batch_format="numpy")) > 0
         assert "MapBatches(_read_shards)->MapBatches(_detection_rows)" in view.stats(), name
+
+
+def test_collate_gives_tensors_of_their_own_over_read_only_columns():
+    """A column Ray hands out as one fixed-shape array is a read-only view of the block: the targets copy
+    it (no warning, and a write to a target never reaches the batch); the image converts to float [0, 1]."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 255, (2, 8, 10, 3), dtype=np.uint8),
+             "boxes": np.array([[[1, 1, 5, 5]], [[2, 2, 6, 7]]], np.float32),
+             "labels": np.array([[1], [3]]), "iscrowd": np.zeros((2, 1), np.uint8),
+             "masks": np.ones((2, 1, 8, 10), np.uint8), "image_id": np.array([4, 9])}
+    for v in batch.values():
+        v.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it shares a non-writable array
+        images, targets = collate_detection(batch)
+    assert torch.equal(images[1], torch.from_numpy(batch["image"][1]).permute(2, 0, 1).float() / 255)
+    assert [t["image_id"] for t in targets] == [4, 9] and targets[1]["labels"].tolist() == [3]
+    targets[0]["boxes"] += 100
+    targets[0]["masks"].zero_()
+    assert batch["boxes"][0, 0, 0] == 1 and batch["masks"].min() == 1

@@ -157,15 +157,23 @@ def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
         # 2 cores (docs/data.md).
         hwc = np.asarray(batch["image"][i], dtype=np.uint8)
         images.append(torch.from_numpy(np.divide(hwc, np.float32(255.0), dtype=np.float32)).permute(2, 0, 1))
-        t = {
-            "boxes": torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)),
-            "labels": torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64).reshape(-1)),
-            "iscrowd": torch.from_numpy(np.asarray(batch["iscrowd"][i], dtype=np.uint8).reshape(-1)),
-        }
+        t = {"boxes": _tensor(batch["boxes"][i], np.float32, (-1, 4)),
+             "labels": _tensor(batch["labels"][i], np.int64, (-1,)),
+             "iscrowd": _tensor(batch["iscrowd"][i], np.uint8, (-1,))}
         if "image_id" in batch:
             t["image_id"] = int(batch["image_id"][i])
         if "masks" in batch:
             h, w = hwc.shape[:2]
-            t["masks"] = torch.from_numpy(np.asarray(batch["masks"][i], dtype=np.uint8).reshape(-1, h, w))
+            t["masks"] = _tensor(batch["masks"][i], np.uint8, (-1, h, w))
         targets.append(t)
     return images, targets
+
+
+def _tensor(values, dtype, shape) -> torch.Tensor:
+    """A tensor of its own: where a column came as one fixed-shape array (every row the same size), Ray
+    hands out read-only views of the block's memory, which torch would share (with a warning) and a
+    write to a target would then reach."""
+    import torch
+
+    a = np.asarray(values, dtype=dtype).reshape(shape)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
