@@ -161,22 +161,27 @@ def test_a_trainings_views_read_and_augment_in_one_task(data_dir, tmp_path):
 
 
 def test_collate_gives_tensors_of_their_own_over_read_only_columns():
-    """A column Ray hands out as one fixed-shape array is a read-only view of the block: the targets copy
-    it (no warning, and a write to a target never reaches the batch); the image converts to float [0, 1]."""
-    import warnings
-
+    """A column Ray hands out as one fixed-shape array (or ragged, as arrays) can be a read-only view of the
+    block: the targets copy it, so a write to a target never reaches the batch (torch would share a
+    read-only array, with a warning it gives once per process); the image converts to float [0, 1]."""
     rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 255, (2, 8, 10, 3), dtype=np.uint8),
+    fixed = {"image": rng.integers(0, 255, (2, 8, 10, 3), dtype=np.uint8),
              "boxes": np.array([[[1, 1, 5, 5]], [[2, 2, 6, 7]]], np.float32),
              "labels": np.array([[1], [3]]), "iscrowd": np.zeros((2, 1), np.uint8),
              "masks": np.ones((2, 1, 8, 10), np.uint8), "image_id": np.array([4, 9])}
-    for v in batch.values():
-        v.setflags(write=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns when it shares a non-writable array
+    ragged = {}
+    for k, v in fixed.items():
+        ragged[k] = np.empty(2, object) if k != "image_id" else v.copy()
+        for i in range(2):
+            if k != "image_id":
+                ragged[k][i] = v[i].copy()
+    for batch in (fixed, ragged):
+        for v in batch.values():
+            for a in (v if v.dtype == object else [v]):
+                a.setflags(write=False)
         images, targets = collate_detection(batch)
-    assert torch.equal(images[1], torch.from_numpy(batch["image"][1]).permute(2, 0, 1).float() / 255)
-    assert [t["image_id"] for t in targets] == [4, 9] and targets[1]["labels"].tolist() == [3]
-    targets[0]["boxes"] += 100
-    targets[0]["masks"].zero_()
-    assert batch["boxes"][0, 0, 0] == 1 and batch["masks"].min() == 1
+        assert torch.equal(images[1], torch.tensor(np.array(batch["image"][1])).permute(2, 0, 1).float() / 255)
+        assert [t["image_id"] for t in targets] == [4, 9] and targets[1]["labels"].tolist() == [3]
+        targets[0]["boxes"] += 100
+        targets[0]["masks"].zero_()
+        assert batch["boxes"][0][0, 0] == 1 and np.asarray(batch["masks"][0]).min() == 1

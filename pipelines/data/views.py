@@ -172,8 +172,7 @@ def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
 def _tensor(values, dtype, shape) -> torch.Tensor:
     """A tensor of its own: where a column came as one fixed-shape array (every row the same size), Ray
     hands out read-only views of the block's memory, which torch would share (with a warning) and a
-    write to a target would then reach."""
-    import torch
+    write to a target would then reach (``as_tensor`` copies those)."""
+    from vision.structures import as_tensor
 
-    a = np.asarray(values, dtype=dtype).reshape(shape)
-    return torch.from_numpy(a if a.flags.writeable else a.copy())
+    return as_tensor(np.asarray(values, dtype=dtype).reshape(shape))

@@ -152,7 +152,7 @@ def place_labels(points: list[tuple[float, float]], box: tuple[float, float], st
 
 def _ranked(rows: list[dict], task: str, metric: str) -> list[dict]:
     """The finished rows of ``task`` scored by ``metric`` (a label), best first (the numbers on the chart)."""
-    pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r["metric"] == metric
+    pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r.get("metric") == metric
            and r["accuracy"] is not None]
     return sorted(pts, key=lambda r: (-r["accuracy"], r["arch"]))
 
