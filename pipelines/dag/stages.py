@@ -327,7 +327,9 @@ def _compare_outputs(run: RunDir, results: list[dict], archs: list[str], ok: lis
 
 
 def _headline(metrics: dict) -> tuple[str, float | None]:
-    """The metric a branch is ranked by: COCO AP for detectors, top-1 / accuracy for the rest."""
+    """The metric a branch is ranked and summarised by: COCO AP50 for detectors and instance segmenters
+    (the run's summary table; the comparison's table shows AP), localization accuracy, top-1, and mIoU for
+    semantic segmenters."""
     for k in ("segm/AP50", "bbox/AP50", "segm/AP", "bbox/AP", "loc_acc", "top1", "miou", "pixel_acc"):
         if isinstance(metrics.get(k), (int, float)):
             return k, float(metrics[k])
