@@ -72,7 +72,9 @@ def detection_transform(size: int, train: bool, scale_range=SCALE_RANGE, flip_p:
 
     Train: random horizontal flip, scale jitter so the image fits ``size`` x ``size`` times a factor
     in ``scale_range`` (aspect kept), then sanitize. Eval: the identity (detectors see the original size).
-    Built once per setting (the modules hold no state: each call draws from torch's generator).
+    Built once per setting (the modules hold no state: each call draws from torch's generator). The
+    definition: :func:`transform_detection` runs the same draws and kernels without the ``Compose``, and a
+    test holds the two equal.
     """
     if not train:
         return v2.Identity()
@@ -138,7 +140,7 @@ def transform_detection(image, boxes, labels, *, size: int, train: bool, iscrowd
         b, canvas = F.resize_bounding_boxes(b, canvas_size=(h, w), size=new)
         masks = None if masks is None else F.resize_mask(masks, new)
         b, valid = F.sanitize_bounding_boxes(b, format=_XYXY, canvas_size=canvas)  # v2.SanitizeBoundingBoxes
-        out = {k: (v[valid] if k != "boxes" else b) for k, v in out.items()}
+        out = {**{k: v[valid] for k, v in out.items()}, "boxes": b}
         masks = None if masks is None else masks[valid]
     out["boxes"] = out["boxes"].float()
     if masks is not None:

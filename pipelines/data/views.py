@@ -153,8 +153,8 @@ def collate_detection(batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
     for i in range(n):
         # numpy's divide, not torch's: the same float32 values and layout, but one thread. torch's
         # intra-op threads wait for each other in a barrier for every image of 50k+ values while the cores
-        # also run the augmentation: the consumer's CPU per image fell from 0.6-0.9 ms to 0.25 ms on
-        # 2 cores (docs/data.md).
+        # also run the augmentation: the consumer's CPU per image fell from 0.35-0.61 ms to 0.20-0.25 ms
+        # on 2 cores (docs/data.md).
         hwc = np.asarray(batch["image"][i], dtype=np.uint8)
         images.append(torch.from_numpy(np.divide(hwc, np.float32(255.0), dtype=np.float32)).permute(2, 0, 1))
         t = {"boxes": _tensor(batch["boxes"][i], np.float32, (-1, 4)),
