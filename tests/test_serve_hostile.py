@@ -367,10 +367,18 @@ def redeployed(url):
             "nms_batching": {"max_batch_size": 32, "batch_wait_timeout_s": NMS_WAIT_S}}, port=PORT,
            http_options=HttpOptions(request_timeout_s=REQUEST_TIMEOUT_S))
     # A rolling update can still be draining the old replicas when deploy returns: wait until only the new
-    # ones answer.
+    # ones answer this process's handles and no old one is left for the HTTP proxy, whose own router learns
+    # of the change on its own (a request through it was once answered by the old Ingress, without the
+    # new limit).
+    from ray import serve
+
+    def stopping() -> int:
+        states = serve.status().applications["visionflow"].deployments
+        return sum(states[d].replica_states.get("STOPPING", 0) for d in replaced)
+
     deadline, streak = time.monotonic() + 120, 0
     while streak < 3 and time.monotonic() < deadline:
-        fresh = all(_handle(d).pid.remote().result() != old[d] for d in replaced)
+        fresh = all(_handle(d).pid.remote().result() != old[d] for d in replaced) and stopping() == 0
         streak = streak + 1 if fresh else 0
         time.sleep(0.5)
     assert streak == 3, f"{replaced} were not replaced with the new arguments"
