@@ -72,19 +72,22 @@ def profile(run: Path) -> dict:
 
 
 def lane_costs(run: Path, prof: dict) -> dict:
-    """Per architecture ``{"epoch_s", "eval_s"}`` from a profiled run (its rows with phases). The phases
-    cover the training's last fit only: a resumed one ran the epochs from its ``start_epoch``."""
-    from pipelines.storage import read_metrics
+    """Per architecture ``{"epoch_s", "eval_s", "train_images"}`` from a profiled run (its rows with phases;
+    ``train_images``: the training's ``train_images`` setting, None for the whole split). The phases cover
+    the training's last fit only: a resumed one ran the epochs from its ``start_epoch``."""
+    from pipelines.storage import read_json, read_metrics
 
     out = {}
     for r in prof["rows"]:
-        records = read_metrics(str(run / "archs" / r["arch"] / "train")) if "steps_s" in r else []
+        train_dir = str(run / "archs" / r["arch"] / "train")
+        records = read_metrics(train_dir) if "steps_s" in r else []
         if not records:
             continue
         last = records[-1]
         epochs = max(1, int(last["epoch"]) + 1 - int(last.get("start_epoch", 0)))
         out[r["arch"]] = {"epoch_s": round((r["steps_s"] + r["val_s"] + r["other_s"]) / epochs, 2),
-                          "eval_s": round(r["eval_wall_s"] or 0.0, 2)}
+                          "eval_s": round(r["eval_wall_s"] or 0.0, 2),
+                          "train_images": (read_json(train_dir, "config.json") or {}).get("train_images")}
     return out
 
 

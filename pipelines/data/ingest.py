@@ -175,10 +175,13 @@ def _split_manifest(data_dir, split: str, split_root: str) -> dict:
     return read_manifest(join(os.fspath(data_dir), split) if "://" in os.fspath(data_dir) else split_root)
 
 
-def load_split(data_dir, split: str, *, num_cpus: float = 1.0) -> tuple[ray.data.Dataset, dict]:
+def load_split(data_dir, split: str, *, num_cpus: float = 1.0,
+               max_images: int | None = None) -> tuple[ray.data.Dataset, dict]:
     """``(dataset, manifest)`` of ``data_dir/split`` (``split`` is e.g. "train" or "val"). ``num_cpus``: of
     each read task; give the augmentation's (``augment(num_cpus=...)``) so that Ray Data fuses the read into
-    it (maps with other resources run as separate tasks, each block passing through the object store)."""
+    it (maps with other resources run as separate tasks, each block passing through the object store).
+    ``max_images``: only the split's first that many images, in the manifest's shard order (the same ones
+    on every call; shards past them are not read)."""
     fs, root = resolve(data_dir)
     split_root = join(root, split)
     if fs.get_file_info(split_root).type != pafs.FileType.Directory:
@@ -188,11 +191,13 @@ def load_split(data_dir, split: str, *, num_cpus: float = 1.0) -> tuple[ray.data
     if not manifest.get("shards"):
         return ray.data.from_arrow(SHARD_SCHEMA.empty_table()), manifest
     paths = [join(split_root, s) for s in manifest["shards"]]
+    items = ([{"path": p, "rows": None} for p in paths] if max_images is None
+             else first_images(fs, paths, max_images))
     # One block per shard, from the manifest's list. read_parquet would list the files again every epoch
     # (seconds) and pack small shards into one read task, so the augmentation fused after it would run as
     # a single task on one CPU. Fused with an augmentation (same num_cpus), a task takes as many shards as
     # the augmentation's batch size (16).
-    shards = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    shards = ray.data.from_items(items, override_num_blocks=len(items))
     return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
                               fn_kwargs={"filesystem": fs}, num_cpus=num_cpus), manifest
 
@@ -210,6 +215,22 @@ def read_split_table(data_dir, split: str, columns: list[str] | None = None) -> 
     return pq.read_table(paths, columns=columns, filesystem=fs, schema=SHARD_SCHEMA), manifest
 
 
+def first_images(fs, paths: list[str], max_images: int) -> list[dict]:
+    """``[{"path", "rows"}]``: the shards that hold the first ``max_images`` rows of ``paths`` (in order;
+    row counts from the Parquet footers) and, for the last one, how many of its rows (None: all)."""
+    if max_images < 1:
+        raise ValueError(f"max_images must be at least 1, got {max_images}")
+    items, left = [], max_images
+    for p in paths:
+        if left <= 0:
+            break
+        rows = pq.read_metadata(p, filesystem=fs).num_rows
+        items.append({"path": p, "rows": None if rows <= left else left})
+        left -= rows
+    return items
+
+
 def _read_shards(batch, filesystem):
-    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, schema=SHARD_SCHEMA)
-                             for p in batch["path"].to_pylist()])
+    rows = batch["rows"].to_pylist() if "rows" in batch.column_names else [None] * batch.num_rows
+    tables = [pq.read_table(p, filesystem=filesystem, schema=SHARD_SCHEMA) for p in batch["path"].to_pylist()]
+    return pa.concat_tables([t if n is None else t.slice(0, n) for t, n in zip(tables, rows)])

@@ -48,6 +48,8 @@ class TrainConfig(BaseModel):
     categories: list[dict] = Field(default_factory=list)  # filled from the manifest
     # where
     data: str = Field(description="data directory with train/ and val/ from visionflow ingest")
+    train_images: Optional[int] = Field(None, ge=1, description="train on the train split's first N images "
+                                        "only (the same ones every epoch and run); None: all of them")
     out: str = Field(description="run directory (local or s3://): checkpoints, metrics.jsonl, config.json")
     # resources
     workers: Union[int, Tuple[int, int]] = Field(1, description="Ray Train workers: N, or MIN-MAX for an elastic "

@@ -555,7 +555,8 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
     _check_builds(cfg, task)
-    train_ds, _ = load_split(cfg.data, "train", num_cpus=cfg.augment_cpus)  # read fused into the augmentation
+    train_ds, _ = load_split(cfg.data, "train", num_cpus=cfg.augment_cpus,  # read fused into the augmentation
+                             max_images=cfg.train_images)
     val_ds, _ = load_split(cfg.data, "val", num_cpus=cfg.augment_cpus)
     # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
     datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}

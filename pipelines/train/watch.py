@@ -38,13 +38,21 @@ def _say(line: str) -> None:
     out.flush()
 
 
-def expected_rows(task: str, manifest: dict) -> int | None:
+def expected_rows(task: str, manifest: dict, max_images: int | None = None) -> int | None:
     """Rows of a view (train per epoch, or val) from its split's manifest, before the first epoch counted them:
     a classification view has a row per object (crowd and tiny ones dropped: an upper bound), the others a
-    row per image (localization drops images without an object)."""
-    key = "num_instances" if task == "classification" else "num_images"
-    value = manifest.get(key)
-    return int(value) if isinstance(value, int) and value > 0 else None
+    row per image (localization drops images without an object). ``max_images``: the view reads only that
+    many of the split's images (``--train-images``); a classification view's objects are then estimated at
+    the split's mean per image."""
+    images, instances = manifest.get("num_images"), manifest.get("num_instances")
+    if not isinstance(images, int) or images <= 0:
+        return None
+    used = images if max_images is None else min(images, max_images)
+    if task != "classification":
+        return used
+    if not isinstance(instances, int) or instances <= 0:
+        return None
+    return max(1, round(instances * used / images))
 
 
 def expected_split_rows(cfg) -> dict:
@@ -52,7 +60,8 @@ def expected_split_rows(cfg) -> dict:
     from pipelines import storage
     from pipelines.data import read_manifest
 
-    return {split: expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), split)))
+    return {split: expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), split)),
+                                 cfg.train_images if split == "train" else None)
             for split in ("train", "val")}
 
 
