@@ -5,13 +5,14 @@ Data's split coordinator, a read task) imports what it runs, not torch and torch
 """
 from importlib import import_module
 
-from pipelines.data.ingest import ingest, load_split, read_coco, read_manifest, read_split_table
+from pipelines.data.ingest import (ingest, load_split, read_coco, read_manifest, read_shards, read_split_table,
+                                   split_shards)
 
 _LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "augment_table": "views",
          "collate_detection": "views"}
 
 __all__ = ["TASKS", "augment", "augment_table", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
-           "read_split_table", "save_preview"]
+           "read_shards", "read_split_table", "save_preview", "split_shards"]
 
 
 def __getattr__(name: str):

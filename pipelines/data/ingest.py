@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -175,31 +176,46 @@ def _split_manifest(data_dir, split: str, split_root: str) -> dict:
     return read_manifest(join(os.fspath(data_dir), split) if "://" in os.fspath(data_dir) else split_root)
 
 
-def load_split(data_dir, split: str, *, num_cpus: float = 1.0,
-               max_images: int | None = None) -> tuple[ray.data.Dataset, dict]:
+def load_split(data_dir, split: str, *, num_cpus: float = 1.0, max_images: int | None = None,
+               shuffle_seed: int | str | None = None) -> tuple[ray.data.Dataset, dict]:
     """``(dataset, manifest)`` of ``data_dir/split`` (``split`` is e.g. "train" or "val"). ``num_cpus``: of
     each read task; give the augmentation's (``augment(num_cpus=...)``) so that Ray Data fuses the read into
     it (maps with other resources run as separate tasks, each block passing through the object store).
     ``max_images``: only the split's first that many images, in the manifest's shard order (the same ones
-    on every call; shards past them are not read)."""
+    on every call; shards past them are not read). ``shuffle_seed``: read the shards in an order drawn
+    from it (``split_shards`` and ``read_shards`` do the two halves, for several orders of one split)."""
+    shards, manifest, fs = split_shards(data_dir, split, max_images=max_images)
+    return read_shards(shards, fs, num_cpus=num_cpus, shuffle_seed=shuffle_seed), manifest
+
+
+def split_shards(data_dir, split: str, *, max_images: int | None = None) -> tuple[list[dict], dict, object]:
+    """``(shards, manifest, filesystem)`` of ``data_dir/split``: ``[{"path", "rows"}]`` in the manifest's
+    order (``rows``: how many of the shard's first rows to read, None: all; see ``load_split``)."""
     fs, root = resolve(data_dir)
     split_root = join(root, split)
     if fs.get_file_info(split_root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no split {split!r} under {data_dir}: expected {data_dir}/{split}/ "
                                 "written by `visionflow ingest`")
     manifest = _split_manifest(data_dir, split, split_root)
-    if not manifest.get("shards"):
-        return ray.data.from_arrow(SHARD_SCHEMA.empty_table()), manifest
-    paths = [join(split_root, s) for s in manifest["shards"]]
-    items = ([{"path": p, "rows": None} for p in paths] if max_images is None
-             else first_images(fs, paths, max_images))
+    paths = [join(split_root, s) for s in manifest.get("shards") or []]
+    shards = ([{"path": p, "rows": None} for p in paths] if max_images is None
+              else first_images(fs, paths, max_images))
+    return shards, manifest, fs
+
+
+def read_shards(shards: list[dict], filesystem, *, num_cpus: float = 1.0,
+                shuffle_seed: int | str | None = None) -> ray.data.Dataset:
+    """The lazy dataset of ``split_shards``' shards, in their order or in one drawn from ``shuffle_seed``."""
+    if not shards:
+        return ray.data.from_arrow(SHARD_SCHEMA.empty_table())
+    shards = order_shards(shards, shuffle_seed)
     # One block per shard, from the manifest's list. read_parquet would list the files again every epoch
     # (seconds) and pack small shards into one read task, so the augmentation fused after it would run as
     # a single task on one CPU. Fused with an augmentation (same num_cpus), a task takes as many shards as
     # the augmentation's batch size (16).
-    shards = ray.data.from_items(items, override_num_blocks=len(items))
-    return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
-                              fn_kwargs={"filesystem": fs}, num_cpus=num_cpus), manifest
+    items = ray.data.from_items(shards, override_num_blocks=len(shards))
+    return items.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
+                             fn_kwargs={"filesystem": filesystem}, num_cpus=num_cpus)
 
 
 def read_split_table(data_dir, split: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
@@ -213,6 +229,14 @@ def read_split_table(data_dir, split: str, columns: list[str] | None = None) -> 
         return (empty.select(columns) if columns else empty), manifest
     paths = [join(split_root, s) for s in manifest["shards"]]
     return pq.read_table(paths, columns=columns, filesystem=fs, schema=SHARD_SCHEMA), manifest
+
+
+def order_shards(shards: list[dict], seed: int | str | None) -> list[dict]:
+    """``shards`` in an order drawn from ``seed`` (a new list; None: as given)."""
+    shards = list(shards)
+    if seed is not None:
+        random.Random(seed).shuffle(shards)
+    return shards
 
 
 def first_images(fs, paths: list[str], max_images: int) -> list[dict]:

@@ -25,6 +25,7 @@ not finite are never saved (checked before each checkpoint): rank 0 writes ``RUN
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
@@ -412,7 +413,7 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
         # The next epoch's shard (with several workers, its split coordinator process) starts while this
         # epoch trains.
         next_shard = io.shard(f"train_{epoch + 1}") if epoch + 1 < cfg.epochs else None
-        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2)
+        batches = epoch_batches(shard, cfg, epoch, rank)
         if whole and epoch > start:  # a small epoch: augmented in one burst, then steps with the CPU to
             batches = list(batches)  # themselves (not the run's first: its map workers are still starting,
             # and reading all of it would wait for every one of them before the first step)
@@ -498,6 +499,23 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
         storage.write_json(cfg.out, DIVERGED, diverged)
 
 
+def shuffle_seed(cfg: TrainConfig, epoch: int, rank: int | None = None) -> int | None:
+    """The seed of an epoch's shard order (``rank`` None) or of a rank's local shuffle buffer in it; None
+    when ``cfg.shuffle_buffer`` is 0 (no shuffling). The same seed, epoch and rank draw the same order."""
+    if not cfg.shuffle_buffer:
+        return None
+    key = f"{cfg.seed}:{epoch}:{'shards' if rank is None else rank}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+def epoch_batches(shard, cfg: TrainConfig, epoch: int, rank: int):
+    """The numpy batches of one rank's part of an epoch's training view (a ``DataIterator``), drawn from
+    a local shuffle buffer of ``cfg.shuffle_buffer`` rows (none when 0)."""
+    return shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", prefetch_batches=2,
+                              local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                              local_shuffle_seed=shuffle_seed(cfg, epoch, rank))
+
+
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill in what the data decides (number of classes, categories) from the train split's manifest."""
     from pipelines.data import read_manifest
@@ -548,18 +566,20 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
     touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
     Returns ``(cfg, out, datasets, resources)``."""
-    from pipelines.data import load_split
+    from pipelines.data import load_split, read_shards, split_shards
     from pipelines.train import init_weights, run_record
     from pipelines.train.checkpoint import checkpoint_candidates
 
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
     _check_builds(cfg, task)
-    train_ds, _ = load_split(cfg.data, "train", num_cpus=cfg.augment_cpus,  # read fused into the augmentation
-                             max_images=cfg.train_images)
+    shards, _, fs = split_shards(cfg.data, "train", max_images=cfg.train_images)
     val_ds, _ = load_split(cfg.data, "val", num_cpus=cfg.augment_cpus)
-    # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard.
-    datasets = {f"train_{e}": task.view(train_ds, cfg, train=True, epoch=e) for e in range(cfg.epochs)}
+    # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard. Each epoch reads
+    # the shards in its own order (read fused into the augmentation: same num_cpus).
+    datasets = {f"train_{e}": task.view(read_shards(shards, fs, num_cpus=cfg.augment_cpus,
+                                                    shuffle_seed=shuffle_seed(cfg, e)), cfg, train=True, epoch=e)
+                for e in range(cfg.epochs)}
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     # The workers write metrics, curves and checkpoints to cfg.out from their own working directory (Ray

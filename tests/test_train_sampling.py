@@ -1,14 +1,17 @@
-"""``train_images``: a training that reads only the train split's first N images (the quickstart trains
-most architectures on 60 of its 300 and the served detector on all of them)."""
+"""What a training reads each epoch: ``train_images`` (only the train split's first N images; the quickstart
+trains most architectures on 60 of its 300 and the served detector on all of them) and ``shuffle_buffer``
+(each epoch's shards in a new order, batches drawn from a local shuffle buffer)."""
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data import load_split, read_manifest, read_split_table
+from pipelines.data import load_split, read_manifest, read_split_table, split_shards
+from pipelines.data.ingest import order_shards
 from pipelines.dag import lanes
 from pipelines.storage import read_metrics
 from pipelines.train import TrainConfig, fit
+from pipelines.train.trainer import epoch_batches, prepare, shuffle_seed
 from pipelines.train.watch import expected_rows
 
 
@@ -57,3 +60,45 @@ def test_lane_estimates_scale_with_train_images(monkeypatch):
     assert lanes.estimated_seconds("a", {"epochs": 3}) == pytest.approx(7.0)  # no cap set: as measured
     assert lanes.estimated_seconds("a", {"epochs": 3, "train_images": 300}) == pytest.approx(31.0)
     assert lanes.estimated_seconds("b", {"epochs": 3, "train_images": 300}) == pytest.approx(7.0)  # measured on all
+
+
+
+def test_shard_order_is_drawn_from_its_seed(data_dir):
+    shards, manifest, _ = split_shards(data_dir, "train")
+    assert [s["path"].rsplit("/", 1)[-1] for s in shards] == manifest["shards"]
+    many = [{"path": str(i), "rows": None} for i in range(12)]
+    assert order_shards(many, None) == many  # no seed: the manifest's order
+    drawn = [tuple(s["path"] for s in order_shards(many, seed)) for seed in (1, 2, 3)]
+    assert all(sorted(d, key=int) == [str(i) for i in range(12)] for d in drawn) and len(set(drawn)) == 3
+    assert tuple(s["path"] for s in order_shards(many, 2)) == drawn[1]  # the same seed, the same order
+    assert [s["path"] for s in many] == [str(i) for i in range(12)]  # the caller's list is left as it was
+
+
+def _epoch_order(cfg, epoch: int) -> list[int]:
+    """The image ids in the order rank 0 of a one-worker training gets them in ``epoch``."""
+    _, _, datasets, _ = prepare(cfg)
+    batches = epoch_batches(datasets[f"train_{epoch}"].iterator(), cfg, epoch, 0)
+    return [int(i) for b in batches for i in b["image_id"]]
+
+
+def _in_split_order(order: list[int], split: list[int]) -> float:
+    """The share of consecutive ids that are also consecutive in the split's own order."""
+    nxt = {a: b for a, b in zip(split, split[1:])}
+    return sum(nxt.get(a) == b for a, b in zip(order, order[1:])) / max(1, len(order) - 1)
+
+
+def test_each_epoch_draws_its_batches_in_a_new_order(ray_cluster, data_dir, tmp_path):
+    table, _ = read_split_table(data_dir, "train", columns=["image_id"])
+    split = [int(i) for i in table["image_id"].to_pylist()]
+    kw = dict(task="detection", arch="yolo_v1", data=str(data_dir), epochs=2, batch_size=4, image_size=32,
+              augment_cpus=0.25)
+    plain = TrainConfig(out=str(tmp_path / "plain"), shuffle_buffer=0, **kw)
+    assert shuffle_seed(plain, 0) is None and shuffle_seed(plain, 0, 0) is None
+    kept = _epoch_order(plain, 0)
+    assert sorted(kept) == sorted(split) and _in_split_order(kept, split) > 0.7  # rows as the shards hold them
+    shuffled = TrainConfig(out=str(tmp_path / "shuffled"), shuffle_buffer=64, **kw)
+    first, second = _epoch_order(shuffled, 0), _epoch_order(shuffled, 1)
+    assert sorted(first) == sorted(second) == sorted(split)  # every image once an epoch
+    assert _in_split_order(first, split) < 0.3 and _in_split_order(second, split) < 0.3
+    assert first != second
+    assert shuffle_seed(shuffled, 1) != shuffle_seed(shuffled, 0) != shuffle_seed(shuffled, 0, 0)
