@@ -72,8 +72,8 @@ def profile(run: Path) -> dict:
 
 
 def lane_costs(run: Path, prof: dict) -> dict:
-    """Per architecture ``{"epoch_s", "eval_s", "train_images"}`` from a profiled run (its rows with phases;
-    ``train_images``: the training's ``train_images`` setting, None for the whole split). The phases cover
+    """Per architecture ``{"epoch_s", "eval_s", "limit_train_images"}`` from a profiled run (its rows with
+    phases; ``limit_train_images``: the training's setting, None for the whole split). The phases cover
     the training's last fit only: a resumed one ran the epochs from its ``start_epoch``."""
     from pipelines.storage import read_json, read_metrics
 
@@ -87,7 +87,7 @@ def lane_costs(run: Path, prof: dict) -> dict:
         epochs = max(1, int(last["epoch"]) + 1 - int(last.get("start_epoch", 0)))
         out[r["arch"]] = {"epoch_s": round((r["steps_s"] + r["val_s"] + r["other_s"]) / epochs, 2),
                           "eval_s": round(r["eval_wall_s"] or 0.0, 2),
-                          "train_images": (read_json(train_dir, "config.json") or {}).get("train_images")}
+                          "limit_train_images": (read_json(train_dir, "config.json") or {}).get("limit_train_images")}
     return out
 
 

@@ -1,4 +1,4 @@
-"""What a training reads each epoch: ``train_images`` (only the train split's first N images; the quickstart
+"""What a training reads each epoch: ``limit_train_images`` (only the train split's first N images; the quickstart
 trains most architectures on 60 of its 300 and the served detector on all of them) and ``shuffle_buffer``
 (each epoch's shards in a new order, batches drawn from a local shuffle buffer)."""
 from __future__ import annotations
@@ -33,34 +33,33 @@ def test_load_split_reads_the_first_images_in_the_manifests_order(data_dir):
         load_split(data_dir, "train", max_images=0)
 
 
-def test_expected_rows_follow_the_cap(data_dir):
-    manifest = read_manifest(data_dir / "train")
-    images, instances = manifest["num_images"], manifest["num_instances"]
-    assert expected_rows("detection", manifest) == images
-    assert expected_rows("detection", manifest, 7) == 7
-    assert expected_rows("detection", manifest, images + 9) == images
-    assert expected_rows("classification", manifest) == instances
-    assert expected_rows("classification", manifest, images // 2) == round(instances * (images // 2) / images)
+def test_expected_rows_follow_the_cap():
+    manifest = {"num_images": 300, "num_instances": 690}
+    assert expected_rows("detection", manifest) == 300
+    assert expected_rows("detection", manifest, 60) == 60
+    assert expected_rows("detection", manifest, 400) == 300  # a cap past the split reads the split
+    assert expected_rows("classification", manifest) == 690
+    assert expected_rows("classification", manifest, 60) == 138  # objects at the split's 2.3 an image
+    assert expected_rows("classification", {"num_images": 300}, 60) is None
 
 
-def test_a_training_with_train_images_steps_through_that_many(ray_cluster, data_dir, tmp_path):
+def test_a_training_with_limit_train_images_steps_through_that_many(ray_cluster, data_dir, tmp_path):
     cfg = TrainConfig(task="detection", arch="yolo_v1", data=str(data_dir), out=str(tmp_path / "run"), epochs=1,
                       batch_size=4, image_size=64, model_kwargs={"image_size": 64}, cpus_per_worker=0.5,
-                      augment_cpus=0.25, train_images=10)
+                      augment_cpus=0.25, limit_train_images=10)
     fit(cfg)
     (record,) = read_metrics(cfg.out)
     assert record["train_images"] == 10  # every image of the cap, none past it (the split has 48)
-    with pytest.raises(ValueError, match="train_images"):
-        TrainConfig(arch="yolo_v1", data=str(data_dir), out=str(tmp_path / "x"), train_images=0)
+    with pytest.raises(ValueError, match="limit_train_images"):
+        TrainConfig(arch="yolo_v1", data=str(data_dir), out=str(tmp_path / "x"), limit_train_images=0)
 
 
-def test_lane_estimates_scale_with_train_images(monkeypatch):
-    monkeypatch.setattr(lanes, "_costs", lambda: {"a": {"epoch_s": 2.0, "eval_s": 1.0, "train_images": 60},
+def test_lane_estimates_scale_with_limit_train_images(monkeypatch):
+    monkeypatch.setattr(lanes, "_costs", lambda: {"a": {"epoch_s": 2.0, "eval_s": 1.0, "limit_train_images": 60},
                                                   "b": {"epoch_s": 2.0, "eval_s": 1.0}})
     assert lanes.estimated_seconds("a", {"epochs": 3}) == pytest.approx(7.0)  # no cap set: as measured
-    assert lanes.estimated_seconds("a", {"epochs": 3, "train_images": 300}) == pytest.approx(31.0)
-    assert lanes.estimated_seconds("b", {"epochs": 3, "train_images": 300}) == pytest.approx(7.0)  # measured on all
-
+    assert lanes.estimated_seconds("a", {"epochs": 3, "limit_train_images": 300}) == pytest.approx(31.0)
+    assert lanes.estimated_seconds("b", {"epochs": 3, "limit_train_images": 300}) == pytest.approx(7.0)  # measured on all
 
 
 def test_shard_order_is_drawn_from_its_seed(data_dir):
@@ -102,3 +101,17 @@ def test_each_epoch_draws_its_batches_in_a_new_order(ray_cluster, data_dir, tmp_
     assert _in_split_order(first, split) < 0.3 and _in_split_order(second, split) < 0.3
     assert first != second
     assert shuffle_seed(shuffled, 1) != shuffle_seed(shuffled, 0) != shuffle_seed(shuffled, 0, 0)
+
+
+def test_each_epochs_view_reads_the_shards_in_an_order_of_its_own(ray_cluster, data_dir, tmp_path, monkeypatch):
+    import pipelines.data as data
+
+    seeds, real = [], data.read_shards
+    monkeypatch.setattr(data, "read_shards", lambda shards, fs, **kw: seeds.append(kw.get("shuffle_seed"))
+                        or real(shards, fs, **kw))
+    kw = dict(task="detection", arch="yolo_v1", data=str(data_dir), epochs=3, batch_size=4, image_size=32)
+    prepare(TrainConfig(out=str(tmp_path / "a"), **kw))
+    assert len(seeds) == 3 and None not in seeds and len(set(seeds)) == 3  # one order an epoch
+    seeds.clear()
+    prepare(TrainConfig(out=str(tmp_path / "b"), shuffle_buffer=0, **kw))
+    assert seeds == [None, None, None]  # no shuffling: the manifest's order

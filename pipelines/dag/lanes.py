@@ -9,7 +9,7 @@ detector's 15 epochs and three of the four slowest 1-epoch trainings fell into o
 ``assign`` balances them by estimated seconds (longest processing time first: the classic greedy bound is
 4/3 of the best split). The estimate is ``epochs x`` a per-epoch cost measured for each registered
 architecture at the quickstart's settings on a 2-core CPU (``lane_costs.json``, written by
-``benchmarks/stage_profile.py --lane-costs``), scaled by the training's ``train_images`` against the one
+``benchmarks/stage_profile.py --lane-costs``), scaled by the training's ``limit_train_images`` against the one
 measured where both are set, plus its evaluation stage. Only the ratios between architectures matter;
 other image sizes or devices shift them, which costs balance, not correctness. An architecture without a
 measured cost counts as the median one.
@@ -44,7 +44,7 @@ def estimated_seconds(arch: str, settings: dict, evaluate: bool = True) -> float
         cost = ({"epoch_s": median(c["epoch_s"] for c in known), "eval_s": median(c["eval_s"] for c in known)}
                 if known else {"epoch_s": 1.0, "eval_s": 0.0})
     epochs = int(settings.get("epochs", TrainConfig.model_fields["epochs"].default))
-    images, measured = settings.get("train_images"), cost.get("train_images")
+    images, measured = settings.get("limit_train_images"), cost.get("limit_train_images")
     scale = images / measured if images and measured else 1.0
     return epochs * cost["epoch_s"] * scale + (cost["eval_s"] if evaluate else 0.0)
 

@@ -190,7 +190,7 @@ def load_split(data_dir, split: str, *, num_cpus: float = 1.0, max_images: int |
 
 def split_shards(data_dir, split: str, *, max_images: int | None = None) -> tuple[list[dict], dict, object]:
     """``(shards, manifest, filesystem)`` of ``data_dir/split``: ``[{"path", "rows"}]`` in the manifest's
-    order (``rows``: how many of the shard's first rows to read, None: all; see ``load_split``)."""
+    order, ``rows`` how many of the shard's first rows to read (None: all)."""
     fs, root = resolve(data_dir)
     split_root = join(root, split)
     if fs.get_file_info(split_root).type != pafs.FileType.Directory:
@@ -255,6 +255,6 @@ def first_images(fs, paths: list[str], max_images: int) -> list[dict]:
 
 
 def _read_shards(batch, filesystem):
-    rows = batch["rows"].to_pylist() if "rows" in batch.column_names else [None] * batch.num_rows
+    rows = batch["rows"].to_pylist()
     tables = [pq.read_table(p, filesystem=filesystem, schema=SHARD_SCHEMA) for p in batch["path"].to_pylist()]
     return pa.concat_tables([t if n is None else t.slice(0, n) for t, n in zip(tables, rows)])

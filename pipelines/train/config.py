@@ -48,12 +48,12 @@ class TrainConfig(BaseModel):
     categories: list[dict] = Field(default_factory=list)  # filled from the manifest
     # where
     data: str = Field(description="data directory with train/ and val/ from visionflow ingest")
-    train_images: Optional[int] = Field(None, ge=1, description="train on the train split's first N images "
+    limit_train_images: Optional[int] = Field(None, ge=1, description="train on the train split's first N images "
                                         "only (the same ones every epoch and run); None: all of them")
     shuffle_buffer: int = Field(256, ge=0, description="each epoch reads the train split's shards in a new order "
                                 "and each worker draws its batches at random from a buffer of this many rows "
-                                "(Ray Data's local shuffle; seeded by seed, epoch and rank); 0: the split's "
-                                "order every epoch")
+                                "(Ray Data's local shuffle; the order seeded by seed and epoch, the buffer "
+                                "also by rank); 0: the split's order every epoch")
     out: str = Field(description="run directory (local or s3://): checkpoints, metrics.jsonl, config.json")
     # resources
     workers: Union[int, Tuple[int, int]] = Field(1, description="Ray Train workers: N, or MIN-MAX for an elastic "

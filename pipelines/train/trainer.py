@@ -573,7 +573,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
     _check_builds(cfg, task)
-    shards, _, fs = split_shards(cfg.data, "train", max_images=cfg.train_images)
+    shards, _, fs = split_shards(cfg.data, "train", max_images=cfg.limit_train_images)
     val_ds, _ = load_split(cfg.data, "val", num_cpus=cfg.augment_cpus)
     # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard. Each epoch reads
     # the shards in its own order (read fused into the augmentation: same num_cpus).

@@ -42,7 +42,7 @@ def expected_rows(task: str, manifest: dict, max_images: int | None = None) -> i
     """Rows of a view (train per epoch, or val) from its split's manifest, before the first epoch counted them:
     a classification view has a row per object (crowd and tiny ones dropped: an upper bound), the others a
     row per image (localization drops images without an object). ``max_images``: the view reads only that
-    many of the split's images (``--train-images``); a classification view's objects are then estimated at
+    many of the split's images (``--limit-train-images``); a classification view's objects are then estimated at
     the split's mean per image."""
     images, instances = manifest.get("num_images"), manifest.get("num_instances")
     if not isinstance(images, int) or images <= 0:
@@ -61,7 +61,7 @@ def expected_split_rows(cfg) -> dict:
     from pipelines.data import read_manifest
 
     return {split: expected_rows(cfg.task, read_manifest(storage.join(str(cfg.data), split)),
-                                 cfg.train_images if split == "train" else None)
+                                 cfg.limit_train_images if split == "train" else None)
             for split in ("train", "val")}
 
 
