@@ -6,8 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data import load_split, read_manifest, read_split_table, split_shards
-from pipelines.data.ingest import order_shards
+from pipelines.data import load_split, read_shards, read_split_table, shard_items, split_shards
 from pipelines.dag import lanes
 from pipelines.storage import read_metrics
 from pipelines.train import TrainConfig, fit
@@ -62,15 +61,23 @@ def test_lane_estimates_scale_with_limit_train_images(monkeypatch):
     assert lanes.estimated_seconds("b", {"epochs": 3, "limit_train_images": 300}) == pytest.approx(7.0)  # measured on all
 
 
-def test_shard_order_is_drawn_from_its_seed(data_dir):
-    shards, manifest, _ = split_shards(data_dir, "train")
+def _block_order(shards, fs, seed) -> tuple[int, ...]:
+    """Which of ``shards`` ``read_shards`` read first, second, ... (each shard reads a different number of
+    rows, so the runs of rows name them; the blocks in execution order kept)."""
+    ds = read_shards(shard_items(shards), fs, shuffle_seed=seed, num_cpus=0.25)
+    ds.context.execution_options.preserve_order = True
+    return tuple(len(b["image_id"]) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def test_shard_order_is_drawn_from_its_seed(ray_cluster, data_dir):
+    shards, manifest, fs = split_shards(data_dir, "train")
     assert [s["path"].rsplit("/", 1)[-1] for s in shards] == manifest["shards"]
-    many = [{"path": str(i), "rows": None} for i in range(12)]
-    assert order_shards(many, None) == many  # no seed: the manifest's order
-    drawn = [tuple(s["path"] for s in order_shards(many, seed)) for seed in (1, 2, 3)]
-    assert all(sorted(d, key=int) == [str(i) for i in range(12)] for d in drawn) and len(set(drawn)) == 3
-    assert tuple(s["path"] for s in order_shards(many, 2)) == drawn[1]  # the same seed, the same order
-    assert [s["path"] for s in many] == [str(i) for i in range(12)]  # the caller's list is left as it was
+    many = [{"path": shards[0]["path"], "rows": k} for k in range(1, 13)]  # 12 shards of 1..12 rows
+    assert _block_order(many, fs, None) == tuple(range(1, 13))  # no seed: the manifest's order
+    drawn = [_block_order(many, fs, seed) for seed in (1, 2, 3)]
+    assert all(sorted(d) == list(range(1, 13)) for d in drawn) and len(set(drawn)) == 3
+    assert _block_order(many, fs, 2) == drawn[1]  # the same seed, the same order
+    assert [s["rows"] for s in many] == list(range(1, 13))  # the caller's list is left as it was
 
 
 def _epoch_order(cfg, epoch: int) -> list[int]:

@@ -6,13 +6,14 @@ Data's split coordinator, a read task) imports what it runs, not torch and torch
 from importlib import import_module
 
 from pipelines.data.ingest import (ingest, load_split, read_coco, read_manifest, read_shards, read_split_table,
-                                   split_shards)
+                                   shard_items, split_shards)
 
 _LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "augment_table": "views",
          "collate_detection": "views"}
 
 __all__ = ["TASKS", "augment", "augment_table", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
-           "read_shards", "read_split_table", "save_preview", "split_shards"]
+           "read_shards", "read_split_table", "save_preview", "shard_items",
+           "split_shards"]
 
 
 def __getattr__(name: str):

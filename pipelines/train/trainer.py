@@ -566,7 +566,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
     touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
     Returns ``(cfg, out, datasets, resources)``."""
-    from pipelines.data import load_split, read_shards, split_shards
+    from pipelines.data import load_split, read_shards, shard_items, split_shards
     from pipelines.train import init_weights, run_record
     from pipelines.train.checkpoint import checkpoint_candidates
 
@@ -574,6 +574,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     task = get_task(cfg.task)
     _check_builds(cfg, task)
     shards, _, fs = split_shards(cfg.data, "train", max_images=cfg.limit_train_images)
+    shards = shard_items(shards) if shards else shards  # made once, read in each epoch's order
     val_ds, _ = load_split(cfg.data, "val", num_cpus=cfg.augment_cpus)
     # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard. Each epoch reads
     # the shards in its own order (read fused into the augmentation: same num_cpus).
