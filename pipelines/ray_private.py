@@ -1,6 +1,7 @@
 """Every private Ray API visionflow uses, fenced in one module.
 
-Ray has no public way yet to do what each function below does. Each one names the private attribute it
+Ray has no public way yet to do what each function below does (``map_batches_with_retries``: no way that is
+not deprecated). Each one names the private attribute it
 reaches, and ``tests/test_ray_private.py`` calls every one of them against the installed Ray, so a Ray
 upgrade that moves or removes one fails that test by name instead of failing a run in the field.
 Nothing else in the project imports ``ray._private``, ``ray.*._private`` or an underscore attribute of Ray.
@@ -100,3 +101,18 @@ def quiet_placement_group_cleaner() -> None:
     logger = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
     if not any(isinstance(f, _DropStateApiWarning) for f in logger.filters):
         logger.addFilter(_DropStateApiWarning())
+
+
+def map_batches_with_retries(ds, fn, *, max_retries: int, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` whose tasks Ray retries at most ``max_retries`` times when their
+    worker dies (Ray Data's default is forever). Ray Data takes ``max_retries`` only through
+    ``**ray_remote_args``, deprecated since Ray 2.60 ("will be removed in Ray 2.64"), with no named
+    parameter for it yet; its deprecation warning, which would print in every ingest, is one the user cannot
+    act on, so it is kept out here."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        return ds.map_batches(fn, max_retries=max_retries, **kwargs)

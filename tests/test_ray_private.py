@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines import ray_private
@@ -97,6 +98,28 @@ def test_cluster_yaml_validation_and_serve_app_builder():
     app = ray_private.build_serve_app(build_app, {"models": [{"name": "d", "task": "detection", "arch": "yolo_v1",
                                                               "num_classes": 3, "random_weights": True}]})
     assert isinstance(app, Application)
+
+
+def test_map_batches_with_retries_retries_a_killed_task_that_often_and_warns_nobody(ray_cluster, tmp_path):
+    import os
+    import warnings
+
+    import ray
+
+    def die(batch, marker):
+        with open(marker, "a") as f:
+            f.write("attempt\n")
+        os._exit(1)  # the worker process dies, as a decoder crash kills it
+
+    marker = tmp_path / "attempts"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ray_private.map_batches_with_retries(ray.data.range(1), die, max_retries=1, num_cpus=0.25,
+                                                  fn_kwargs={"marker": str(marker)})
+    assert [str(w.message) for w in caught if "ray_remote_args" in str(w.message)] == []
+    with pytest.raises(ray.exceptions.WorkerCrashedError):
+        ds.take_all()
+    assert marker.read_text().count("attempt") == 2  # the first run and one retry
 
 
 def test_nothing_else_reaches_private_ray():

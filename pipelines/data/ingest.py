@@ -20,6 +20,7 @@ from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES
 from pipelines.data.schema import QUARANTINE, SHARD_SCHEMA
 from pipelines.data.shard_sink import ShardSink, empty_summary, merge_summaries
 from pipelines.data.split_commit import MANIFEST
+from pipelines.ray_private import map_batches_with_retries
 from pipelines.storage import join, read_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ def _decoded(annotations, images, *, num_cpus: float = 1.0, max_image_bytes: int
         plan.image_ids.update(table["image_id"].to_pylist())
     plan.meta = [ray.put(t) for t in index.tables]
     index.tables = []  # the blocks now live in the object store
-    plan.ds = ray.data.from_arrow_refs(plan.meta).map_batches(
-        decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH, fn_kwargs=plan.decode_kwargs,
-        **plan.task_args)
+    plan.ds = map_batches_with_retries(
+        ray.data.from_arrow_refs(plan.meta), decode_batch, batch_format="pyarrow", batch_size=DECODE_BATCH,
+        fn_kwargs=plan.decode_kwargs, **plan.task_args)
     return plan
 
 
@@ -94,8 +95,8 @@ def read_coco(annotations, images, *, num_cpus: float = 1.0, max_image_bytes: in
     def keep_good(batch):
         return batch.filter(pc.is_null(batch[QUARANTINE])).select(SHARD_SCHEMA.names)
 
-    return plan.ds.map_batches(keep_good, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
-                               **plan.task_args)
+    return map_batches_with_retries(plan.ds, keep_good, batch_format="pyarrow", batch_size=None,
+                                    zero_copy_batch=True, **plan.task_args)
 
 
 def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
