@@ -3,6 +3,7 @@ replaced, resume by rerunning, the two-tower AlexNet, checkpoints loaded back, e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,28 @@ def test_checkpoint_payload_and_load_checkpoint(killed_run):
     torch.testing.assert_close(model.state_dict()["net.fc.weight"], payload["model"]["net.fc.weight"])
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, config["num_classes"])
+
+
+def test_a_run_that_does_not_save_its_optimizer_keeps_the_weights_and_resumes_from_them(ray_cluster, data_dir,
+                                                                                         tmp_path):
+    kw = dict(task="classification", arch="resnet18", data=str(data_dir), workers=1, optimizer="adamw",
+              **{**TINY, "epochs": 1})
+    full, lean = (TrainConfig(out=str(tmp_path / name), save_optimizer=keep, **kw)
+                  for name, keep in (("full", True), ("lean", False)))
+    fit(full), fit(lean)
+    files = {c.out: latest_checkpoint(c.out) for c in (full, lean)}
+    payload = torch.load(files[lean.out], weights_only=True)
+    assert set(payload) == {"model", "epoch", "config"}
+    sizes = {out: Path(f).stat().st_size for out, f in files.items()}
+    assert sizes[lean.out] < 0.4 * sizes[full.out]  # AdamW keeps two tensors per weight
+    before = log_sizes()
+    fit(lean.model_copy(update={"epochs": 2}))
+    records = read_metrics(lean.out)
+    assert [(r["epoch"], r["start_epoch"]) for r in records] == [(0, 0), (1, 1)]  # resumed, not retrained
+    logged = "".join(logged_since(before).values())
+    assert "resuming resnet18 from epoch 1/2 (weights only: the optimizer starts afresh)" in logged
+    model, config = load_checkpoint(lean.out)
+    assert config["epoch"] == 1 and not model.training
 
 
 @pytest.mark.slow  # a 57M-parameter checkpoint per epoch; the towers themselves are checked in test_models_zoo

@@ -136,7 +136,8 @@ def _read(file: str, map_location, mmap: bool = False) -> dict:
 
 
 def load_payload(path, map_location="cpu", *, mmap: bool = False) -> dict:
-    """The saved dict {"model", "optimizer", "epoch", "config"} (tensors only: ``weights_only=True``).
+    """The saved dict {"model", "optimizer", "epoch", "config"} (tensors only: ``weights_only=True``; no
+    "optimizer" in a run trained with ``save_optimizer`` off).
 
     ``mmap``: a local file is memory-mapped (copy-on-write) instead of read whole, for a caller that copies
     the tensors it needs (a model's ``load_state_dict``) and drops the rest; the file must not be rewritten

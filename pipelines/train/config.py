@@ -99,6 +99,10 @@ class TrainConfig(BaseModel):
     # robustness and bookkeeping
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: unlimited")
     checkpoints_to_keep: int = Field(2, ge=1)
+    save_optimizer: bool = Field(True, description="checkpoints keep the optimizer's state (AdamW: twice the "
+                                 "weights' bytes), so that a resumed run continues it exactly; "
+                                 "--no-save-optimizer: the weights only, and a run resumed from them starts "
+                                 "its optimizer afresh")
     chaos: Optional[Chaos] = None
 
     @field_validator("workers", mode="before")

@@ -17,7 +17,8 @@ Everything task-specific comes from the task plug-in (``pipelines/train/tasks/<t
   (``model`` unwrapped, in eval mode, under no_grad); the task reduces over workers itself.
 
 Each epoch: one progress line (images/s, metrics), one ``metrics.jsonl`` record and one checkpoint
-``RUN_DIR/checkpoints/epoch_NNNN/checkpoint.pt`` = {"model", "optimizer", "epoch", "config"}.
+``RUN_DIR/checkpoints/epoch_NNNN/checkpoint.pt`` = {"model", "optimizer", "epoch", "config"} ("optimizer" left
+out with ``save_optimizer`` off).
 
 A non-finite loss stops every worker at the same step (one all-reduced flag per step), and weights that are
 not finite are never saved (checked before each checkpoint): rank 0 writes ``RUN_DIR/diverged.json`` and
@@ -180,9 +181,13 @@ def _load_payload(checkpoint, device) -> dict:
 
 
 def checkpoint_payload(model: nn.Module, optimizer, cfg: TrainConfig, epoch: int) -> dict:
-    """What ``checkpoint.pt`` holds: {"model" (CPU tensors), "optimizer", "epoch", "config"}."""
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "config": cfg.model_dump(mode="json")}
+    """What ``checkpoint.pt`` holds: {"model" (CPU tensors), "optimizer" (unless ``cfg.save_optimizer`` is
+    off), "epoch", "config"}."""
+    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "epoch": epoch,
+               "config": cfg.model_dump(mode="json")}
+    if cfg.save_optimizer:
+        payload["optimizer"] = optimizer.state_dict()
+    return payload
 
 
 def _save_and_report(record: dict, model: nn.Module, optimizer, cfg: TrainConfig, epoch: int, rank: int) -> None:
@@ -370,12 +375,14 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     payload = io.resume(cfg, device)
     if payload is not None:  # a rerun of the same command, or a restart after a worker failure
         model.load_state_dict(payload["model"])
-        load_optimizer_state(optimizer, payload["optimizer"])
+        if "optimizer" in payload:
+            load_optimizer_state(optimizer, payload["optimizer"])
         start = payload["epoch"] + 1
         if rank == 0:
+            fresh = "" if "optimizer" in payload else " (weights only: the optimizer starts afresh)"
             ignored = ("; --init-from and --pretrained start a fresh run only: ignored"
                        if cfg.init_from or cfg.pretrained else "")
-            _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}{ignored}")
+            _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}{fresh}{ignored}")
     elif cfg.init_from or cfg.pretrained:  # a fresh run from other weights (checked on the driver by fit)
         from pipelines.train import init_weights
 
