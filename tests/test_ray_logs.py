@@ -9,7 +9,7 @@ from ray_logs import log_sizes, logged_since, logs_dir
 
 def test_a_log_moved_into_old_is_not_new_output_and_what_it_gets_after_the_move_is(ray_cluster):
     name = f"worker-{uuid.uuid4().hex}-01000000-1.out"
-    path = logs_dir() / name
+    path, new = logs_dir() / name, logs_dir() / f"worker-{uuid.uuid4().hex}-01000000-2.out"
     path.write_text(":actor_name:SplitCoordinator\nearlier output\n")
     try:
         before = log_sizes()
@@ -21,10 +21,8 @@ def test_a_log_moved_into_old_is_not_new_output_and_what_it_gets_after_the_move_
         with open(moved, "a") as f:
             f.write("later output\n")
         assert logged_since(before)[name] == "later output\n"
-        new = logs_dir() / f"worker-{uuid.uuid4().hex}-01000000-2.out"
         new.write_text("a new worker\n")
         assert logged_since(before)[new.name] == "a new worker\n"
-        new.unlink()
     finally:
-        for p in (path, logs_dir() / "old" / name):
+        for p in (path, new, logs_dir() / "old" / name):
             p.unlink(missing_ok=True)

@@ -115,7 +115,8 @@ def test_a_run_that_does_not_save_its_optimizer_keeps_the_weights_and_resumes_fr
               **{**TINY, "epochs": 1})
     full, lean = (TrainConfig(out=str(tmp_path / name), save_optimizer=keep, **kw)
                   for name, keep in (("full", True), ("lean", False)))
-    fit(full), fit(lean)
+    fit(full)
+    fit(lean)
     files = {c.out: latest_checkpoint(c.out) for c in (full, lean)}
     payload = torch.load(files[lean.out], weights_only=True)
     assert set(payload) == {"model", "epoch", "config"}

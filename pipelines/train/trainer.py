@@ -375,11 +375,12 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     payload = io.resume(cfg, device)
     if payload is not None:  # a rerun of the same command, or a restart after a worker failure
         model.load_state_dict(payload["model"])
-        if "optimizer" in payload:
+        saved_optimizer = "optimizer" in payload  # absent when the run saves weights only
+        if saved_optimizer:
             load_optimizer_state(optimizer, payload["optimizer"])
         start = payload["epoch"] + 1
         if rank == 0:
-            fresh = "" if "optimizer" in payload else " (weights only: the optimizer starts afresh)"
+            fresh = "" if saved_optimizer else " (weights only: the optimizer starts afresh)"
             ignored = ("; --init-from and --pretrained start a fresh run only: ignored"
                        if cfg.init_from or cfg.pretrained else "")
             _say(f"resuming {cfg.arch} from epoch {payload['epoch'] + 1}/{cfg.epochs}{fresh}{ignored}")
