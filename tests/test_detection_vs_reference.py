@@ -25,3 +25,22 @@ def test_both_sides_start_from_the_same_weights_and_the_reference_trains_and_sco
     (epoch,) = ref["epochs"]
     assert math.isfinite(epoch["loss"]) and epoch["loss"] > 0
     assert 0.0 <= ref["bbox/AP50"] <= 1.0 and ref["seconds"] > 0
+
+
+def test_several_seeds_are_reported_as_means_of_ap50_and_the_ratio_of_total_wall_times():
+    from benchmarks.detection_vs_reference import combine
+
+    def pair(seed, ref_ap, ours_ap, ref_s, ours_s):
+        return {"seed": seed, "same_initial_weights": True, "visionflow_weights_scored_as_reference": ours_ap,
+                "reference": {"bbox/AP50": ref_ap, "seconds": ref_s}, "visionflow": {"bbox/AP50": ours_ap, "seconds": ours_s},
+                "ap50_difference": ours_ap - ref_ap, "speed_ratio_reference_over_visionflow": ref_s / ours_s}
+
+    result = combine([pair(0, 0.20, 0.26, 200.0, 250.0), pair(1, 0.30, 0.28, 100.0, 100.0)])
+    assert result["seeds"] == [0, 1] and result["same_initial_weights"]
+    assert math.isclose(result["reference"]["bbox/AP50"], 0.25) and math.isclose(result["visionflow"]["bbox/AP50"], 0.27)
+    assert result["ap50_difference_by_seed"] == pytest.approx([0.06, -0.02])
+    assert math.isclose(result["ap50_difference"], 0.02)
+    # The ratio of the totals (300 s / 350 s), not the mean of the per-seed ratios ((0.8 + 1.0) / 2).
+    assert math.isclose(result["speed_ratio_reference_over_visionflow"], 300 / 350)
+    assert result["speed_ratio_by_seed"] == pytest.approx([0.8, 1.0])
+    assert result["reference"]["seconds_by_seed"] == [200.0, 100.0] and result["visionflow"]["seconds"] == 350.0
