@@ -312,7 +312,7 @@ def main(argv=None) -> dict:
         if tmp is not None:
             tmp.cleanup()
     result = {"reference_builder": BUILDERS[args.arch][1],
-              "config": {k: v for k, v in vars(args).items() if k not in ("keep", "out", "allow_load", "seed")},
+              "config": {k: v for k, v in vars(args).items() if k not in ("keep", "out", "allow_load", "seed", "seeds")},
               **combine(pairs)}
     if len(pairs) > 1:
         print(f"{len(pairs)} seeds: bbox AP50 visionflow {result['visionflow']['bbox/AP50']:.4f}, reference "

@@ -81,10 +81,11 @@ DESCRIPTIONS = {
         "ResNet-18 FPN) trained by a plain loop in the style of torchvision's references/detection, and by "
         "visionflow's Ray Train run of the same network, on the same synth data, epochs, seed, initial weights "
         "(`same_initial_weights`) and settings. `ap50_difference` is visionflow's bbox AP50 minus the "
-        "reference's (target within 0.03); `visionflow_weights_scored_as_reference` scores visionflow's weights "
+        "reference's (target within 0.03; with `--seeds`, each side's AP50 is the mean over the seeds and this the "
+        "mean of the per-seed differences, `*_by_seed` beside them); `visionflow_weights_scored_as_reference` scores visionflow's weights "
         "with torchvision's post-processing and pycocotools, separating training from post-processing; "
         "`speed_ratio_reference_over_visionflow` is the reference's wall time over visionflow's (target "
-        ">= 0.9), each side training and validating after every epoch."),
+        ">= 0.9; with `--seeds`, of the totals), each side training and validating after every epoch."),
     "nms": (
         "`vision.ops` NMS against a baseline on the same random boxes (80 classes, IoU threshold as "
         "recorded); kept indices are checked equal and calls of the two sides interleave. `batched_nms` "

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.detection_vs_reference import BUILDERS, _labels, reference_model, run_reference, same_initial_weights
+from benchmarks.detection_vs_reference import (BUILDERS, _labels, combine, reference_model, run_reference,
+                                               same_initial_weights)
 from vision.data.synth import write_synth
 
 
@@ -28,8 +29,6 @@ def test_both_sides_start_from_the_same_weights_and_the_reference_trains_and_sco
 
 
 def test_several_seeds_are_reported_as_means_of_ap50_and_the_ratio_of_total_wall_times():
-    from benchmarks.detection_vs_reference import combine
-
     def pair(seed, ref_ap, ours_ap, ref_s, ours_s):
         return {"seed": seed, "same_initial_weights": True, "visionflow_weights_scored_as_reference": ours_ap,
                 "reference": {"bbox/AP50": ref_ap, "seconds": ref_s}, "visionflow": {"bbox/AP50": ours_ap, "seconds": ours_s},
