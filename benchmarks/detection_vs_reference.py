@@ -44,8 +44,13 @@ RESULTS = Path(__file__).parent / "results"
 def _mobilenet(num_classes: int, size: int) -> torch.nn.Module:
     import torchvision
 
+    from vision.models.detection.faster_rcnn import roi_pools
+
+    # visionflow's RoI pool, as in its own builder: the same outputs and gradients as torchvision's, a
+    # faster CPU backward pass; both sides run the same kernels, so the comparison is of the loops.
     return torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=size, max_size=size)
+        weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=size, max_size=size,
+        **roi_pools())
 
 
 def _resnet18(num_classes: int, size: int) -> torch.nn.Module:
@@ -57,7 +62,8 @@ def _resnet18(num_classes: int, size: int) -> torch.nn.Module:
 # visionflow's architecture name -> the network the reference trains. The MobileNet one is torchvision's
 # published builder (anchors of 32-512 px on strides 16 and 32: it finds few of the synth shapes at
 # 128 px); the ResNet-18 one is torchvision's FasterRCNN, BackboneWithFPN and AnchorGenerator classes
-# as vision/models/detection/faster_rcnn.py puts them together (16-256 px anchors on strides 4-64).
+# as vision/models/detection/faster_rcnn.py puts them together (16-256 px anchors on strides 4-64). Both
+# with visionflow's RoI pools (vision/ops/roi_align.py), which visionflow's side trains with too.
 BUILDERS = {"fasterrcnn_mobilenet_v3_fpn": (_mobilenet, "torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn"),
             "fasterrcnn_resnet18_fpn": (_resnet18, "torchvision FasterRCNN + resnet18 BackboneWithFPN (vision.models)")}
 

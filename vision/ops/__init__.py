@@ -1,4 +1,5 @@
-"""Box ops: IoU, generalized IoU, hard NMS (torchvision kernels, any device), soft-NMS, matrix NMS.
+"""Box ops: IoU, generalized IoU, hard NMS (torchvision kernels, any device), soft-NMS, matrix NMS; RoIAlign
+with a sparse-product CPU backward pass (`vision.ops.roi_align`).
 
 Boxes are (N, 4) xyxy in pixels; "suppress if IoU > iou_threshold", as torchvision.
 """

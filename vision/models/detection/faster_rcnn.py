@@ -20,6 +20,19 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from vision.models.detection.base import TorchvisionDetector
 from vision.models.registry import register_model
+from vision.ops.roi_align import MultiScaleRoIAlign
+
+_LEVELS = ["0", "1", "2", "3"]
+
+
+def roi_pools(masks: bool = False) -> dict:
+    """torchvision's default RoI pools (7x7 boxes, 14x14 masks, sampling ratio 2 on FPN levels 0-3) with a
+    CPU training pass that is a sparse matrix product (vision/ops/roi_align.py): same outputs and gradients,
+    1.5-2x faster training steps on a CPU."""
+    pools = {"box_roi_pool": MultiScaleRoIAlign(_LEVELS, 7, 2)}
+    if masks:
+        pools["mask_roi_pool"] = MultiScaleRoIAlign(_LEVELS, 14, 2)
+    return pools
 
 # Kept small for CPU: fewer proposals than torchvision's 2000/1000.
 _RPN = dict(rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
@@ -50,7 +63,7 @@ def _rcnn(num_classes: int, *, masks: bool, arch: str, fpn_channels: int, repres
     backbone = resnet_fpn_backbone(arch, fpn_channels, pretrained)
     common = dict(rpn_anchor_generator=_small_anchors(), min_size=min_size, max_size=max_size,
                   box_head=TwoMLPHead(fpn_channels * 7 * 7, representation),
-                  box_predictor=FastRCNNPredictor(representation, num_classes + 1), **{**_RPN, **kw})
+                  box_predictor=FastRCNNPredictor(representation, num_classes + 1), **{**_RPN, **roi_pools(masks), **kw})
     if masks:
         net = MaskRCNN(backbone, num_classes=None, mask_head=MaskRCNNHeads(fpn_channels, [64] * 4, 1),
                        mask_predictor=MaskRCNNPredictor(64, 64, num_classes + 1), **common)
@@ -76,7 +89,7 @@ def fasterrcnn_mobilenet_v3_fpn(num_classes: int, *, min_size: int = 320, max_si
     """torchvision's ``fasterrcnn_mobilenet_v3_large_320_fpn`` with ``num_classes + 1`` outputs."""
     net = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone="DEFAULT" if pretrained else None, num_classes=num_classes + 1,
-        min_size=min_size, max_size=max_size, **kw)
+        min_size=min_size, max_size=max_size, **{**roi_pools(), **kw})
     return TorchvisionDetector(net, candidates_per_img=candidates_per_img)
 
 
