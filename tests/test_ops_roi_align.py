@@ -81,6 +81,15 @@ def test_one_level_pool_and_torchvision_path_where_no_gradient_flows():
     assert torch.equal(a, b)
 
 
+def test_half_precision_on_the_cpu_runs_torchvision_kernel():
+    feats = OrderedDict(feat=torch.randn(1, 4, 16, 16, dtype=torch.float16, requires_grad=True))
+    boxes = [torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 4.0, 60.0, 20.0]], dtype=torch.float16)]
+    out = MultiScaleRoIAlign(["feat"], 3, 2)(feats, boxes, [(64, 64)])  # no sparse CPU product in float16
+    out.float().sum().backward()
+    assert out.dtype == torch.float16 and feats["feat"].grad is not None
+    torch.testing.assert_close(out, TorchvisionPool(["feat"], 3, 2)(feats, boxes, [(64, 64)]))
+
+
 def _one_level(feats, boxes):
     out = []
     for cls in (MultiScaleRoIAlign, TorchvisionPool):

@@ -9,9 +9,9 @@ torchvision's CPU kernel computes the same forward pass, but its backward pass s
 the feature gradient one element at a time on one thread: in a Mask R-CNN (ResNet-18 FPN, 96 px, batch 4)
 training step on 2 cores it took 47% of the step. The products give the same outputs and gradients (to
 float rounding) in a fraction of that time, and their memory grows with the samples, not with the feature
-maps. They are used where that backward pass runs: in training on the CPU. Without gradients, on a GPU, or
-with an adaptive sampling ratio (``<= 0``) the module is torchvision's own. It has no weights: checkpoints
-are the same with either.
+maps. They are used where that backward pass runs: in training on the CPU. Without gradients, on a GPU, in
+half precision or with an adaptive sampling ratio (``<= 0``) the module is torchvision's own. It has no
+weights: checkpoints are the same with either.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [v for name, v in x.items() if name in self.featmap_names]
         if not (torch.is_grad_enabled() and self.sampling_ratio > 0 and features
-                and features[0].device.type == "cpu" and any(f.requires_grad for f in features)):
+                and features[0].device.type == "cpu" and features[0].dtype in (torch.float32, torch.float64)
+                and any(f.requires_grad for f in features)):  # (no sparse CPU product in half precision)
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = self._setup(features, image_shapes)
