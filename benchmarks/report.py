@@ -96,8 +96,9 @@ DESCRIPTIONS = {
         "visionflow's RoI pools (`vision/ops/roi_align.py`: RoIAlign's training pass as a sparse matrix "
         "product) against the same network with torchvision's `MultiScaleRoIAlign`, same weights, steps of "
         "the two sides interleaved in rounds. `speedup` = torchvision's median ms per step over visionflow's; "
-        "`max_abs_difference` is the largest difference between the two pools' outputs and feature "
-        "gradients on the network's own proposals (checked below 1e-3 before timing)."),
+        "`max_relative_difference` is the largest difference between the two pools' outputs and feature "
+        "gradients on the network's own proposals, over each tensor's largest magnitude (checked below 1e-3 "
+        "before timing)."),
     "serve_load": (
         "The Serve graph (HTTP -> Ingress -> Preprocess -> detector with dynamic batching -> NMS stage -> "
         "Postprocess) under concurrent clients, against the same model's `candidates` + NMS called "

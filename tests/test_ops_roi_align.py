@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign as TorchvisionPool
 from torchvision.ops import roi_align
 
-from vision.ops.roi_align import MultiScaleRoIAlign, SparseProduct, roi_align_matrix
+from vision.ops.roi_align import MultiScaleRoIAlign, roi_align_matrix, sparse_matrix
 
 LEVELS = ["0", "1", "2", "3"]
 
@@ -106,7 +106,10 @@ def test_matrix_is_torchvision_roi_align_on_one_level():
     rows, cols, vals, (n_rows, n_cols) = roi_align_matrix([(2, 12, 16)], [0.25], rois.detach(),
                                                           torch.zeros(16, dtype=torch.long), (3, 5), 2)
     assert n_cols == 2 * 12 * 16 and n_rows == 16 * 3 * 5 and rows.numel() == n_rows * 16
-    ours = SparseProduct.apply(x.permute(0, 2, 3, 1).reshape(-1, 3), rows, cols, vals, n_rows)
+    m = sparse_matrix(rows, cols, vals, (n_rows, n_cols))
+    assert torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape,
+                                   check_invariants=True).shape == m.shape  # a valid CSR: torch checks it
+    ours = torch.sparse.mm(m, x.permute(0, 2, 3, 1).reshape(-1, 3))
     ours = ours.view(16, 3, 5, 3).permute(0, 3, 1, 2)
     ref = roi_align(x, rois, (3, 5), 0.25, 2, aligned=False)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)

@@ -81,37 +81,18 @@ def roi_align_matrix(shapes: list[tuple[int, int, int]], scales: list[float], ro
     return rows, cols, vals, (k * ph * pw, int(sizes.sum()))
 
 
-def _csr(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
-    """CSR of entries given in row order; a column may repeat within a row (the product sums them)."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": construction and mm only
+def sparse_matrix(rows: Tensor, cols: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The CSR matrix of the entries (duplicates summed, columns sorted within rows: torch's invariants,
+    so that every backend's product and transpose read it right)."""
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
-
-
-class SparseProduct(torch.autograd.Function):
-    """``M @ X`` for a constant sparse M given by its entries in row order; the backward pass ``M.T @ dY``
-    with M.T built as CSR too (a stable sort of the entries by column): torch's own transpose of a CSR
-    whose columns are unsorted within rows took longer than the products themselves."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
-        ctx.save_for_backward(rows, cols, vals)
-        ctx.shape = (n_rows, x.shape[0])
-        return torch.sparse.mm(_csr(rows, cols, vals, ctx.shape), x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        rows, cols, vals = ctx.saved_tensors
-        order = torch.argsort(cols, stable=True)
-        transposed = _csr(cols[order], rows[order], vals[order], (ctx.shape[1], ctx.shape[0]))
-        return torch.sparse.mm(transposed, grad.contiguous()), None, None, None, None
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, shape, check_invariants=False)
+        return coo.coalesce().to_sparse_csr()
 
 
 class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
     """torchvision's ``MultiScaleRoIAlign`` (same arguments, levels and scales) whose training pass on the
-    CPU is one :class:`SparseProduct` over every level (:func:`roi_align_matrix`)."""
+    CPU is one sparse product over every level (:func:`roi_align_matrix`); torch differentiates it."""
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         features = [v for name, v in x.items() if name in self.featmap_names]
@@ -128,11 +109,10 @@ class MultiScaleRoIAlign(_TorchvisionMultiScaleRoIAlign):
             return features[0].new_zeros((0, c, *self.output_size))
         levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(k, dtype=torch.long)
         with torch.no_grad():
-            rows, cols, vals, (n_rows, _) = roi_align_matrix([(f.shape[0], f.shape[2], f.shape[3]) for f in features],
-                                                             self.scales, rois, levels, self.output_size,
-                                                             self.sampling_ratio)
+            m = sparse_matrix(*roi_align_matrix([(f.shape[0], f.shape[2], f.shape[3]) for f in features],
+                                                self.scales, rois, levels, self.output_size, self.sampling_ratio))
         stacked = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]).to(dtype)
-        out = SparseProduct.apply(stacked, rows, cols, vals, n_rows)
+        out = torch.sparse.mm(m, stacked)
         return out.view(k, *self.output_size, c).permute(0, 3, 1, 2).contiguous()
 
     def _setup(self, features: list[Tensor], image_shapes: list[tuple[int, int]]) -> tuple[list[float], LevelMapper]:
