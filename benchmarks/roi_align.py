@@ -18,11 +18,11 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign as TorchvisionPool
 
 from benchmarks import provenance
+from vision.models.detection.faster_rcnn import _LEVELS as LEVELS
 
 RESULTS = Path(__file__).parent / "results"
 CASES = ["fasterrcnn_resnet18_fpn:96", "maskrcnn_resnet18_fpn:96", "fasterrcnn_resnet18_fpn:128",
          "maskrcnn_resnet18_fpn:128", "fasterrcnn_mobilenet_v3_fpn:128"]
-LEVELS = ["0", "1", "2", "3"]
 
 
 def batch(size: int, masks: bool, seed: int = 0) -> tuple[list, list]:
@@ -68,7 +68,6 @@ def pools_agree(nets: dict, images: list, targets: list) -> float:
         features = net.backbone(image_list.tensors)
         proposals, _ = net.rpn.eval()(image_list, features)
         net.rpn.train()
-    diffs = []
     outs, grads = {}, {}
     for name, pool in (("visionflow", net.roi_heads.box_roi_pool), ("torchvision", TorchvisionPool(LEVELS, 7, 2))):
         feats = {k: v.clone().requires_grad_(True) for k, v in features.items()}
