@@ -91,6 +91,13 @@ DESCRIPTIONS = {
         "recorded); kept indices are checked equal and calls of the two sides interleave. `batched_nms` "
         "is torchvision's kernel behind input checks (the baseline is torchvision's own); Soft-NMS's "
         "baseline is the paper's per-box Python loop. `ratio` = ours / baseline (below 1: faster)."),
+    "ray_step_overhead": (
+        "What running under Ray costs the training steps themselves: the same Faster R-CNN ResNet-18 FPN "
+        "steps (AdamW, batch 8 of 128 px synthetic images) in a plain process, beside an idle local Ray "
+        "cluster, beside an idle Ray Train run (controller, cleaner, synchronization actor, waiting worker) "
+        "and inside a Ray Train worker, each case its own process, in that order, then plain again "
+        "(`plain_after`: drift). `ratio_to_plain` is a case's median seconds per step over the first plain "
+        "case's; `other_processes_cores` the CPU every other process of the machine used meanwhile."),
     "roi_align": (
         "R-CNN training steps on the CPU (batch 4, synthetic images with 3 objects each, AdamW) with "
         "visionflow's RoI pools (`vision/ops/roi_align.py`: RoIAlign's training pass as a sparse matrix "
