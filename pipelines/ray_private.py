@@ -103,6 +103,26 @@ def quiet_placement_group_cleaner() -> None:
         logger.addFilter(_DropStateApiWarning())
 
 
+def train_worker_env_vars(cluster_env: dict) -> dict:
+    """The environment variables Ray Train adds to its workers' runtime environment (on top of the job's):
+    each variable of its list (``ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE``) that is set where
+    its controller runs (``cluster_env``, the raylet's environment) or in this process (the trainer passes
+    its own to the controller), and ``RAY_WARN_BLOCKING_GET_INSIDE_ASYNC`` at Ray Train's default when
+    neither sets it. A task submitted with these runs in the same runtime environment as the training
+    worker's own tasks (Ray Data's map tasks), so they may reuse its process: Ray reuses an idle worker
+    process only for the same runtime environment."""
+    import os
+
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                  ENV_VARS_TO_PROPAGATE)
+
+    env = {k: cluster_env[k] for k in ENV_VARS_TO_PROPAGATE if k in cluster_env}
+    env.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
+    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return env
+
+
 def map_batches_with_retries(ds, fn, *, max_retries: int, **kwargs):
     """``ds.map_batches(fn, **kwargs)`` whose tasks Ray retries at most ``max_retries`` times when their
     worker dies (Ray Data's default is forever). Ray Data takes ``max_retries`` only through

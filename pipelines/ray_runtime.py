@@ -39,6 +39,17 @@ LOCAL = "local"
 # started a PreemptionWatcher process that polls for nodes being drained (cloud spot preemption), which one
 # machine never has: 2-3 s less per training on 2 cores (benchmarks/stage_profile.py).
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# The environment the raylet of the local cluster this process started inherited (None: none started here,
+# or it was shut down): Ray Train's workers take their variables from it (``ray_private.train_worker_env_vars``).
+_local_cluster_env: dict | None = None
+
+
+def local_cluster_env() -> dict | None:
+    """The environment the processes of the local cluster this process started inherit, or None when this
+    process started none (it joined one, or none is running)."""
+    import ray
+
+    return dict(_local_cluster_env) if _local_cluster_env is not None and ray.is_initialized() else None
 
 
 class RayUnreachable(RuntimeError):
@@ -158,6 +169,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
                    **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
     before = {k: os.environ.get(k) for k in cluster_env}
     os.environ.update(cluster_env)
+    global _local_cluster_env
+    _local_cluster_env = dict(os.environ)
     try:
         for attempt in range(attempts):
             try:

@@ -122,6 +122,35 @@ def test_map_batches_with_retries_retries_a_killed_task_that_often_and_warns_nob
     assert marker.read_text().count("attempt") == 2  # the first run and one retry
 
 
+def test_train_worker_env_vars_are_what_ray_train_adds_to_its_workers_environment(ray_cluster, tmp_path):
+    """A Ray Train worker's runtime environment is the job's plus ``train_worker_env_vars``: a task the
+    driver submits with them may reuse the processes of the worker's own tasks (the fit's warm-up)."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import LOCAL_TRAIN_ENV, local_cluster_env
+
+    cluster_env = local_cluster_env()
+    assert cluster_env is not None and LOCAL_TRAIN_ENV.items() <= cluster_env.items()
+    out = tmp_path / "env.json"
+
+    def loop(config):
+        import json as js
+        from pathlib import Path as P
+
+        import ray as r
+
+        P(config["out"]).write_text(js.dumps(r.get_runtime_context().runtime_env.get("env_vars", {})))
+
+    TorchTrainer(loop, train_loop_config={"out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 run_config=RunConfig(storage_path=str(tmp_path))).fit()
+    job = ray_cluster.get_runtime_context().runtime_env.get("env_vars", {})
+    assert json.loads(out.read_text()) == {**job, **ray_private.train_worker_env_vars(cluster_env)}
+
+
 def test_nothing_else_reaches_private_ray():
     """The fence holds: no other module of the project imports a private Ray module or attribute."""
     offenders = []
@@ -131,7 +160,8 @@ def test_nothing_else_reaches_private_ray():
                 continue
             text = path.read_text()
             for needle in ("ray._private", "._private.", "_coord_actor", "_get_global_client", "_ray_cache_refs",
-                           "_stable_uuid", "_get_all_child_nodes", "_system_config"):
+                           "_stable_uuid", "_get_all_child_nodes", "_system_config", "ray._common",
+                           "_internal.constants"):
                 if needle in text:
                     offenders.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not offenders, offenders
