@@ -135,7 +135,9 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         return False
     target = requested_address(address)
     common = {"log_to_driver": log_to_driver, **({"runtime_env": runtime_env} if runtime_env else {})}
+    global _local_cluster_env
     if target is not None:
+        _local_cluster_env = None  # a joined cluster's environment is not this process's to know
         source = "--address" if address not in (None, "", LOCAL) else "RAY_ADDRESS"
         resolved = wait_reachable(target, timeout_s, source)
         try:
@@ -169,7 +171,6 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
                    **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
     before = {k: os.environ.get(k) for k in cluster_env}
     os.environ.update(cluster_env)
-    global _local_cluster_env
     _local_cluster_env = dict(os.environ)
     try:
         for attempt in range(attempts):

@@ -665,7 +665,7 @@ def _warm_data_worker() -> None:
     CPU in a new process), submitted as Ray Train starts, in the runtime environment Ray Train gives its
     workers. Ray reuses an idle process only for the same runtime environment, so the first map task of the
     training's data pipeline then runs in this warm process instead of starting and importing in a new one
-    (the data pipeline's start 1.0-1.5 s against 4.1-4.5 s on 2 cores; docs/training.md). One task: on 2
+    (the data pipeline's start about 1 s against 4-5 s on 2 cores; docs/training.md). One task: on 2
     cores a second competes with the controller's own imports. Nothing on a cluster this process joined
     (its map tasks may run on any node)."""
     import ray
