@@ -239,3 +239,22 @@ def test_the_loader_skips_a_torn_newest_checkpoint_and_an_unregistered_folder(tr
         load_payload(run)
     with pytest.raises(Exception):  # a torn file named directly is an error, not a fallback
         load_payload(newest)
+
+
+@pytest.mark.parametrize("where", ["weight", "bn_stat", "half"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_the_finite_check_finds_one_bad_number_anywhere_in_the_state(where, value):
+    """The check before each checkpoint: one NaN or inf in a weight, a batch-norm statistic (a buffer) or a
+    half-precision tensor is found; an empty tensor and integer buffers pass."""
+    from pipelines.train.trainer import _finite_state
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 0))
+    if where == "half":
+        net = net.half()
+    assert _finite_state(net)  # num_batches_tracked (int64) and the empty Linear are fine
+    with torch.no_grad():
+        if where == "bn_stat":
+            net[1].running_var[2] = value
+        else:
+            net[0].weight[1, 2, 0, 1] = value
+    assert not _finite_state(net)
