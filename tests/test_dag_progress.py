@@ -33,6 +33,40 @@ def test_a_training_whose_process_dies_is_reported_failed(ray_cluster):
     ray.kill(board)
 
 
+def test_a_stage_line_reaches_the_printout_even_when_the_board_is_slow(ray_cluster):
+    """A stage's result can reach the driver before its report reaches the board; the driver's last look
+    at the board must still show the stage (a slow board makes the race certain)."""
+    import asyncio
+    import io
+
+    from pipelines.dag.progress import follow
+    from pipelines.dag.stages import _skipped
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class SlowBoard:
+        def __init__(self):
+            self._states = {}
+
+        async def update(self, name, status, **info):
+            await asyncio.sleep(1.0)
+            self._states[name] = {"status": status, "time": 1.0, **info}
+
+        async def snapshot(self):
+            return dict(self._states)
+
+    @ray.remote(num_cpus=0)
+    def stage(board):
+        return _skipped(board, "data", {"seconds": 3.0})
+
+    board = SlowBoard.remote()
+    out = io.StringIO()
+    assert follow(stage.remote(board), board, poll_s=0.1, out=out)["skipped"] is True
+    assert "data: skipped" in out.getvalue()
+    ray.kill(board)
+
+
 def test_deploy_picks_the_best_instance_model_of_each_task():
     from pipelines.dag.stages import best_arch
 

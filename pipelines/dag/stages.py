@@ -30,8 +30,13 @@ from pipelines.storage import RunDir
 
 
 def _report(board, name: str, status: str, **info) -> None:
+    """Tell the progress board, and wait until it has it: a stage's result may reach the driver before a
+    call still in flight to the board, and the driver's last look at the board must show every stage."""
     if board is not None:
-        board.update.remote(name, status, **info)
+        try:
+            ray.get(board.update.remote(name, status, **info), timeout=30)
+        except Exception:  # noqa: BLE001  progress is for people; a lost board never fails a stage
+            pass
 
 
 def _skipped(board, name: str, rec: dict) -> dict:
