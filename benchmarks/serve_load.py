@@ -14,6 +14,9 @@ In one run:
   (Ingress -> detector -> NMS stage: ``total`` less preprocess, model, NMS and postprocess) and the
   stages' own work; and the cost of one hop with no work on either side: ``GET /healthz`` (HTTP hop)
   and an empty call of the NMS stage's handle from the driver (handle hop), p50 of ``--probes`` each;
+- the CPU every process used during each concurrency's run (``benchmarks.process_cpu``), by role: each
+  deployment's replica, the HTTP proxy, the client (this process) and the rest ("other": Ray's daemons,
+  the Serve controller), in cores and in ms a request: which process limits the graph;
 - with ``--hostile``: a segmentation model joins the graph and, at ``--hostile-concurrency`` (32), the
   same good requests run twice: alone (clean), then mixed with hostile ones (10% bad: not an image,
   truncated, wrong type, parameters out of range; 5% big: a 4096 x 4096 image to /v1/segment asking for
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import provenance
+from benchmarks import process_cpu, provenance
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -196,6 +199,14 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict
             "handle_hops_p50_ms": float(np.nanpercentile(st["total"] - work, 50))}
 
 
+def _cpu_row(seconds: dict[str, float], row: dict) -> dict:
+    """CPU seconds by role during one load run -> cores (of the run's wall time) and ms a request, with the
+    whole machine's total first ("all")."""
+    n, wall = max(row["requests"], 1), max(row["seconds"], 1e-9)
+    seconds = {"all": sum(seconds.values()), **seconds}
+    return {k: {"cores": round(v / wall, 3), "ms_per_request": round(v / n * 1e3, 2)} for k, v in seconds.items()}
+
+
 def probe_hops(url: str, nms_handle, n: int) -> dict:
     """p50 ms of one hop with no work on either side: ``GET /healthz`` (client -> proxy -> Ingress) and an
     empty call of the NMS stage (driver -> replica through a handle, its batcher included)."""
@@ -279,14 +290,19 @@ def main() -> None:
         hops = probe_hops(url, serve.get_deployment_handle("NmsStage", app_name="visionflow"), args.probes)
         print(f"  one hop, no work: HTTP (GET /healthz) {hops['healthz_p50_ms']:.1f} ms, "
               f"handle (empty NMS call) {hops['empty_handle_call_p50_ms']:.1f} ms", flush=True)
+        role = process_cpu.serve_role(os.getpid())
         for c in levels:
             before = len(detector.recent_batch_sizes.remote().result())
+            cpu0 = process_cpu.snapshot()
             row = asyncio.run(_load(url, bodies, c, max(16, args.requests * c // 4 if c > 1 else args.requests)))
+            row["cpu"] = _cpu_row(process_cpu.by_role(cpu0, process_cpu.snapshot(), role), row)
             sizes = detector.recent_batch_sizes.remote().result()[before:]
             row["mean_batch"] = float(np.mean(sizes)) if sizes else 0.0
             rows.append(row)
             print(f"  serve concurrency {c:>2}: {row['throughput']:.2f} req/s, p50 {row['p50_ms']:.0f} ms, "
                   f"p99 {row['p99_ms']:.0f} ms, mean batch {row['mean_batch']:.1f}", flush=True)
+            print("    CPU (cores, ms a request): " + ", ".join(
+                f"{k} {v['cores']:.2f} ({v['ms_per_request']:.1f})" for k, v in row["cpu"].items()), flush=True)
         # The limit brackets the Serve runs: sweeps before and after them (the machine's speed drifts by
         # 20-40% over minutes), the same images each, so each size's rate is their harmonic mean.
         print("in-process limit, again after the Serve runs", flush=True)
@@ -331,6 +347,8 @@ def main() -> None:
                             "handle_hops": by_c[min(by_c)]["handle_hops_p50_ms"],
                             **{k: v for k, v in by_c[min(by_c)]["stages_p50_ms"].items() if k != "total"}},
         "hop_without_work_ms": hops,
+        # Where the machine's CPU went at the highest concurrency: the detector replica's share against the rest.
+        "cpu_at_max_concurrency": by_c[max(by_c)]["cpu"],
         "cpu_count": os.cpu_count(),
         "note": "shared 2-core machine: other processes load the CPU too",
     }

@@ -1,0 +1,56 @@
+"""CPU seconds of the machine's processes between two moments, summed by role.
+
+``snapshot()`` reads every live process's own CPU (user + system) from ``/proc``; ``by_role(before, after,
+role)`` sums what each process used between the two snapshots under ``role(pid, title)`` (a process that
+ended meanwhile is not counted; one that started counts from zero). ``serve_role`` names the processes of
+a local Ray Serve graph: its deployments' replicas by deployment, the HTTP proxy, the benchmark itself
+("client") and everything else ("other": Ray's daemons, the Serve controller, the rest of the machine).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def snapshot() -> dict[int, tuple[str, float]]:
+    """``{pid: (title, CPU seconds so far)}`` of every live process (its own CPU, not its children's)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        out[int(pid)] = (title or stat[stat.find("(") + 1:stat.rfind(")")], (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def by_role(before: dict, after: dict, role: Callable[[int, str], str]) -> dict[str, float]:
+    """CPU seconds used between ``before`` and ``after`` (two ``snapshot()``s), summed by role, largest first."""
+    sums: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        used = cpu - before[pid][1] if pid in before else cpu  # a Ray worker retitles itself per call
+        if used > 0:
+            key = role(pid, title)
+            sums[key] = sums.get(key, 0.0) + used
+    return dict(sorted(sums.items(), key=lambda kv: -kv[1]))
+
+
+def serve_role(client_pid: int) -> Callable[[int, str], str]:
+    """The role of a process in a local Serve benchmark: ``ray::ServeReplica:<app>:<deployment>`` is its
+    deployment, ``ray::ProxyActor`` the proxy, ``client_pid`` the client, anything else "other"."""
+    def role(pid: int, title: str) -> str:
+        if pid == client_pid:
+            return "client"
+        if title.startswith("ray::ServeReplica:"):
+            return title.split()[0].split(":")[-1].split(".")[0]
+        if title.startswith("ray::ProxyActor"):
+            return "proxy"
+        return "other"
+    return role
