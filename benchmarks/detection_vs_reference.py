@@ -5,7 +5,8 @@ The reference: the network of ``--arch`` built with weights=None (``BUILDERS``: 
 ``fasterrcnn_mobilenet_v3_large_320_fpn``, or torchvision's FasterRCNN classes with a ResNet-18 FPN as
 visionflow assembles them), ``CocoDetection`` wrapped for transforms v2 with the same flip and scale
 jitter, a ``DataLoader`` with the references' tuple collate, ``train_one_epoch``'s loop (the loss dict
-summed, one optimizer step per batch) and, after every epoch, torchvision's own post-processing scored by
+summed, one optimizer step per batch), the recipe's checkpoint after every epoch (model, optimizer, args,
+epoch, written as ``model_<epoch>.pth`` and ``checkpoint.pth``) and, after every epoch, torchvision's own post-processing scored by
 pycocotools' ``COCOeval``. visionflow: ``visionflow train``'s ``fit`` of the same architecture on the
 ingested Parquet shards, validating after every epoch with its own evaluator.
 
@@ -142,8 +143,9 @@ def coco_ap50(model: torch.nn.Module, loader, coco: Path) -> float:
     return float(ev.stats[1])
 
 
-def run_reference(coco: Path, args, num_classes: int) -> dict:
-    """``references/detection/train.py``'s loop: train_one_epoch, then evaluate, every epoch."""
+def run_reference(coco: Path, args, num_classes: int, out: Path) -> dict:
+    """``references/detection/train.py``'s loop: train_one_epoch, its checkpoint (``model_<epoch>.pth`` and
+    ``checkpoint.pth`` in ``out``, the recipe's default with an ``--output-dir``), then evaluate, every epoch."""
     from pipelines.train.config import TrainConfig
     from pipelines.train.trainer import make_optimizer
 
@@ -154,7 +156,8 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
                                                   optimizer="adamw", lr=args.lr, weight_decay=args.weight_decay))
     train = reference_loader(coco, "train", args.size, args.batch, True, args.seed)
     val = reference_loader(coco, "val", args.size, args.batch, False, args.seed)
-    epochs, t0, val_s, first_batch_s = [], time.perf_counter(), 0.0, None
+    out.mkdir(parents=True, exist_ok=True)
+    epochs, t0, val_s, checkpoint_s, first_batch_s = [], time.perf_counter(), 0.0, 0.0, None
     for epoch in range(args.epochs):
         model.train()
         losses = []
@@ -169,6 +172,12 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
             optimizer.step()
             losses.append(float(loss.detach()))
         t1 = time.perf_counter()
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "args": vars(args),
+                      "epoch": epoch}
+        torch.save(checkpoint, out / f"model_{epoch}.pth")
+        torch.save(checkpoint, out / "checkpoint.pth")
+        checkpoint_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
         ap50 = coco_ap50(model, val, coco)
         val_s += time.perf_counter() - t1
         epochs.append({"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "bbox/AP50": ap50})
@@ -178,7 +187,8 @@ def run_reference(coco: Path, args, num_classes: int) -> dict:
     # visionflow's phases' names: the loader's start (its worker process) to the first batch, then the rest
     return {"bbox/AP50": epochs[-1]["bbox/AP50"], "seconds": seconds, "epochs": epochs,
             "phases": {"data_start_s": round(first_batch_s, 2), "val_s": round(val_s, 2),
-                       "steps_s": round(seconds - first_batch_s - val_s, 2)}}
+                       "checkpoint_s": round(checkpoint_s, 2),
+                       "steps_s": round(seconds - first_batch_s - val_s - checkpoint_s, 2)}}
 
 
 def run_visionflow(data: Path, out: Path, args) -> tuple[dict, "object"]:
@@ -228,7 +238,7 @@ def run_pair(root: Path, args, seed: int) -> dict:
     torch.set_num_threads(args.threads)
     print(f"seed {seed}: reference: torchvision loop, {args.epochs} epochs, same initial weights: {same_init}",
           flush=True)
-    ref = run_reference(root / "coco", args, num_classes)
+    ref = run_reference(root / "coco", args, num_classes, root / "reference")
     try:
         connect(LOCAL, num_cpus=args.threads + 2, dashboard=False, log_to_driver=False)
         for split in ("train", "val"):

@@ -22,10 +22,16 @@ def test_both_sides_start_from_the_same_weights_and_the_reference_trains_and_sco
     # Not equal by construction: another seed gives other weights.
     a, b = (reference_model(num_classes, 64, seed, arch).state_dict() for seed in (0, 1))
     assert not all(torch.equal(a[k], b[k]) for k in a)
-    ref = run_reference(tmp_path / "coco", args, num_classes)
+    ref = run_reference(tmp_path / "coco", args, num_classes, tmp_path / "reference")
     (epoch,) = ref["epochs"]
     assert math.isfinite(epoch["loss"]) and epoch["loss"] > 0
     assert 0.0 <= ref["bbox/AP50"] <= 1.0 and ref["seconds"] > 0
+    # The recipe's checkpoint of the epoch, as references/detection writes it: loadable, with its weights.
+    for name in ("model_0.pth", "checkpoint.pth"):
+        saved = torch.load(tmp_path / "reference" / name, weights_only=False)
+        assert saved["epoch"] == 0 and set(saved) == {"model", "optimizer", "args", "epoch"}
+        assert saved["model"].keys() == reference_model(num_classes, 64, 0, arch).state_dict().keys()
+    assert ref["phases"]["checkpoint_s"] > 0 and ref["phases"]["steps_s"] > 0
 
 
 def test_several_seeds_are_reported_as_means_of_ap50_and_the_ratio_of_total_wall_times():
