@@ -34,6 +34,30 @@ def test_both_sides_start_from_the_same_weights_and_the_reference_trains_and_sco
     assert ref["phases"]["checkpoint_s"] > 0 and ref["phases"]["steps_s"] > 0
 
 
+def test_the_reference_does_not_train_on_crowd_regions(tmp_path):
+    """The recipe's loader drops iscrowd=1 annotations (as visionflow's targets do); the synth set has them."""
+    import json
+
+    from benchmarks.detection_vs_reference import reference_loader
+
+    write_synth(tmp_path / "coco", images=24, size=64, seed=0, val_fraction=0.25)
+    anns = json.loads((tmp_path / "coco" / "annotations" / "instances_train.json").read_text())["annotations"]
+    crowd_images = {a["image_id"] for a in anns if a["iscrowd"]}
+    assert crowd_images  # the fault to leave out is there
+    label = _labels(tmp_path / "coco" / "annotations" / "instances_train.json")
+    objects = {i: sorted(label[a["category_id"]] for a in anns if a["image_id"] == i and not a["iscrowd"])
+               for i in crowd_images}
+    data = reference_loader(tmp_path / "coco", "train", 64, 4, False, 0).dataset
+    seen = 0
+    for i in range(len(data)):
+        _, target = data[i]
+        if int(target["image_id"]) in objects:
+            assert sorted(target["labels"].tolist()) == objects[int(target["image_id"])]
+            assert len(target["boxes"]) == len(target["labels"])
+            seen += 1
+    assert seen == len(crowd_images)
+
+
 def test_several_seeds_are_reported_as_means_of_ap50_and_the_ratio_of_total_wall_times():
     def pair(seed, ref_ap, ours_ap, ref_s, ours_s):
         return {"seed": seed, "same_initial_weights": True, "visionflow_weights_scored_as_reference": ours_ap,
