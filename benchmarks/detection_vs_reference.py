@@ -4,7 +4,7 @@ torchvision's ``references/detection`` recipe, on the same synth data, epochs, s
 The reference: the network of ``--arch`` built with weights=None (``BUILDERS``: torchvision's
 ``fasterrcnn_mobilenet_v3_large_320_fpn``, or torchvision's FasterRCNN classes with a ResNet-18 FPN as
 visionflow assembles them), ``CocoDetection`` wrapped for transforms v2 without crowd regions (the recipe's
-loader drops them) and with the same flip and scale jitter, a ``DataLoader`` with the references' tuple collate, ``train_one_epoch``'s loop (the loss dict
+default loader drops them; its ``--use-v2`` path keeps them) and with the same flip and scale jitter, a ``DataLoader`` with the references' tuple collate, ``train_one_epoch``'s loop (the loss dict
 summed, one optimizer step per batch), the recipe's checkpoint after every epoch (model, optimizer, args,
 epoch, written as ``model_<epoch>.pth`` and ``checkpoint.pth``) and, after every epoch, torchvision's own post-processing scored by
 pycocotools' ``COCOeval``. visionflow: ``visionflow train``'s ``fit`` of the same architecture on the
@@ -110,8 +110,8 @@ def reference_loader(coco: Path, split: str, size: int, batch: int, train: bool,
                 target = {**target, "boxes": tv_tensors.BoundingBoxes(torch.zeros((0, 4)), format="XYXY",
                                                                       canvas_size=(h, w)),
                           "labels": torch.zeros((0,), dtype=torch.int64)}
-            # Crowd regions are not objects to learn: the recipe's loader (coco_utils' ConvertCocoPolysToMask)
-            # drops them, as visionflow's detection targets do.
+            # Crowd regions are not objects to learn: the recipe's default loader (coco_utils'
+            # ConvertCocoPolysToMask) drops them, as visionflow's detection targets do.
             keep = torch.as_tensor(target.pop("iscrowd", []), dtype=torch.int64).reshape(-1) == 0
             target["boxes"] = tv_tensors.wrap(target["boxes"][keep], like=target["boxes"])
             target["labels"] = torch.tensor([label[int(c)] for c in torch.as_tensor(target["labels"])[keep]],

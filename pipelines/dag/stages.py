@@ -34,7 +34,7 @@ def _report(board, name: str, status: str, **info) -> None:
     call still in flight to the board, and the driver's last look at the board must show every stage."""
     if board is not None:
         try:
-            ray.get(board.update.remote(name, status, **info), timeout=30)
+            ray.get(board.update.remote(name, status, **info), timeout=5)
         except Exception:  # noqa: BLE001  progress is for people; a lost board never fails a stage
             pass
 

@@ -114,8 +114,15 @@ def lane_loop(config: dict) -> None:
 
 
 def _tell(reporter, cfg: TrainConfig, status: str, **info) -> None:
+    """Tell the run's progress board, and wait until it has it (a lane peer's stage returns without a
+    report of its own, so the driver's last look at the board must already show this one)."""
     if reporter is not None:
-        reporter.update.remote(f"train/{cfg.arch}", status, **info)
+        import ray
+
+        try:
+            ray.get(reporter.update.remote(f"train/{cfg.arch}", status, **info), timeout=5)
+        except Exception:  # noqa: BLE001  progress is for people; a lost board never fails a training
+            pass
 
 
 def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseException | None]:
