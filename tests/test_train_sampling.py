@@ -122,3 +122,26 @@ def test_each_epochs_view_reads_the_shards_in_an_order_of_its_own(ray_cluster, d
     seeds.clear()
     prepare(TrainConfig(out=str(tmp_path / "b"), shuffle_buffer=0, **kw))
     assert seeds == [None, None, None]  # no shuffling: the manifest's order
+
+
+def test_a_one_worker_epoch_comes_in_the_same_order_however_fast_it_is_read(ray_cluster, data_dir, tmp_path):
+    """A small epoch is read whole before its steps; its augmentation tasks then race, and the seeded local
+    shuffle must still see the blocks in the seeded shard order: two fits of one seed train on the same
+    batches."""
+    import time
+
+    cfg = TrainConfig(task="detection", arch="yolo_v1", data=str(data_dir), out=str(tmp_path / "run"), epochs=2,
+                      batch_size=4, image_size=32, augment_cpus=0.25, shuffle_buffer=64)
+    _, _, datasets, _ = prepare(cfg)
+    assert all(ds.context.execution_options.preserve_order for k, ds in datasets.items() if k.startswith("train_"))
+
+    def order(slow: bool) -> list[int]:
+        ids = []
+        for b in epoch_batches(prepare(cfg)[2]["train_1"].iterator(), cfg, 1, 0):
+            ids += [int(i) for i in b["image_id"]]
+            if slow:
+                time.sleep(0.05)
+        return ids
+
+    slow = order(slow=True)
+    assert [order(slow=False) for _ in range(3)] == [slow] * 3

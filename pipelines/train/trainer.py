@@ -596,6 +596,12 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     datasets = {f"train_{e}": task.view(read_shards(shards, fs, num_cpus=cfg.augment_cpus,
                                                     shuffle_seed=shuffle_seed(cfg, e)), cfg, train=True, epoch=e)
                 for e in range(cfg.epochs)}
+    if cfg.workers == 1:
+        # Blocks reach the seeded local shuffle in the seeded shard order, not in whichever augmentation
+        # task finishes first: a fast reader (a small epoch read whole) otherwise drew another order of
+        # images in some runs, so two fits of one seed differed (docs/training.md). No cost measured.
+        for ds in datasets.values():
+            ds.context.execution_options.preserve_order = True
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     # The workers write metrics, curves and checkpoints to cfg.out from their own working directory (Ray
