@@ -15,19 +15,34 @@ from typing import Callable
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def read_stat(pid: int | str) -> tuple[str, float, float] | None:
+    """``(name, own CPU seconds, reaped children's CPU seconds)`` of one process from ``/proc/<pid>/stat``
+    (user + system each), or None when it has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # ended meanwhile
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (stat[stat.find("(") + 1:stat.rfind(")")], (int(fields[11]) + int(fields[12])) / _TICK,
+            (int(fields[13]) + int(fields[14])) / _TICK)
+
+
+def pids() -> list[int]:
+    """Every live process's pid."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
 def snapshot() -> dict[int, tuple[str, float]]:
     """``{pid: (title, CPU seconds so far)}`` of every live process (its own CPU, not its children's)."""
     out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in pids():
+        stat = read_stat(pid)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        out[int(pid)] = (title or stat[stat.find("(") + 1:stat.rfind(")")], (int(fields[11]) + int(fields[12])) / _TICK)
+        except OSError:
+            stat = None
+        if stat is not None:
+            out[pid] = (title or stat[0], stat[1])
     return out
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks import provenance
+from benchmarks import process_cpu, provenance
 
 RESULTS = Path(__file__).parent / "results"
 CASES = ["plain", "ray_cluster", "ray_train_beside", "ray_train_worker", "plain"]
@@ -38,17 +38,12 @@ def _cpu_seconds(skip: int) -> float:
     """CPU seconds (user + system) used so far by every process of the machine but ``skip`` itself: each
     live process's own, and its ended children's once it has reaped them (so a process that ends within
     a window still counts, under its parent)."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        total += int(fields[13]) + int(fields[14]) + (0 if int(pid) == skip else int(fields[11]) + int(fields[12]))
-    return total / tick
+    total = 0.0
+    for pid in process_cpu.pids():
+        stat = process_cpu.read_stat(pid)
+        if stat is not None:
+            total += stat[2] + (0 if pid == skip else stat[1])
+    return total
 
 
 def time_steps(rounds: int, steps: int, threads: int) -> dict:

@@ -26,21 +26,12 @@ from typing import Any, Callable
 import ray
 
 from pipelines.dag.records import Stage, stage_key
+from pipelines.progress_report import tell
 from pipelines.storage import RunDir
 
 
-def _report(board, name: str, status: str, **info) -> None:
-    """Tell the progress board, and wait until it has it: a stage's result may reach the driver before a
-    call still in flight to the board, and the driver's last look at the board must show every stage."""
-    if board is not None:
-        try:
-            ray.get(board.update.remote(name, status, **info), timeout=5)
-        except Exception:  # noqa: BLE001  progress is for people; a lost board never fails a stage
-            pass
-
-
 def _skipped(board, name: str, rec: dict) -> dict:
-    _report(board, name, "skipped", seconds=rec.get("seconds"))
+    tell(board, name, "skipped", seconds=rec.get("seconds"))
     return {**rec, "skipped": True}
 
 
@@ -63,20 +54,20 @@ def run_stage(stage: Stage, label: str, config, inputs: dict, body: Callable[[bo
     if rec := stage.finished():
         return result(_skipped(board, label, rec))
     try:
-        _report(board, label, "running")
+        tell(board, label, "running")
         t0 = time.perf_counter()
         outputs = body(stage.begin(resumable=resumable))
         # Which Ray node ran the stage (on a cluster: a worker node, the head, the driver's node).
         outputs = {**outputs, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
         rec = stage.done(config, inputs, outputs, time.perf_counter() - t0)
-        _report(board, label, "done", seconds=rec["seconds"])
+        tell(board, label, "done", seconds=rec["seconds"])
         return result(rec)
     except Exception as e:
         if failed is None:
             raise
         traceback.print_exc()
         out = failed(_error_text(e))
-        _report(board, label, "failed", error=_error_text(e))
+        tell(board, label, "failed", error=_error_text(e))
         return out
 
 
@@ -299,7 +290,7 @@ def compare_stage(run_uri: str, branches: list, archs: list[str], chart: bool = 
     for r in results:
         if r.pop("crashed", False):
             r.update(_branch_failure(run, r["arch"], r["stage"], r["error"], r["task"]))
-            _report(board, f"{r['stage']}/{r['arch']}", "failed", error=r["error"])
+            tell(board, f"{r['stage']}/{r['arch']}", "failed", error=r["error"])
     ok = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
     inputs = {r["arch"]: r.get("key", r.get("error")) for r in results}
@@ -392,7 +383,7 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
     results = [r for r in results if wanted is None or r["arch"] in wanted]
     inputs = {r["arch"]: r["key"] for r in results}
     if not results:  # (no record can match: a stage without classifiers never finishes)
-        _report(board, "robustness", "skipped")
+        tell(board, "robustness", "skipped")
         return {"error": "no classifier finished training"}
     stage = Stage(run, "robustness", stage_key("robustness", cfg, inputs))
 
@@ -428,13 +419,13 @@ def deploy_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], boar
         servable = [r["arch"] for r in branches if r.get("task") in ("detection", "segmentation")]
         if not servable:  # a run of classifiers only: nothing to serve is not a failure
             out = {"status": "skipped", "reason": "no detection or segmentation architecture in this run"}
-            _report(board, "deploy", "skipped")
+            tell(board, "deploy", "skipped")
             return out
         out = {"status": "failed", "error": f"no detection or segmentation architecture finished training ({servable})"}
-        _report(board, "deploy", "failed", error=out["error"])
+        tell(board, "deploy", "failed", error=out["error"])
         run.write_json("deploy/deployment.json", out)
         return out
-    _report(board, "deploy", "running")
+    tell(board, "deploy", "running")
     t0 = time.perf_counter()
     models = [{"name": r["arch"], "checkpoint": r["train_dir"]} for r in chosen.values()]
     serve_args = {**cfg.get("serve", {}), "models": [{**m, **cfg.get("serve", {}).get("model", {})} for m in models]}
@@ -449,13 +440,13 @@ def deploy_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], boar
     except Exception as e:
         traceback.print_exc()
         out = {"status": "failed", "error": _error_text(e)}
-        _report(board, "deploy", "failed", error=out["error"])
+        tell(board, "deploy", "failed", error=out["error"])
         run.write_json("deploy/deployment.json", out)
         return out
     out = {"status": "done", "url": url, "models": {t: r["arch"] for t, r in chosen.items()},
            "seconds": round(time.perf_counter() - t0, 2)}
     run.write_json("deploy/deployment.json", out)
-    _report(board, "deploy", "done", seconds=out["seconds"])
+    tell(board, "deploy", "done", seconds=out["seconds"])
     return out
 
 
@@ -494,7 +485,7 @@ def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=N
     run = RunDir(run_uri)
     if deployed.get("status") != "done":
         return {"status": "skipped", "reason": "nothing deployed"}
-    _report(board, "smoke", "running")
+    tell(board, "smoke", "running")
     images = _val_images(data_rec["outputs"]["data_dir"], cfg["images"])
     found, errors = [], []
     for task, route in SMOKE_ROUTES.items():
@@ -518,7 +509,7 @@ def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=N
     out = {"status": "done" if found and not errors else "failed", "url": deployed["url"], "results": found,
            "errors": errors}
     run.write_json("smoke/results.json", out)
-    _report(board, "smoke", out["status"], **({"error": "; ".join(errors)[:300]} if errors else {}))
+    tell(board, "smoke", out["status"], **({"error": "; ".join(errors)[:300]} if errors else {}))
     return out
 
 

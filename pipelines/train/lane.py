@@ -30,6 +30,7 @@ import time
 import traceback
 
 from pipelines import storage
+from pipelines.progress_report import tell
 from pipelines.train.config import TrainConfig
 
 LANE_FILE = "lane.json"  # RUN_DIR/lane.json: how this training ended in its lane (status, error, times)
@@ -97,7 +98,7 @@ def lane_loop(config: dict) -> None:
             previous_end = time.time()
             continue
         began = previous_end
-        _tell(reporter, cfg, "running")
+        tell(reporter, f"train/{cfg.arch}", "running")
         doc = {"began_at": began}
         try:
             train_one(cfg, run["rows"], LaneIO(run["datasets"]))
@@ -109,20 +110,8 @@ def lane_loop(config: dict) -> None:
             doc.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         previous_end = doc["ended_at"] = time.time()
         storage.write_json(cfg.out, LANE_FILE, doc)
-        _tell(reporter, cfg, doc["status"], **({"error": doc["error"]} if "error" in doc else
+        tell(reporter, f"train/{cfg.arch}", doc["status"], **({"error": doc["error"]} if "error" in doc else
                                                {"seconds": round(doc["ended_at"] - began, 2)}))
-
-
-def _tell(reporter, cfg: TrainConfig, status: str, **info) -> None:
-    """Tell the run's progress board, and wait until it has it (a lane peer's stage returns without a
-    report of its own, so the driver's last look at the board must already show this one)."""
-    if reporter is not None:
-        import ray
-
-        try:
-            ray.get(reporter.update.remote(f"train/{cfg.arch}", status, **info), timeout=5)
-        except Exception:  # noqa: BLE001  progress is for people; a lost board never fails a training
-            pass
 
 
 def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseException | None]:
