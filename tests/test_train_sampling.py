@@ -10,7 +10,7 @@ from pipelines.data import load_split, read_shards, read_split_table, shard_item
 from pipelines.dag import lanes
 from pipelines.storage import read_metrics
 from pipelines.train import TrainConfig, fit
-from pipelines.train.trainer import epoch_batches, prepare, shuffle_seed
+from pipelines.train.trainer import epoch_batches, ingest_config, prepare, shuffle_seed
 from pipelines.train.watch import expected_rows
 
 
@@ -125,23 +125,29 @@ def test_each_epochs_view_reads_the_shards_in_an_order_of_its_own(ray_cluster, d
 
 
 def test_a_one_worker_epoch_comes_in_the_same_order_however_fast_it_is_read(ray_cluster, data_dir, tmp_path):
-    """A small epoch is read whole before its steps; its augmentation tasks then race, and the seeded local
-    shuffle must still see the blocks in the seeded shard order: two fits of one seed train on the same
-    batches."""
+    """A small epoch is read whole before its steps; its augmentation tasks then race, and so do the
+    iterator's format threads: the seeded local shuffle must still see the blocks in the seeded shard order,
+    and the steps the batches in the order it drew them, so two fits of one seed train on the same batches.
+    Read through what the fit's worker gets: Ray Train's ``DataConfig`` replaces a dataset's execution
+    options unless told to keep them (``ingest_config``)."""
     import time
 
     cfg = TrainConfig(task="detection", arch="yolo_v1", data=str(data_dir), out=str(tmp_path / "run"), epochs=2,
                       batch_size=4, image_size=32, augment_cpus=0.25, shuffle_buffer=64)
-    _, _, datasets, _ = prepare(cfg)
-    assert all(ds.context.execution_options.preserve_order for k, ds in datasets.items() if k.startswith("train_"))
 
-    def order(slow: bool) -> list[int]:
-        ids = []
-        for b in epoch_batches(prepare(cfg)[2]["train_1"].iterator(), cfg, 1, 0):
-            ids += [int(i) for i in b["image_id"]]
+    def worker_iterators() -> dict:
+        datasets = prepare(cfg)[2]
+        return ingest_config(datasets, split=False).configure(datasets, world_size=1, worker_handles=None,
+                                                              worker_node_ids=None)[0]
+    assert all(it.get_context().execution_options.preserve_order for it in worker_iterators().values())
+
+    def order(slow: bool) -> list[list[int]]:
+        batches = []
+        for b in epoch_batches(worker_iterators()["train_1"], cfg, 1, 0):
+            batches.append([int(i) for i in b["image_id"]])
             if slow:
                 time.sleep(0.05)
-        return ids
+        return batches
 
     slow = order(slow=True)
     assert [order(slow=False) for _ in range(3)] == [slow] * 3

@@ -596,13 +596,15 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     datasets = {f"train_{e}": task.view(read_shards(shards, fs, num_cpus=cfg.augment_cpus,
                                                     shuffle_seed=shuffle_seed(cfg, e)), cfg, train=True, epoch=e)
                 for e in range(cfg.epochs)}
+    datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     if cfg.workers == 1:
         # Blocks reach the seeded local shuffle in the seeded shard order, not in whichever augmentation
-        # task finishes first: a fast reader (a small epoch read whole) otherwise drew another order of
-        # images in some runs, so two fits of one seed differed (docs/training.md). No cost measured.
+        # task finishes first, and batches leave the iterator's format threads in order: a fast reader (a
+        # small epoch read whole) otherwise got another order of images or of batches in some runs, so two
+        # fits of one seed differed (docs/training.md). No cost measured. (``fit`` hands these options to
+        # Ray Train: ``ingest_config``.)
         for ds in datasets.values():
             ds.context.execution_options.preserve_order = True
-    datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
     # The workers write metrics, curves and checkpoints to cfg.out from their own working directory (Ray
     # Train's run folder): a relative --out would land there, not where the user asked.
@@ -625,7 +627,7 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     Returns {"run_dir", "checkpoint", "metrics": last epoch's record, "epochs_run"}.
     Raises ValueError for bad input (data directory, architecture; ``RunMismatch`` for a run directory of other
     data or another model), ``TrainingDiverged`` at a non-finite loss and RuntimeError if training fails."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.train import watch
@@ -649,7 +651,7 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[] if single else "all"),
+        dataset_config=ingest_config(datasets, split=not single),
     )
     _warm_data_worker()
     started, started_at = time.perf_counter(), time.time()
@@ -665,6 +667,21 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
     return {"run_dir": out, "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "metrics": records[-1] if records else {}, "epochs_run": len(records),
             "seconds": time.perf_counter() - started, "phases": _phases(out, started_at, ended_at)}
+
+
+def ingest_config(datasets: dict, *, split: bool):
+    """Ray Train's ``DataConfig`` for a fit's ``datasets``: split across the workers or not, each iterated
+    with its own execution options. Ray Train otherwise replaces them with options made from the driver's
+    ``DataContext``, and a one-worker fit lost ``preserve_order`` (``prepare``): its iterator's format
+    threads then handed batches over in the order they finished, so two fits of one seed trained on the
+    same batches in another order in some runs (docs/training.md)."""
+    import copy
+
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split="all" if split else [],
+                      execution_options={name: copy.deepcopy(ds.context.execution_options)
+                                         for name, ds in datasets.items()})
 
 
 def _import_augmentation() -> None:
