@@ -37,12 +37,13 @@ def snapshot() -> dict[int, tuple[str, float]]:
     out = {}
     for pid in pids():
         stat = read_stat(pid)
+        if stat is None:
+            continue
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            stat = None
-        if stat is not None:
-            out[pid] = (title or stat[0], stat[1])
+        except OSError:  # ended meanwhile
+            continue
+        out[pid] = (title or stat[0], stat[1])
     return out
 
 

@@ -47,8 +47,11 @@ def test_a_training_with_limit_train_images_steps_through_that_many(ray_cluster,
                       batch_size=4, image_size=64, model_kwargs={"image_size": 64}, cpus_per_worker=0.5,
                       augment_cpus=0.25, limit_train_images=10)
     given = []  # what this fit hands Ray Train as its DataConfig (and the datasets it was made for)
-    monkeypatch.setattr(trainer, "ingest_config",
-                        lambda datasets, **kw: given.append((datasets, ingest_config(datasets, **kw))) or given[-1][1])
+
+    def recorded(datasets, **kw):
+        given.append((datasets, ingest_config(datasets, **kw)))
+        return given[-1][1]
+    monkeypatch.setattr(trainer, "ingest_config", recorded)
     fit(cfg)
     (record,) = read_metrics(cfg.out)
     assert record["train_images"] == 10  # every image of the cap, none past it (the split has 48)

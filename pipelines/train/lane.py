@@ -110,8 +110,8 @@ def lane_loop(config: dict) -> None:
             doc.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         previous_end = doc["ended_at"] = time.time()
         storage.write_json(cfg.out, LANE_FILE, doc)
-        tell(reporter, f"train/{cfg.arch}", doc["status"], **({"error": doc["error"]} if "error" in doc else
-                                               {"seconds": round(doc["ended_at"] - began, 2)}))
+        tell(reporter, f"train/{cfg.arch}", doc["status"],
+             **({"error": doc["error"]} if "error" in doc else {"seconds": round(doc["ended_at"] - began, 2)}))
 
 
 def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseException | None]:
