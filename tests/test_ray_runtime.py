@@ -208,11 +208,13 @@ TRAIN_ENV_PROBE = REPORT + (
 def test_a_local_clusters_processes_get_its_train_settings_and_a_users_own_win():
     from pipelines.ray_runtime import LOCAL_TRAIN_ENV
 
-    out = _probe(TRAIN_ENV_PROBE)
-    assert out["workers"] == LOCAL_TRAIN_ENV  # where Ray Train's controller reads them
-    assert out["driver"] == {k: None for k in LOCAL_TRAIN_ENV}  # this process keeps its own environment
-    out = _probe(TRAIN_ENV_PROBE, env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"})
-    assert out["workers"] == {**LOCAL_TRAIN_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+    # One cluster start: the user sets one of the settings; the workers get it and the local defaults for the
+    # rest, and the driver's own environment stays what it was.
+    user = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+    assert set(user) < set(LOCAL_TRAIN_ENV) and LOCAL_TRAIN_ENV[next(iter(user))] != "3"
+    out = _probe(TRAIN_ENV_PROBE, env=user)
+    assert out["workers"] == {**LOCAL_TRAIN_ENV, **user}  # where Ray Train's controller reads them
+    assert out["driver"] == {k: user.get(k) for k in LOCAL_TRAIN_ENV}
 
 
 @pytest.mark.parametrize("dashboard", [True, pytest.param(False, marks=pytest.mark.slow)])

@@ -385,6 +385,7 @@ def redeployed(url):
     return url
 
 
+@pytest.mark.slow  # (37 s with the redeploy) make test: the limit's check and message in test_mask_pixel_limit_is_checked_before_pasting
 def test_mask_pixel_limit_answers_413_json(redeployed):
     """Past `limits.max_mask_pixels` (here 1 Mi; each mask's region at 4096 x 4096 is at least 128 x 128
     pixels, so 100 masks need more): 413 JSON naming the limit and how to ask for less; the same ask on a
@@ -400,6 +401,7 @@ def test_mask_pixel_limit_answers_413_json(redeployed):
     assert r.status_code == 200 and r.json()["detections"], r.text[:300]
 
 
+@pytest.mark.slow  # make test kills a detector replica mid-request (test_killed_replica_answers_503_then_serve_replaces_it)
 def test_killed_nms_stage_answers_503_naming_it(redeployed):
     """SIGKILL the NMS stage's replica while a segmenter's batch waits in it: 503 `unavailable` JSON that
     names the NMS stage (the detector that called it is alive), then Serve's replacement serves again."""

@@ -111,17 +111,14 @@ def test_checkpoint_payload_and_load_checkpoint(killed_run):
 
 def test_a_run_that_does_not_save_its_optimizer_keeps_the_weights_and_resumes_from_them(ray_cluster, data_dir,
                                                                                          tmp_path):
-    kw = dict(task="classification", arch="resnet18", data=str(data_dir), workers=1, optimizer="adamw",
-              **{**TINY, "epochs": 1})
-    full, lean = (TrainConfig(out=str(tmp_path / name), save_optimizer=keep, **kw)
-                  for name, keep in (("full", True), ("lean", False)))
-    fit(full)
+    lean = TrainConfig(task="classification", arch="resnet18", data=str(data_dir), workers=1, optimizer="adamw",
+                       out=str(tmp_path / "lean"), save_optimizer=False, **{**TINY, "epochs": 1})
     fit(lean)
-    files = {c.out: latest_checkpoint(c.out) for c in (full, lean)}
-    payload = torch.load(files[lean.out], weights_only=True)
+    payload = torch.load(latest_checkpoint(lean.out), weights_only=True)
     assert set(payload) == {"model", "epoch", "config"}
-    sizes = {out: Path(f).stat().st_size for out, f in files.items()}
-    assert sizes[lean.out] < 0.4 * sizes[full.out]  # AdamW keeps two tensors per weight
+    weights = sum(t.numel() * t.element_size() for t in payload["model"].values())
+    # AdamW keeps two tensors per weight: with them the file would be about three times the weights.
+    assert Path(latest_checkpoint(lean.out)).stat().st_size < 1.2 * weights
     before = log_sizes()
     fit(lean.model_copy(update={"epochs": 2}))
     records = read_metrics(lean.out)
