@@ -4,8 +4,10 @@ One run measures, on the same images:
 - ``ray_data``: ``load_split`` -> ``augment(task="detection", train=True)`` -> ``iter_batches`` +
   ``collate_detection`` (images from the Parquet shards);
 - ``dataloader``: ``torchvision.datasets.CocoDetection`` (wrapped for transforms v2) + ``DataLoader(num_workers=2)``
-  with the same transforms (flip, scale jitter, sanitize, to float), images from the JPEG files;
-- ``decode_ceiling``: JPEG decoding alone in a process pool over both cores (the limit either can reach).
+  with the same transforms (flip, scale jitter, sanitize, to float), images from the JPEG files (decoded by
+  PIL, CocoDetection's loader);
+- ``decode_ceiling``: JPEG decoding alone, with the views' decoder (TorchCodec's, the faster of the two), in
+  a process pool over both cores (the limit either can reach).
 Reported as images/s and ratios against the DataLoader, and each round's seconds to the first batch.
 Writes ``benchmarks/results/data_throughput.json``: one entry per image count (``--images``), each its own run.
 
@@ -20,7 +22,6 @@ peak object-store (plasma) use, sampled every 0.5 s.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os
@@ -38,14 +39,24 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _decode(data: bytes) -> int:
-    from PIL import Image
+    import torch
 
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB").size[0]
+    from vision.transforms import decode_image
+
+    torch.set_num_threads(1)  # one decode per process, as in the views' tasks
+    return decode_image(data).shape[-1]
+
+
+def decoder() -> str:
+    """The decoder the task views (and so the ceiling) use: TorchCodec's, or PIL where it does not load."""
+    from vision.transforms import _codec_decoders
+
+    return "torchcodec" if _codec_decoders() else "PIL"
 
 
 def decode_ceiling(files: list[Path], processes: int) -> float:
-    """Images/s of PIL decoding alone over ``processes`` processes (bytes read beforehand)."""
+    """Images/s of decoding alone (the task views' decoder) over ``processes`` processes (bytes read
+    beforehand)."""
     blobs = [f.read_bytes() for f in files]
     with mp.get_context("spawn").Pool(processes) as pool:
         pool.map(_decode, blobs[:processes * 2])  # warm the workers up
@@ -164,7 +175,8 @@ def throughput(args) -> dict:
     best = {k: max(v) for k, v in runs.items()}
     return {
         "config": {"images": len(files), "size": args.size, "batch": args.batch, "cpus": args.cpus,
-                   "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count()},
+                   "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count(),
+                   "decoder": decoder()},
         "images_per_s": {**best, "decode_ceiling_1proc": ceiling[1],
                          f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
         "all_runs": runs,

@@ -151,3 +151,33 @@ def test_rle_round_trip():
     assert isinstance(rle["counts"], str) and rle["size"] == [7, 9]
     assert torch.equal(T.decode_masks([rle], 7, 9)[0], torch.from_numpy(m))
     assert T.decode_masks([], 7, 9).shape == (0, 7, 9)
+
+
+def _pil_pixels(data: bytes) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def test_the_views_decode_jpeg_and_png_with_torchcodec_to_pils_pixels(rows):
+    import io
+
+    from PIL import Image
+
+    assert T._codec_decoders() is not None, "torchcodec (a dependency) does not load"
+    for row in rows:  # the shards' JPEGs
+        assert torch.equal(T.decode_image(row["image"]), _pil_pixels(row["image"])), row["image_id"]
+    rng = np.random.default_rng(0)
+    for mode, shape in (("RGB", (40, 50, 3)), ("L", (40, 50))):  # what ingest re-encodes as PNG, and gray
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(buf, format="PNG")
+        out = T.decode_image(buf.getvalue())
+        assert out.shape == (3, 40, 50) and torch.equal(out, _pil_pixels(buf.getvalue()))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)).save(buf, format="BMP")  # PIL's
+    assert torch.equal(T.decode_image(buf.getvalue()), _pil_pixels(buf.getvalue()))
+    with pytest.raises(OSError):  # a torn JPEG still fails (TorchCodec refuses it, then PIL)
+        T.decode_image(rows[0]["image"][:200])
