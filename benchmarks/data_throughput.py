@@ -17,6 +17,7 @@ workers; shared object-store pages count in each process that touches them, so i
 peak object-store (plasma) use, sampled every 0.5 s.
 
     .venv/bin/python -m benchmarks.data_throughput [--images 4000] [--size 128] [--batch 16] [--repeat 3] [--cpus 4]
+    .venv/bin/python -m benchmarks.data_throughput --images 4000 --decoder pil   # the views on PIL, kept apart
     .venv/bin/python -m benchmarks.data_throughput --ingest-memory 10000
 """
 from __future__ import annotations
@@ -38,27 +39,26 @@ from benchmarks import provenance
 RESULTS = Path(__file__).parent / "results"
 
 
-def _decode(data: bytes) -> int:
+def _decoder_process() -> None:
+    """Each ceiling process: the views' decoder imported and one torch thread, before the timing."""
     import torch
 
+    import vision.transforms  # noqa: F401
+
+    torch.set_num_threads(1)
+
+
+def _decode(data: bytes) -> int:
     from vision.transforms import decode_image
 
-    torch.set_num_threads(1)  # one decode per process, as in the views' tasks
     return decode_image(data).shape[-1]
-
-
-def decoder() -> str:
-    """The decoder the task views (and so the ceiling) use: TorchCodec's, or PIL where it does not load."""
-    from vision.transforms import _codec_decoders
-
-    return "torchcodec" if _codec_decoders() else "PIL"
 
 
 def decode_ceiling(files: list[Path], processes: int) -> float:
     """Images/s of decoding alone (the task views' decoder) over ``processes`` processes (bytes read
     beforehand)."""
     blobs = [f.read_bytes() for f in files]
-    with mp.get_context("spawn").Pool(processes) as pool:
+    with mp.get_context("spawn").Pool(processes, initializer=_decoder_process) as pool:
         pool.map(_decode, blobs[:processes * 2])  # warm the workers up
         start = time.perf_counter()
         pool.map(_decode, blobs, chunksize=16)
@@ -147,6 +147,7 @@ def throughput(args) -> dict:
     from pipelines.data import ingest
     from pipelines.ray_runtime import LOCAL, connect
     from vision.data.synth import write_synth
+    from vision.transforms import decoder_name
 
     work = Path(tempfile.mkdtemp(prefix="vf_bench_data_"))
     write_synth(work / "coco", images=args.images, size=args.size, seed=0, val_fraction=0.0)
@@ -176,7 +177,7 @@ def throughput(args) -> dict:
     return {
         "config": {"images": len(files), "size": args.size, "batch": args.batch, "cpus": args.cpus,
                    "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count(),
-                   "decoder": decoder()},
+                   "decoder": decoder_name()},
         "images_per_s": {**best, "decode_ceiling_1proc": ceiling[1],
                          f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
         "all_runs": runs,
@@ -284,12 +285,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--cpus", type=int, default=4, help="Ray logical CPUs and decode-ceiling processes (default 4)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--decoder", choices=("auto", "pil"), default="auto",
+                   help="the views' image decoder: auto (TorchCodec where it loads) or pil; a pil run is kept "
+                        "in the results file apart ('N images, PIL')")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")
     p.add_argument("--out", default=None, help="results file (default: benchmarks/results/data_throughput.json, or "
                                               "data_ingest_memory.json with --ingest-memory)")
     provenance.add_arguments(p)
     args = p.parse_args(argv)
+    if args.decoder == "pil":  # before the cluster's workers and the ceiling's processes start
+        from vision.transforms import DECODER_ENV
+
+        os.environ[DECODER_ENV] = "pil"
     start = provenance.begin(args)
     if args.ingest_memory:
         result = ingest_memory(args)
@@ -301,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
-    provenance.write_run(args.out or RESULTS / "data_throughput.json", "data_throughput", f"{args.images} images",
-                         result, start)
+    key = f"{args.images} images" + (", PIL" if args.decoder == "pil" else "")
+    provenance.write_run(args.out or RESULTS / "data_throughput.json", "data_throughput", key, result, start)
     print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
     base = result["images_per_s"]["dataloader"]
     for k, v in result["images_per_s"].items():

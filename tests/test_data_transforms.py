@@ -162,22 +162,49 @@ def _pil_pixels(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def test_the_views_decode_jpeg_and_png_with_torchcodec_to_pils_pixels(rows):
+def test_the_views_decode_jpeg_and_png_with_torchcodec_to_pils_pixels(rows, monkeypatch):
     import io
 
     from PIL import Image
 
     assert T._codec_decoders() is not None, "torchcodec (a dependency) does not load"
-    for row in rows:  # the shards' JPEGs
-        assert torch.equal(T.decode_image(row["image"]), _pil_pixels(row["image"])), row["image_id"]
     rng = np.random.default_rng(0)
+    pngs = []
     for mode, shape in (("RGB", (40, 50, 3)), ("L", (40, 50))):  # what ingest re-encodes as PNG, and gray
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(buf, format="PNG")
-        out = T.decode_image(buf.getvalue())
-        assert out.shape == (3, 40, 50) and torch.equal(out, _pil_pixels(buf.getvalue()))
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)).save(buf, format="BMP")  # PIL's
-    assert torch.equal(T.decode_image(buf.getvalue()), _pil_pixels(buf.getvalue()))
+        pngs.append(buf.getvalue())
+    jpegs = [row["image"] for row in rows]  # the shards' JPEGs
+    expected = [_pil_pixels(b) for b in jpegs + pngs]
+    with monkeypatch.context() as m:  # these must not reach PIL
+        m.setattr(T.Image, "open", lambda *a, **k: pytest.fail("decoded with PIL"))
+        got = [T.decode_image(b) for b in jpegs + pngs]
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.dtype == torch.uint8 and torch.equal(g, e)
+    assert got[-1].shape == (3, 40, 50)
+
+    # What TorchCodec would show otherwise goes to PIL: a BMP, a JPEG with an EXIF orientation (PIL's path
+    # leaves it as stored; TorchCodec would turn it), a 16-bit PNG (TorchCodec rounds, PIL truncates).
+    bmp, turned, deep = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)).save(bmp, format="BMP")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(turned, format="JPEG", exif=exif)
+    Image.fromarray(rng.integers(0, 65536, (6, 7), dtype=np.uint16)).save(deep, format="PNG")
+    for data in (bmp.getvalue(), turned.getvalue(), deep.getvalue()):
+        assert T._codec_for(data) is None
+        assert torch.equal(T.decode_image(data), _pil_pixels(data))
+    assert T.decode_image(turned.getvalue()).shape == (3, 30, 20)
     with pytest.raises(OSError):  # a torn JPEG still fails (TorchCodec refuses it, then PIL)
-        T.decode_image(rows[0]["image"][:200])
+        T.decode_image(jpegs[0][:200])
+
+
+def test_visionflow_image_decoder_pil_turns_torchcodec_off(monkeypatch):
+    monkeypatch.setenv(T.DECODER_ENV, "pil")
+    T._codec_decoders.cache_clear()
+    try:
+        assert T._codec_decoders() is None and T.decoder_name() == "PIL"
+    finally:
+        monkeypatch.delenv(T.DECODER_ENV)
+        T._codec_decoders.cache_clear()
+    assert T.decoder_name() == "torchcodec"

@@ -185,3 +185,29 @@ def test_cluster_serve_yamls_validate(path):
     assert isinstance(build_serve_app(build_app, untrained), Application)
     with pytest.raises(ValueError, match="--checkpoint"):
         build_app({**app["args"], "models": [{**m, "checkpoint": None} for m in app["args"]["models"]]})
+
+
+def test_a_lost_nms_stage_answers_every_request_of_the_batch_503_naming_it():
+    """The detector's side of a killed NMS stage (`-m slow` kills one through Serve): every request of the
+    batch gets 503 `unavailable` naming the NMS stage and its Retry-After, not a 500."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from pipelines.serve.detector import Detector
+
+    class LostNms:
+        deployment_name = "NmsStage"
+
+        def remote(self, batch):
+            async def fail():
+                raise RayActorError()
+            return fail()
+
+    stage = type("Replica", (), {"nms": LostNms(), "nms_retry_after_s": 4.0})()
+    dets = Detections(torch.zeros(1, 4), torch.ones(1), torch.ones(1, dtype=torch.int64))
+    items = [(None, {"score_threshold": 0.1}), (None, {"score_threshold": 0.2})]
+    out = asyncio.run(Detector.func_or_class._finish(stage, items, [{"dets": dets}, {"dets": dets}]))
+    assert len(out) == 2 and all(isinstance(e, ApiError) for e in out)
+    assert out[0].status == 503 and out[0].code == "unavailable" and out[0].retry_after_s == 4.0
+    assert "NmsStage is unavailable" in out[0].message and "RayActorError" in out[0].message

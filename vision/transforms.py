@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -38,30 +40,57 @@ def seed_for(seed: int, epoch: int, *keys: int) -> int:
 
 
 _JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+# Set to "pil" to decode every image with PIL (where TorchCodec misbehaves on a platform; the data benchmark's
+# ``--decoder pil``). Read once per process, so set it before the cluster's workers start.
+DECODER_ENV = "VISIONFLOW_IMAGE_DECODER"
 
 
 @functools.cache
 def _codec_decoders():
-    """TorchCodec's JPEG and PNG decoders, or None where it is not installed or does not load with this
-    torch (its native library is built against one torch release)."""
+    """TorchCodec's JPEG and PNG decoders, or None: when ``VISIONFLOW_IMAGE_DECODER=pil``, when it is not
+    installed, or when it does not load with this torch (its native library is built against one torch
+    release; a warning says so once)."""
+    if os.environ.get(DECODER_ENV, "").lower() == "pil":
+        return None
     try:
         from torchcodec.decoders import decode_jpeg, decode_png
-    except (ImportError, OSError, RuntimeError):
+    except ModuleNotFoundError:
         return None
-    return {_JPEG: decode_jpeg, _PNG: decode_png}
+    except Exception as e:  # noqa: BLE001 -- a native library that does not load: PIL decodes instead
+        warnings.warn(f"torchcodec does not load ({type(e).__name__}: {e}); images are decoded with PIL")
+        return None
+    return {"jpeg": decode_jpeg, "png": decode_png}
+
+
+def decoder_name() -> str:
+    """"torchcodec" where :func:`decode_image` uses TorchCodec for 8-bit JPEG/PNG in this process, else "PIL"."""
+    return "torchcodec" if _codec_decoders() is not None else "PIL"
+
+
+def _codec_for(data: bytes):
+    """The TorchCodec decoder that gives PIL's pixels for ``data``, or None. TorchCodec turns an image by
+    its EXIF orientation and scales 16-bit PNG samples with rounding; PIL's path here does neither, so
+    those go to PIL: a JPEG with an APP1 (EXIF) marker anywhere, a PNG with an eXIf chunk or not 8 bits."""
+    codec = _codec_decoders()
+    if codec is None:
+        return None
+    if data[:3] == _JPEG:
+        return None if b"\xff\xe1" in data else codec["jpeg"]
+    if data[:8] == _PNG:
+        # IHDR is the first chunk; its bit depth is byte 24.
+        return codec["png"] if len(data) > 24 and data[24] == 8 and b"eXIf" not in data else None
+    return None
 
 
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes (JPEG, PNG, ...) -> uint8 tensor (3, H, W), RGB.
 
-    For bytes that were already checked (ingest decoded every shard's image in full): JPEG and PNG go to
-    TorchCodec's decoders (libjpeg-turbo and libpng, the same pixels as PIL's at about half its time on the
-    shards' images, docs/data.md), anything else, or a file TorchCodec refuses, to PIL. An EXIF
-    orientation is not applied (ingest stores images upright).
+    For bytes that were already checked (ingest decoded every shard's image in full, within its pixel
+    limit): 8-bit JPEG and PNG without EXIF go to TorchCodec's decoders (libjpeg-turbo, libpng: PIL's pixels
+    at about half its time on the shards' images, docs/data.md); anything else, or a file TorchCodec
+    refuses, to PIL. Neither path applies an EXIF orientation (ingest stores images upright).
     """
-    codec, decode = _codec_decoders(), None
-    if codec is not None:
-        decode = codec.get(bytes(data[:3])) or codec.get(bytes(data[:8]))
+    decode = _codec_for(data)
     if decode is not None:
         try:
             return decode(data, mode="RGB")
