@@ -39,13 +39,15 @@ from benchmarks import provenance
 RESULTS = Path(__file__).parent / "results"
 
 
-def _decoder_process() -> None:
-    """Each ceiling process: the views' decoder imported and one torch thread, before the timing."""
+def _decoder_process(ready) -> None:
+    """Each ceiling process: the views' decoder imported and one torch thread; then it waits until every
+    process of the pool has done the same, so no import runs while the others are timed."""
     import torch
 
     import vision.transforms  # noqa: F401
 
     torch.set_num_threads(1)
+    ready.wait()
 
 
 def _decode(data: bytes) -> int:
@@ -58,7 +60,8 @@ def decode_ceiling(files: list[Path], processes: int) -> float:
     """Images/s of decoding alone (the task views' decoder) over ``processes`` processes (bytes read
     beforehand)."""
     blobs = [f.read_bytes() for f in files]
-    with mp.get_context("spawn").Pool(processes, initializer=_decoder_process) as pool:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes, initializer=_decoder_process, initargs=(ctx.Barrier(processes),)) as pool:
         pool.map(_decode, blobs[:processes * 2])  # warm the workers up
         start = time.perf_counter()
         pool.map(_decode, blobs, chunksize=16)
