@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpus", type=int, default=4, help="Ray logical CPUs and decode-ceiling processes (default 4)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--decoder", choices=("auto", "pil"), default="auto",
-                   help="the views' image decoder: auto (TorchCodec where it loads) or pil; a pil run is kept "
-                        "in the results file apart ('N images, PIL')")
+                   help="the views' image decoder: auto (TorchCodec where it loads) or pil; a run on PIL is "
+                        "kept in the results file apart ('N images, PIL')")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")
     p.add_argument("--out", default=None, help="results file (default: benchmarks/results/data_throughput.json, or "
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
-    key = f"{args.images} images" + (", PIL" if args.decoder == "pil" else "")
+    key = f"{args.images} images" + (", PIL" if result["config"]["decoder"] == "PIL" else "")
     provenance.write_run(args.out or RESULTS / "data_throughput.json", "data_throughput", key, result, start)
     print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
     base = result["images_per_s"]["dataloader"]

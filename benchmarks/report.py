@@ -55,13 +55,14 @@ DESCRIPTIONS = {
         "`iter_batches` + `collate_detection`, execution start-up included) against "
         "`torchvision.datasets.CocoDetection` + `DataLoader` with the same flip, scale jitter, sanitize "
         "and to-float; the views decode the shards' images with `config.decoder` (TorchCodec's, or PIL "
-        "where it does not load), CocoDetection with PIL. Each column is its own run (`--images`). Rounds "
+        "where it does not load), CocoDetection with PIL. Each column is its own run (`--images`, "
+        "`--decoder`). Rounds "
         "of the two sides alternate; "
         "`images_per_s` is the best round of each side, `all_runs` every round, `first_batch_s` each "
         "round's seconds to the first batch (Ray Data's first round starts its augmentation processes, "
         "each importing torch and torchvision; later rounds reuse them; the DataLoader forks its workers "
         "every round). The decode ceilings are decoding alone with `config.decoder`, in one and in four "
-        "processes (runs before 2026-12-06 have no `config.decoder`: PIL). "
+        "processes. "
         "Target: `ratio_ray_vs_dataloader` >= 2.0, >= 0.3 of the decode ceiling, the first "
         "batch no later than the DataLoader's."),
     "detection_diagnosis": (
