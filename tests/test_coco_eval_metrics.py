@@ -159,3 +159,23 @@ def test_errors_and_empty_results(coco_val):
     with pytest.raises(ValueError, match="without ground truth"):
         ev.add(10**9, Detections.empty())
         ev.compute()
+
+
+def test_pycocotools_prints_nothing_where_print_ignores_redirected_stdout(coco_val, monkeypatch):
+    """Ray Train's workers replace ``print`` by one that logs whatever ``sys.stdout`` is: there
+    ``contextlib.redirect_stdout`` let pycocotools' lines through (the control below); the evaluator's own
+    quieting does not. (The same in a real Ray Train worker: tests/test_console_output.py.)"""
+    import builtins
+
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
+    printed: list[str] = []
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+    path, coco, categories = coco_val
+    preds = noisy_predictions(coco, categories)
+    metrics = evaluate_detections(shard_rows(coco), preds, categories, ("bbox", "segm"))
+    assert metrics["bbox/AP"] > 0.2 and printed == []
+    assert "print" not in vars(pycocotools.coco) and "print" not in vars(pycocotools.cocoeval)  # restored
+    plain_pycocotools(path, [r for i, d in preds.items() for r in d.to_coco_results(i, categories)], "bbox")
+    assert "creating index..." in printed and any("Average Precision" in p for p in printed)

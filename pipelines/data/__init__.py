@@ -9,10 +9,11 @@ from pipelines.data.ingest import (ingest, load_split, read_coco, read_manifest,
                                    shard_items, split_shards)
 
 _LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "augment_table": "views",
-         "collate_detection": "views"}
+         "collate_detection": "views", "quiet_data_console": "console",
+         "quiet_execution": "console"}
 
 __all__ = ["TASKS", "augment", "augment_table", "collate_detection", "ingest", "load_split", "read_coco", "read_manifest",
-           "read_shards", "read_split_table", "save_preview", "shard_items",
+           "quiet_data_console", "quiet_execution", "read_shards", "read_split_table", "save_preview", "shard_items",
            "split_shards"]
 
 

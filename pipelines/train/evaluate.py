@@ -30,7 +30,7 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     """Metrics of ``checkpoint`` (run dir, checkpoint dir or ``.pt``) on ``data_dir/split``: the task's
     metrics (top-1/top-5, localization accuracy, COCO AP) plus ``inference_images_per_s``, ``images``,
     ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given."""
-    from pipelines.data import load_split
+    from pipelines.data import load_split, quiet_data_console, quiet_execution
     from pipelines.train.checkpoint import load_checkpoint
     from pipelines.train.config import TrainConfig
     from pipelines.train.tasks import get_task
@@ -40,7 +40,8 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
     task = get_task(cfg.task)
     ds, _ = load_split(data_dir, split, num_cpus=cfg.augment_cpus)
-    view = task.view(ds, cfg, train=False, epoch=0)
+    quiet_data_console()
+    view = quiet_execution(task.view(ds, cfg, train=False, epoch=0))
     batches = (task.collate(b, device) for b in view.iter_batches(batch_size=batch_size, batch_format="numpy"))
     first = []
     for b in batches:  # keep a few for the timing; then evaluate all of them

@@ -125,7 +125,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
 
     from pipelines.train import watch
     from pipelines.train.checkpoint import registered_checkpoints
-    from pipelines.train.trainer import _own_sigint_handler, prepare
+    from pipelines.train.trainer import _own_sigint_handler, console_logging, prepare
 
     results: list = [None] * len(cfgs)
     runs, where, lane_resources = [], [], {}
@@ -155,7 +155,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
         scaling_config=ScalingConfig(num_workers=1, use_gpu="GPU" in lane_resources,
                                      resources_per_worker=lane_resources),
         # Ray Train's own run record of the lane (no checkpoints: each training keeps its own).
-        run_config=RunConfig(name="lane", storage_path=storage.join(first, "_lane"),
+        run_config=RunConfig(name="lane", storage_path=storage.join(first, "_lane"), logging_config=console_logging(),
                              failure_config=FailureConfig(max_failures=max(c.max_failures for _, c, _ in where))),
     )
     started_at = time.time()

@@ -363,7 +363,10 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines.data import quiet_data_console
+
     loop_started_at = time.time()
+    quiet_data_console()  # each epoch's view executions: in Ray Data's log file, not on the console
     task = get_task(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -581,7 +584,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
     touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
     Returns ``(cfg, out, datasets, resources)``."""
-    from pipelines.data import load_split, read_shards, shard_items, split_shards
+    from pipelines.data import load_split, quiet_execution, read_shards, shard_items, split_shards
     from pipelines.train import init_weights, run_record
     from pipelines.train.checkpoint import checkpoint_candidates
 
@@ -597,6 +600,8 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
                                                     shuffle_seed=shuffle_seed(cfg, e)), cfg, train=True, epoch=e)
                 for e in range(cfg.epochs)}
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
+    for ds in datasets.values():
+        quiet_execution(ds)
     if cfg.workers == 1:
         # Blocks reach the seeded local shuffle in the seeded shard order, not in whichever augmentation
         # task finishes first, and batches leave the iterator's format threads in order: a fast reader (a
@@ -618,6 +623,16 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {})}
     return cfg, out, datasets, resources
+
+
+def console_logging():
+    """Ray Train's logging of a run: its own INFO lines (the controller's state transitions and requests,
+    every epoch's "Checkpoint successfully created" and "Reporting training result") stay in its log files
+    and off the console, where they came between the trainings' progress lines; warnings and errors (a
+    worker lost, a restart) still show."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
 
 
 def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
@@ -647,7 +662,7 @@ def fit(cfg: TrainConfig, *, restart: bool = False) -> dict:
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.placement.upper(),
                                      elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s),
-        run_config=RunConfig(name=CHECKPOINTS, storage_path=out,
+        run_config=RunConfig(name=CHECKPOINTS, storage_path=out, logging_config=console_logging(),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets=datasets,

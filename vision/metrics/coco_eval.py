@@ -8,7 +8,6 @@ counts every image once even when shards overlap.
 from __future__ import annotations
 
 import contextlib
-import io
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,6 +16,29 @@ from vision.structures import Detections, encode_mask, label_maps
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("bbox", "segm")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pycocotools' progress lines (``creating index...``, ``DONE``, the summary table) are dropped for the
+    block. It prints them with ``print``; ``contextlib.redirect_stdout`` missed them where ``print`` itself
+    is replaced (Ray Train's workers route ``print`` to a logger whatever ``sys.stdout`` is: they reached
+    the console at every detector's validation), and it would swap ``sys.stdout`` for every thread. So
+    pycocotools' own two modules get a ``print`` of their own for the block (a module global shadows the
+    builtin for that module's code only)."""
+    from pycocotools import coco, cocoeval
+
+    def dropped(*objects, **kwargs):
+        pass
+
+    modules = (coco, cocoeval)
+    for m in modules:
+        m.print = dropped
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("print", None)
 
 
 def _rle_of(seg, height: int, width: int) -> dict:
@@ -106,7 +128,7 @@ def build_coco(images: Sequence[dict], annotations: Sequence[dict], categories: 
     anns = [{**a, "id": i + 1} for i, a in enumerate(annotations)]
     coco.dataset = {"images": list(images), "annotations": anns,
                     "categories": [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in categories]}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         coco.createIndex()
     return coco
 
@@ -122,8 +144,7 @@ def summarize(coco_gt, results: list[dict], iou_type: str, verbose: bool = False
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if not results:
         return {f"{iou_type}/{k}": 0.0 for k in STAT_NAMES}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out) if not verbose else contextlib.nullcontext():
+    with _quiet() if not verbose else contextlib.nullcontext():
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()

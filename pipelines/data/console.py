@@ -1,0 +1,33 @@
+"""What Ray Data prints on the console while a training runs.
+
+A training executes a view every epoch and for its validation. Left to Ray Data's defaults, each execution
+put its start line, its plan, its progress bars (blank lines where tqdm is not installed) and an
+"execution finished" line on the console of every worker, forwarded to the user's terminal: most of the
+1,200 lines of a ``make run``, around the trainings' own progress lines. These two calls keep them in
+Ray Data's log file (``ray-data.log`` in the session's logs) instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+LOGGING_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"  # Ray Data's documented switch for a logging config of one's own
+
+
+def quiet_execution(ds):
+    """``ds`` (returned) executes without progress bars: the training's own progress line says how far it is."""
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def quiet_data_console() -> None:
+    """In this process, Ray Data's console handler passes warnings and errors only; its log file still gets
+    everything. Ray Data's default logging config names that handler ``console``; a process whose user set
+    ``RAY_DATA_LOGGING_CONFIG`` keeps the user's config as it is."""
+    import ray.data  # noqa: F401 -- configures Ray Data's loggers on import
+
+    if os.environ.get(LOGGING_CONFIG_ENV):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console" and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
