@@ -1,6 +1,6 @@
 """What a training puts on the console, checked inside a real Ray Train worker (where ``print`` is Ray Train's,
 routed to a logger): pycocotools' progress lines, Ray Data's per-execution lines and Ray Train's own INFO
-lines stay off it; the controls show each of them reaching it the way the code did before."""
+lines stay off it; the controls show pycocotools' and Ray Data's reaching it the way the code did before."""
 from __future__ import annotations
 
 import json
@@ -79,6 +79,7 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
     assert not any("index" in m or "Average Precision" in m or "DONE" in m for m in seen["evaluator"]), seen["evaluator"]
     assert "creating index..." in seen["redirected"]  # redirect_stdout alone did not keep them off
     assert any("execution finished" in m for m in seen["data_default"]), seen["data_default"]
-    # Left: Ray Data's one warning per process that its progress bars are off.
+    # Left: Ray Data's one warning per process that its progress bars are off (the quieted view ran without).
     assert seen["data_rows"] == 20 and not any("xecution" in m for m in seen["data_quiet"]), seen["data_quiet"]
-    assert seen["train"] == ["a warning of Ray Train"], seen["train"]
+    assert any("Progress bars disabled" in m for m in seen["data_quiet"]), seen["data_quiet"]
+    assert "a warning of Ray Train" in seen["train"] and "an info line of Ray Train" not in seen["train"], seen["train"]

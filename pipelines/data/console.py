@@ -3,8 +3,11 @@
 A training executes a view every epoch and for its validation. Left to Ray Data's defaults, each execution
 put its start line, its plan, its progress bars (blank lines where tqdm is not installed) and an
 "execution finished" line on the console of every worker, forwarded to the user's terminal: most of the
-1,200 lines of a ``make run``, around the trainings' own progress lines. These two calls keep them in
-Ray Data's log file (``ray-data.log`` in the session's logs) instead.
+1,247 lines of a ``make run``, around the trainings' own progress lines. These two calls keep them in
+Ray Data's log file (``logs/ray-data/ray-data.log`` in the session's folder) instead.
+
+Not covered: a fit with several workers runs each epoch's split in a split coordinator process of Ray
+Data's, which sets up Ray Data's logging afresh when it starts and prints its executions' lines.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ LOGGING_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"  # Ray Data's documented switch f
 
 
 def quiet_execution(ds):
-    """``ds`` (returned) executes without progress bars: the training's own progress line says how far it is."""
+    """``ds`` (returned) executes without progress bars: the training's own progress line says how far it is.
+    The setting is on the dataset's ``DataContext``, which the datasets derived from one read share (the
+    driver's own context is a separate copy)."""
     ds.context.enable_progress_bars = False
     return ds
 

@@ -601,7 +601,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
                 for e in range(cfg.epochs)}
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
     for ds in datasets.values():
-        quiet_execution(ds)
+        quiet_execution(ds)  # the training's own progress line says how far it is
     if cfg.workers == 1:
         # Blocks reach the seeded local shuffle in the seeded shard order, not in whichever augmentation
         # task finishes first, and batches leave the iterator's format threads in order: a fast reader (a

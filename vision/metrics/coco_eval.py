@@ -8,6 +8,7 @@ counts every image once even when shards overlap.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -18,27 +19,38 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 IOU_TYPES = ("bbox", "segm")
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0  # how many _quiet blocks are open, in any thread
+
+
+def _dropped(*objects, **kwargs) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def _quiet():
-    """pycocotools' progress lines (``creating index...``, ``DONE``, the summary table) are dropped for the
-    block. It prints them with ``print``; ``contextlib.redirect_stdout`` missed them where ``print`` itself
-    is replaced (Ray Train's workers route ``print`` to a logger whatever ``sys.stdout`` is: they reached
-    the console at every detector's validation), and it would swap ``sys.stdout`` for every thread. So
-    pycocotools' own two modules get a ``print`` of their own for the block (a module global shadows the
-    builtin for that module's code only)."""
+    """pycocotools' progress lines (``creating index...``, ``DONE``, the summary table) are dropped while
+    the block runs. It prints them with ``print``; ``contextlib.redirect_stdout`` missed them where
+    ``print`` itself is replaced (Ray Train's workers route ``print`` to a logger whatever ``sys.stdout``
+    is: they reached the console at every detector's validation). So pycocotools' own two modules get a
+    ``print`` of their own (a module global shadows the builtin for that module's code only) while any
+    block is open, in any thread; other code's output is left alone. A ``verbose`` evaluation that
+    overlaps a quiet one in another thread prints nothing either."""
+    global _quiet_depth
     from pycocotools import coco, cocoeval
 
-    def dropped(*objects, **kwargs):
-        pass
-
-    modules = (coco, cocoeval)
-    for m in modules:
-        m.print = dropped
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            coco.print = cocoeval.print = _dropped
+        _quiet_depth += 1
     try:
         yield
     finally:
-        for m in modules:
-            m.__dict__.pop("print", None)
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for m in (coco, cocoeval):
+                    m.__dict__.pop("print", None)
 
 
 def _rle_of(seg, height: int, width: int) -> dict:
