@@ -40,12 +40,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _decoder_process(ready) -> None:
-    """Each ceiling process: the views' decoder imported and one torch thread; then it waits until every
-    process of the pool has done the same, so no import runs while the others are timed."""
+    """Each ceiling process: the views' decoder loaded (``decoder_name`` loads TorchCodec's native library;
+    importing ``vision.transforms`` alone does not) and one torch thread; then it waits until every process
+    of the pool has done the same, so no import runs while the others are timed."""
     import torch
 
-    import vision.transforms  # noqa: F401
+    from vision.transforms import decoder_name
 
+    decoder_name()
     torch.set_num_threads(1)
     ready.wait()
 

@@ -87,7 +87,8 @@ def decode_image(data: bytes) -> torch.Tensor:
 
     For bytes that were already checked (ingest decoded every shard's image in full, within its pixel
     limit): 8-bit JPEG and PNG without EXIF go to TorchCodec's decoders (libjpeg-turbo, libpng: PIL's pixels
-    at less cost, docs/data.md); anything else, or a file TorchCodec refuses, to PIL. Neither path applies an EXIF orientation (ingest stores images upright).
+    at less cost, docs/data.md); anything else, or a file TorchCodec refuses, to PIL. Neither path applies
+    an EXIF orientation (ingest stores images upright).
     """
     decode = _codec_for(data)
     if decode is not None:

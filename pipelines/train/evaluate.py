@@ -29,7 +29,8 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
                         device: str | None = None) -> dict:
     """Metrics of ``checkpoint`` (run dir, checkpoint dir or ``.pt``) on ``data_dir/split``: the task's
     metrics (top-1/top-5, localization accuracy, COCO AP) plus ``inference_images_per_s``, ``images``,
-    ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given."""
+    ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given. Ray Data's console
+    in this process passes warnings only from then on (``pipelines.data.console``)."""
     from pipelines.data import load_split, quiet_data_console, quiet_execution
     from pipelines.train.checkpoint import load_checkpoint
     from pipelines.train.config import TrainConfig
