@@ -148,7 +148,9 @@ class Predictor:
         from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
         rgb, _ = self._decode(data)
-        img = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+        # The decoder's array views PIL's read-only buffer: the drawing gets a writable copy (torch warns on
+        # a read-only one, and writing through it would be undefined).
+        img = torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1)
         items = result.get("items") or []
         palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
         colours = [palette[int(it["category_id"]) % len(palette)] for it in items]

@@ -3,6 +3,7 @@ visualizations from the CLI, on checkpoints in the trainer's format (docs/archit
 from __future__ import annotations
 
 import json
+import logging
 
 import matplotlib.image
 import pytest
@@ -96,6 +97,14 @@ def test_attack_command_writes_the_robustness_report(checkpoints, crops, data_di
     for png in [report["curves"], *report["examples"]]:
         assert matplotlib.image.imread(png).shape[0] > 100
     assert len(report["examples"]) == 2
+    # The command's own lines say how far it is: Ray Data's per-execution lines and its notice that the
+    # progress bars are off stay off this process's console (its log file keeps them).
+    console = next(h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console")
+    start = logging.LogRecord("ray.data._internal.execution.streaming_executor", logging.INFO, __file__, 0,
+                              "Starting execution of Dataset x", None, None)
+    notice = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 0,
+                               "Progress bars disabled. To enable, set ...", None, None)
+    assert start.levelno < console.level and not console.filter(notice)
 
 
 def test_report_for_the_dag_includes_layer_visualizations(checkpoints, data_dir, tmp_path):

@@ -63,7 +63,11 @@ def test_compare_needs_runs(tmp_path):
 
 def test_models_command_prints_measured_counts(capsys):
     assert cli(["models", "--task", "localization", "--image-size", "64"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # Progress on stderr (the detectors take seconds each), the table alone on stdout.
+    assert "models  [" in captured.err and "1/1" in captured.err and "measured localizer" in captured.err
+    assert "models  [" not in out
     row = next(line for line in out.splitlines() if line.startswith("| localizer "))
     # ResNet-18 features (11.18M) + the 3x3 neck (0.59M) + the 1x1 centre and box heads + a 1000-class linear head
     assert "| localization | 12.28 |" in row

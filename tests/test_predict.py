@@ -3,6 +3,8 @@ overlays and a COCO results JSON that pycocotools' ``loadRes`` takes."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,3 +104,16 @@ def test_bad_arguments_get_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing-here"), "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file or folder" in err[0]
+
+
+def test_a_users_console_shows_no_library_warning_while_overlays_are_drawn(tmp_path, synth_dir, categories):
+    """`visionflow predict` as a user runs it, in a process of its own (torch prints its warning about a
+    read-only array once per process): its console has the progress and the summary, no warning."""
+    ckpt = _checkpoint(tmp_path / "run", "ssdlite_mobilenet_v3", "detection", categories)
+    image = sorted((synth_dir / "val").glob("*.jpg"))[0]
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "predict", str(image), "--checkpoint", str(ckpt),
+                           "--out", str(tmp_path / "out"), "--score-threshold", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["overlays"] == 1

@@ -40,6 +40,9 @@ def main(args: argparse.Namespace) -> int:
 
     if not connect_for("attack", args, num_cpus=2):
         return 1
+    from pipelines.data import quiet_data_console
+
+    quiet_data_console()  # the command prints its own progress; Ray Data's lines go to its log file
     try:
         result = robustness_report(args.checkpoint, args.data, args.out, epsilons=args.eps, attacks=args.attacks,
                                    images=args.images, split=args.split, batch_size=args.batch_size,

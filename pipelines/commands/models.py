@@ -24,9 +24,19 @@ def format_table(rows: list[dict], image_size: int) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipelines.console import Progress
     from vision.models.flops import profile_all
 
-    rows = profile_all(args.task, image_size=args.image_size)
+    bar = None
+
+    def progress(row: dict, total: int) -> None:  # on stderr: stdout keeps the table (or the JSON) alone
+        nonlocal bar
+        bar = bar or Progress(total, "models", unit="model")
+        bar.update(1, measured=row["name"])
+
+    rows = profile_all(args.task, image_size=args.image_size, progress=progress)
+    if bar is not None:
+        bar.close()
     if args.json:
         print(json.dumps(rows))
     else:

@@ -35,6 +35,9 @@ def main(args: argparse.Namespace) -> int:
             return 2
     if not connect_for("visualize", args, num_cpus=2):
         return 1
+    from pipelines.data import quiet_data_console
+
+    quiet_data_console()  # the command prints its own progress; Ray Data's lines go to its log file
     try:
         result = visualize_checkpoint(args.checkpoint, args.data, args.out, args.layer, images=args.images,
                                       maps=args.maps, top=args.top, method=args.method, split=args.split,

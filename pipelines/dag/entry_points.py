@@ -55,8 +55,10 @@ def compare(train_dirs: list[str], out_dir: str) -> dict:
 def robustness(train_dirs: list[str], data_dir: str, out_dir: str, cfg: dict) -> dict:
     """Robustness report (+ layer visualizations) of the given classifiers side by side, written to the
     local ``out_dir``; returns the paths it wrote."""
+    from pipelines.data import quiet_data_console
     from pipelines.reports.robustness import robustness_report
 
+    quiet_data_console()  # the stage's own lines say how far it is (this stage's process only)
     return _plain(robustness_report(train_dirs, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"],
                                     visualize=cfg["visualize"]))
 

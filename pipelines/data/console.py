@@ -4,7 +4,8 @@ A training executes a view every epoch and for its validation. Left to Ray Data'
 put its start line, its plan, its progress bars (blank lines where tqdm is not installed) and an
 "execution finished" line on the console of every worker, forwarded to the user's terminal: most of the
 1,247 lines of a ``make run``, around the trainings' own progress lines. These two calls keep them in
-Ray Data's log file (``logs/ray-data/ray-data.log`` in the session's folder) instead.
+Ray Data's log file (``logs/ray-data/ray-data.log`` in the session's folder) instead, with Ray Data's warning
+that the progress bars are off.
 
 Not covered: a fit with several workers runs each epoch's split in a split coordinator process of Ray
 Data's, which sets up Ray Data's logging afresh when it starts and prints its executions' lines.
@@ -15,6 +16,7 @@ import logging
 import os
 
 LOGGING_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"  # Ray Data's documented switch for a logging config of one's own
+PROGRESS_BARS_NOTICE = "Progress bars disabled."  # how Ray Data's warning about it begins (Ray 2.60)
 
 
 def quiet_execution(ds):
@@ -34,5 +36,17 @@ def quiet_data_console() -> None:
     if os.environ.get(LOGGING_CONFIG_ENV):
         return
     for handler in logging.getLogger("ray.data").handlers:
-        if handler.get_name() == "console" and handler.level < logging.WARNING:
+        if handler.get_name() != "console":
+            continue
+        if handler.level < logging.WARNING:
             handler.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropProgressBarsNotice) for f in handler.filters):
+            handler.filters.insert(0, _DropProgressBarsNotice())
+
+
+class _DropProgressBarsNotice(logging.Filter):
+    """Ray Data's warning, once per process, that an execution runs without progress bars and how to turn
+    them on: ``quiet_execution`` turned them off on purpose. Dropped from the console (the log file keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(PROGRESS_BARS_NOTICE)

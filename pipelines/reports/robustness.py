@@ -24,10 +24,11 @@ DEFAULT_ATTACKS = ("gaussian", "fgsm", "pgd")
 def load_crops(data_dir, size: int, limit: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The first ``limit`` classification crops of ``data_dir/split`` at ``size`` pixels, without random
     augmentation: (float images N,3,size,size in [0, 1], labels 0..K-1, class names by label)."""
-    from pipelines.data import augment, load_split
+    from pipelines.data import augment, load_split, quiet_execution
 
     ds, manifest = load_split(data_dir, split, num_cpus=0.25)
-    rows = augment(ds, task="classification", size=int(size), train=False, num_cpus=0.25).limit(int(limit)).take_all()
+    view = quiet_execution(augment(ds, task="classification", size=int(size), train=False, num_cpus=0.25))
+    rows = view.limit(int(limit)).take_all()
     if not rows:
         raise ValueError(f"{data_dir}/{split} has no object crops to attack")
     images = torch.from_numpy(np.stack([np.asarray(r["image"], dtype=np.uint8) for r in rows]))
