@@ -72,9 +72,14 @@ def test_classification_plugin_trains_teachers_students_and_adversarial_batches(
     assert stats["n"] == 8
 
 
-def test_attack_command_writes_the_robustness_report(checkpoints, crops, data_dir, tmp_path, capsys):
+def test_attack_command_writes_the_robustness_report(checkpoints, crops, data_dir, tmp_path, capsys, monkeypatch):
     teacher, student = checkpoints
     out = tmp_path / "report"
+    # Ray Data's console handler as Ray Data sets it up (an earlier test in this process may have quieted it;
+    # put back after the test).
+    console = next(h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console")
+    monkeypatch.setattr(console, "level", logging.INFO)
+    monkeypatch.setattr(console, "filters", [])
     rc = cli(["attack", "--checkpoint", teacher.out, "--checkpoint", student.out, "--data", str(data_dir),
               "--out", str(out), "--eps", "0", "0.03", "0.1", "--attacks", "fgsm", "pgd", "--images", "24",
               "--examples", "3", "--fpr", "0.1"])
@@ -99,7 +104,6 @@ def test_attack_command_writes_the_robustness_report(checkpoints, crops, data_di
     assert len(report["examples"]) == 2
     # The command's own lines say how far it is: Ray Data's per-execution lines and its notice that the
     # progress bars are off stay off this process's console (its log file keeps them).
-    console = next(h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console")
     start = logging.LogRecord("ray.data._internal.execution.streaming_executor", logging.INFO, __file__, 0,
                               "Starting execution of Dataset x", None, None)
     notice = logging.LogRecord("ray.data._internal.progress", logging.WARNING, __file__, 0,

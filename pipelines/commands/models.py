@@ -25,18 +25,14 @@ def format_table(rows: list[dict], image_size: int) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from pipelines.console import Progress
+    from vision.models import list_models
     from vision.models.flops import profile_all
 
-    bar = None
-
-    def progress(row: dict, total: int) -> None:  # on stderr: stdout keeps the table (or the JSON) alone
-        nonlocal bar
-        bar = bar or Progress(total, "models", unit="model")
-        bar.update(1, measured=row["name"])
-
-    rows = profile_all(args.task, image_size=args.image_size, progress=progress)
-    if bar is not None:
-        bar.close()
+    # On stderr: stdout keeps the table (or the JSON) alone.
+    with Progress(len(list_models(args.task)), "models", unit="model") as bar:
+        bar.update(0)  # shown at once: the first detector takes seconds
+        rows = profile_all(args.task, image_size=args.image_size,
+                           progress=lambda row, total: bar.update(1, measured=row["name"]))
     if args.json:
         print(json.dumps(rows))
     else:

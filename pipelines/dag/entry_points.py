@@ -58,7 +58,7 @@ def robustness(train_dirs: list[str], data_dir: str, out_dir: str, cfg: dict) ->
     from pipelines.data import quiet_data_console
     from pipelines.reports.robustness import robustness_report
 
-    quiet_data_console()  # the stage's own lines say how far it is (this stage's process only)
+    quiet_data_console()  # the stage's own lines say how far it is (for this worker process from now on)
     return _plain(robustness_report(train_dirs, data_dir, out_dir, epsilons=cfg["epsilons"], images=cfg["images"],
                                     visualize=cfg["visualize"]))
 
