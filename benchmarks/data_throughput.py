@@ -6,6 +6,11 @@ One run measures, on the same images:
 - ``dataloader``: ``torchvision.datasets.CocoDetection`` (wrapped for transforms v2) + ``DataLoader(num_workers=2)``
   with the same transforms (flip, scale jitter, sanitize, to float), images from the JPEG files (decoded by
   PIL, CocoDetection's loader);
+- ``ray_data_read_only``: ``load_split`` -> ``iter_batches`` with nothing done to the rows, in Arrow batches:
+  Ray Data's execution and hand-off with no work in them (an upper bound, lighter than the views in more
+  than their work: ``ray_read_throughput``);
+- ``views_in_one_process``: the views' functions (``augment_table`` + ``collate_detection``) in this process on
+  one core, without Ray: what the work itself costs;
 - ``decode_ceiling``: JPEG decoding alone, with the views' decoder (TorchCodec's, the faster of the two), in
   a process pool over both cores (the limit either can reach).
 Reported as images/s and ratios against the DataLoader, and each round's seconds to the first batch.
@@ -146,6 +151,49 @@ def ray_throughput(data_dir: Path, size: int, batch: int, epoch: int) -> tuple[f
     return n / (time.perf_counter() - start), first
 
 
+def ray_read_throughput(data_dir: Path, batch: int) -> tuple[float, float]:
+    """(images/s, seconds to the first batch) of ``load_split`` -> ``iter_batches`` alone, batches of the same
+    size as ``ray_throughput``'s left as Arrow tables: Ray Data's execution and hand-off with no work in them.
+    Lighter than the views in more than the work: the rows are the stored ones (encoded images, a fifth of
+    the decoded bytes through the object store), each read task takes one shard (a view's fused task takes
+    16), no 4 MiB block cap, no numpy batches and no ``collate_detection``. An upper bound for Ray Data on
+    this machine, not the views' own ceiling."""
+    from pipelines.data import load_split
+
+    start, n, first = time.perf_counter(), 0, None
+    ds, _ = load_split(data_dir, "train")
+    for b in ds.iter_batches(batch_size=batch, batch_format="pyarrow"):
+        first = time.perf_counter() - start if first is None else first
+        n += b.num_rows
+    return n / (time.perf_counter() - start), first
+
+
+def one_process_throughput(data_dir: Path, size: int, epoch: int) -> float:
+    """Images/s of the views' own work in this process on one core, without Ray: the split's rows read into
+    memory first (not timed), then ``augment_table`` (decode, flip, scale jitter, sanitize) over batches of
+    ``AUGMENT_BATCH`` rows and ``collate_detection``, as a view's task and the trainer do."""
+    import torch
+
+    from pipelines.data import augment_table, collate_detection, read_split_table
+    from pipelines.data.views import AUGMENT_BATCH
+
+    from vision.transforms import decoder_name
+
+    table, _ = read_split_table(data_dir, "train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's own threads; the numpy and decoder calls are single-threaded here
+    try:
+        decoder_name()  # TorchCodec's native library loaded, and one batch done, before the clock starts
+        augment_table(table.slice(0, AUGMENT_BATCH), task="detection", size=size, train=True, seed=0, epoch=epoch)
+        start = time.perf_counter()
+        for i in range(0, table.num_rows, AUGMENT_BATCH):
+            collate_detection(augment_table(table.slice(i, AUGMENT_BATCH), task="detection", size=size, train=True,
+                                            seed=0, epoch=epoch))
+        return table.num_rows / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def throughput(args) -> dict:
     import ray
 
@@ -163,33 +211,42 @@ def throughput(args) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                work / "shards" / "train")
-        runs = {"ray_data": [], "dataloader": []}
-        first = {"ray_data": [], "dataloader": []}
-        for r in range(args.repeat):  # alternate, so background load hits both alike
-            for side, measure in (("dataloader", lambda: dataloader_throughput(work / "coco", args.size, args.batch,
-                                                                                  args.workers)),
-                                  ("ray_data", lambda: ray_throughput(work / "shards", args.size, args.batch, epoch=r))):
-                rate, first_s = measure()
+        sides = ("dataloader", "ray_data", "ray_data_read_only")
+        runs, first = {k: [] for k in sides}, {k: [] for k in sides}
+        one_process = []
+        measures = {"dataloader": lambda r: dataloader_throughput(work / "coco", args.size, args.batch, args.workers),
+                    "ray_data": lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r),
+                    "ray_data_read_only": lambda r: ray_read_throughput(work / "shards", args.batch)}
+        for r in range(args.repeat):
+            # Alternated, so background load hits every side alike, and in turn first, so no side always
+            # follows another (round 1 starts Ray Data's processes: its first Ray side pays for their imports).
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:
+                rate, first_s = measures[side](r)
                 runs[side].append(rate)
                 first[side].append(first_s)
-            print(f"round {r + 1}: ray_data {runs['ray_data'][-1]:.1f} img/s (first batch {first['ray_data'][-1]:.2f}s), "
-                  f"dataloader {runs['dataloader'][-1]:.1f} img/s (first batch {first['dataloader'][-1]:.2f}s)",
-                  flush=True)
+            one_process.append(one_process_throughput(work / "shards", args.size, epoch=r))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {runs[k][-1]:.1f} img/s (first batch {first[k][-1]:.2f}s)"
+                                                 for k in sides)
+                  + f", views in one process {one_process[-1]:.1f} img/s", flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     best = {k: max(v) for k, v in runs.items()}
+    runs["views_in_one_process"] = one_process
     return {
         "config": {"images": len(files), "size": args.size, "batch": args.batch, "cpus": args.cpus,
                    "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count(),
                    "decoder": decoder_name()},
-        "images_per_s": {**best, "decode_ceiling_1proc": ceiling[1],
+        "images_per_s": {**best, "views_in_one_process": max(one_process), "decode_ceiling_1proc": ceiling[1],
                          f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
         "all_runs": runs,
         # Ray Data's first round starts its augmentation processes (each imports torch and torchvision);
         # later rounds reuse them. The DataLoader forks its workers from this process every round.
         "first_batch_s": first,
         "ratio_ray_vs_dataloader": best["ray_data"] / best["dataloader"],
+        # Ray Data moving the stored rows and nothing else, over the DataLoader: an upper bound of what Ray
+        # Data reaches on this machine (lighter than the views in more than their work: ray_read_throughput).
+        "ratio_ray_read_only_vs_dataloader": best["ray_data_read_only"] / best["dataloader"],
         "ray_fraction_of_decode_ceiling": best["ray_data"] / ceiling[args.cpus],
         "dataloader_fraction_of_decode_ceiling": best["dataloader"] / ceiling[args.cpus],
     }
