@@ -155,9 +155,9 @@ def ray_read_throughput(data_dir: Path, batch: int) -> tuple[float, float]:
     """(images/s, seconds to the first batch) of ``load_split`` -> ``iter_batches`` alone, batches of the same
     size as ``ray_throughput``'s left as Arrow tables: Ray Data's execution and hand-off with no work in them.
     Lighter than the views in more than the work: the rows are the stored ones (encoded images, a fifth of
-    the decoded bytes through the object store), each read task takes one shard (a view's fused task takes
-    16), no 4 MiB block cap, no numpy batches and no ``collate_detection``. An upper bound for Ray Data on
-    this machine, not the views' own ceiling."""
+    the decoded bytes through the object store), no 4 MiB block cap, no numpy batches and no
+    ``collate_detection``; the tasks take as many shards as a view's (``ingest.shards_per_read_task``). An
+    upper bound for Ray Data on this machine, not the views' own ceiling."""
     from pipelines.data import load_split
 
     start, n, first = time.perf_counter(), 0, None

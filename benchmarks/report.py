@@ -66,7 +66,7 @@ DESCRIPTIONS = {
         "Two more sides say where the time goes: `ray_data_read_only` is `load_split` -> `iter_batches` "
         "with nothing done to the rows and the batches left in Arrow: Ray Data's execution and hand-off "
         "with no work in them, an upper bound for Ray Data here (lighter than the views in more than the "
-        "work: encoded rows, one shard a task, no block cap, no numpy batches or collate; "
+        "work: encoded rows, no block cap, no numpy batches or collate; "
         "`ratio_ray_read_only_vs_dataloader` its ratio); `views_in_one_process` is the views' functions "
         "(`augment_table` + `collate_detection`) in the driver on one torch thread, without Ray, after a "
         "warm-up batch. "

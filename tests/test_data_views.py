@@ -160,6 +160,38 @@ def test_a_trainings_views_read_and_augment_in_one_task(data_dir, tmp_path):
         assert "MapBatches(_read_shards)->MapBatches(_detection_rows)" in view.stats(), name
 
 
+def test_a_split_is_read_and_augmented_by_several_tasks(data_dir):
+    """A fused read-and-augment task takes about ``READ_TASK_ROWS`` images and at least two tasks share a
+    split: given a batch size, Ray Data bundled that many *shards* into each fused task, and a split of up to
+    16 shards ran as one task on one core."""
+    import re
+
+    from pipelines.data.ingest import shards_per_read_task
+
+    ds, manifest = load_split(data_dir, "train")
+    shards = len(manifest["shards"])
+    assert shards >= 2
+    view = augment(ds, task="detection", size=64, train=True)
+    assert sum(len(b["image_id"]) for b in view.iter_batches(batch_size=8, batch_format="numpy")) == \
+        manifest["num_images"]
+    tasks = re.search(r"MapBatches\(_read_shards\)->MapBatches\(_detection_rows\): (\d+) tasks executed",
+                      view.stats())
+    assert tasks and int(tasks.group(1)) == -(-shards // shards_per_read_task(manifest, shards)) >= 2
+
+
+@pytest.mark.parametrize("images,listed,reading,per_task", [
+    (1000, 32, 32, 16),  # 31-image shards: 16 a task (about 500 images), two tasks
+    (4000, 16, 16, 2),   # 250-image shards: 2 a task, eight tasks (one task before)
+    (300, 10, 2, 1),     # a training's first 60 images of 30-image shards: one each, two tasks
+    (0, 0, 0, 1),        # an empty split
+])
+def test_how_many_shards_a_read_task_takes(images, listed, reading, per_task):
+    from pipelines.data.ingest import shards_per_read_task
+
+    assert shards_per_read_task({"num_images": images, "shards": [f"s{i}" for i in range(listed)]},
+                                reading) == per_task
+
+
 def test_collate_gives_tensors_of_their_own_over_read_only_columns():
     """A column Ray hands out as one fixed-shape array (or ragged, as arrays) can be a read-only view of the
     block: the targets copy it, so a write to a target never reaches the batch (torch would share a

@@ -185,7 +185,25 @@ def load_split(data_dir, split: str, *, num_cpus: float = 1.0, max_images: int |
     on every call; shards past them are not read). ``shuffle_seed``: read the shards in an order drawn
     from it (``split_shards`` and ``read_shards`` do the two halves, for several orders of one split)."""
     shards, manifest, fs = split_shards(data_dir, split, max_images=max_images)
-    return read_shards(shards, fs, num_cpus=num_cpus, shuffle_seed=shuffle_seed), manifest
+    return read_shards(shards, fs, num_cpus=num_cpus, shuffle_seed=shuffle_seed,
+                       shards_per_task=shards_per_read_task(manifest, len(shards))), manifest
+
+
+# A read task (with a view's augmentation fused into it) takes about this many images, and a split is read by
+# at least two tasks. Measured on 2 cores (docs/data.md): tasks of ~500 images beat tasks of one 31-image
+# shard by 20-30% (fewer, larger blocks for the consumer); one task for a whole 16-shard split used one core.
+READ_TASK_ROWS = 512
+MIN_READ_TASKS = 2
+
+
+def shards_per_read_task(manifest: dict, num_shards: int) -> int:
+    """How many of ``num_shards`` shards (those being read of the split ``manifest`` describes) one read task
+    takes: about ``READ_TASK_ROWS`` images of the split's average shard, and few enough that at least
+    ``MIN_READ_TASKS`` tasks share them."""
+    listed = len(manifest.get("shards") or [])
+    average = (manifest.get("num_images") or 0) / listed if listed else 0
+    by_rows = max(1, round(READ_TASK_ROWS / average)) if average > 0 else 1
+    return max(1, min(by_rows, -(-num_shards // MIN_READ_TASKS)))
 
 
 def split_shards(data_dir, split: str, *, max_images: int | None = None) -> tuple[list[dict], dict, object]:
@@ -204,11 +222,12 @@ def split_shards(data_dir, split: str, *, max_images: int | None = None) -> tupl
 
 
 def read_shards(shards: list[dict] | ray.data.Dataset, filesystem, *, num_cpus: float = 1.0,
-                shuffle_seed: int | None = None) -> ray.data.Dataset:
+                shuffle_seed: int | None = None, shards_per_task: int = 1) -> ray.data.Dataset:
     """The lazy dataset of ``split_shards``' shards, in their order or in one drawn from ``shuffle_seed``
     (Ray Data's ``randomize_block_order`` over the shards' one-item blocks, before anything is read).
     ``shards``: the list, or ``shard_items(list)`` made once for several reads of it (``from_items`` puts
-    a block per shard into the object store: 90 epochs of 236 shards took about 18 s, one 0.2 s)."""
+    a block per shard into the object store: 90 epochs of 236 shards took about 18 s, one 0.2 s).
+    ``shards_per_task``: how many shards each read task takes, in that order (``shards_per_read_task``)."""
     if isinstance(shards, list):
         if not shards:
             return ray.data.from_arrow(SHARD_SCHEMA.empty_table())
@@ -217,9 +236,10 @@ def read_shards(shards: list[dict] | ray.data.Dataset, filesystem, *, num_cpus: 
         shards = shards.randomize_block_order(seed=shuffle_seed)
     # One block per shard, from the manifest's list. read_parquet would list the files again every epoch
     # (seconds) and pack small shards into one read task, so the augmentation fused after it would run as
-    # a single task on one CPU. Fused with an augmentation (same num_cpus), a task takes as many shards as
-    # the augmentation's batch size (16).
-    return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=1,
+    # a single task on one CPU. Fused with an augmentation (same num_cpus; the view takes whole blocks), a
+    # task takes ``shards_per_task`` shards: Ray Data bundles a fused task's input by the larger batch size
+    # of the two maps, counted in shards.
+    return shards.map_batches(_read_shards, batch_format="pyarrow", batch_size=max(1, int(shards_per_task)),
                               fn_kwargs={"filesystem": filesystem}, num_cpus=num_cpus)
 
 

@@ -114,9 +114,26 @@ def augment(ds, *, task: str, size: int, train: bool = True, seed: int = 0, epoc
     detection/segmentation ``{image_id, image uint8 HxWx3, boxes (N,4), labels 1..K, iscrowd[, masks (N,H,W)]}``.
     """
     fn, kw = _rows_fn(task, size=size, train=train, seed=seed, epoch=epoch)
-    view = ds.map_batches(fn, batch_format="pyarrow", batch_size=AUGMENT_BATCH, fn_kwargs=kw, num_cpus=num_cpus)
+    # Whole blocks in (batch_size None), AUGMENT_BATCH rows out at a time: with a batch size here, Ray Data
+    # bundles that many *shards* into each fused read-and-augment task (it counts the read's input rows), so
+    # a split of 16 shards ran as one task on one core. The read says how many shards a task takes
+    # (ingest.shards_per_read_task).
+    view = ds.map_batches(_by_augment_batch(fn), batch_format="pyarrow", batch_size=None, fn_kwargs=kw,
+                          num_cpus=num_cpus)
     view.context.target_max_block_size = VIEW_BLOCK_BYTES  # the plan's DataContext (copied at load_split)
     return view
+
+
+def _by_augment_batch(fn):
+    """``fn`` (a row function) over a whole block, ``AUGMENT_BATCH`` rows at a time, each batch's rows yielded
+    as soon as they are done (Ray Data cuts its output blocks from them as they come: the first block does not
+    wait for the whole input block). Named as ``fn``, so the plan and the stats say which view it is."""
+    def rows(table, **kw):
+        for start in range(0, table.num_rows, AUGMENT_BATCH):
+            yield fn(table.slice(start, AUGMENT_BATCH), **kw)
+
+    rows.__name__ = rows.__qualname__ = fn.__name__
+    return rows
 
 
 def _rows_fn(task: str, *, size: int, train: bool, seed: int, epoch: int):

@@ -585,18 +585,20 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
     Returns ``(cfg, out, datasets, resources)``."""
     from pipelines.data import load_split, quiet_execution, read_shards, shard_items, split_shards
+    from pipelines.data.ingest import shards_per_read_task
     from pipelines.train import init_weights, run_record
     from pipelines.train.checkpoint import checkpoint_candidates
 
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
     _check_builds(cfg, task)
-    shards, _, fs = split_shards(cfg.data, "train", max_images=cfg.limit_train_images)
+    shards, manifest, fs = split_shards(cfg.data, "train", max_images=cfg.limit_train_images)
+    per_task = shards_per_read_task(manifest, len(shards))
     shards = shard_items(shards) if shards else shards  # made once, read in each epoch's order
     val_ds, _ = load_split(cfg.data, "val", num_cpus=cfg.augment_cpus)
     # Lazy datasets: an epoch's augmentation runs only when that epoch iterates its shard. Each epoch reads
     # the shards in its own order (read fused into the augmentation: same num_cpus).
-    datasets = {f"train_{e}": task.view(read_shards(shards, fs, num_cpus=cfg.augment_cpus,
+    datasets = {f"train_{e}": task.view(read_shards(shards, fs, num_cpus=cfg.augment_cpus, shards_per_task=per_task,
                                                     shuffle_seed=shuffle_seed(cfg, e)), cfg, train=True, epoch=e)
                 for e in range(cfg.epochs)}
     datasets["val"] = task.view(val_ds, cfg, train=False, epoch=0)
