@@ -160,29 +160,29 @@ def test_a_trainings_views_read_and_augment_in_one_task(data_dir, tmp_path):
         assert "MapBatches(_read_shards)->MapBatches(_detection_rows)" in view.stats(), name
 
 
-def test_a_split_is_read_and_augmented_by_several_tasks(data_dir):
-    """A fused read-and-augment task takes about ``READ_TASK_ROWS`` images and at least two tasks share a
-    split: given a batch size, Ray Data bundled that many *shards* into each fused task, and a split of up to
-    16 shards ran as one task on one core."""
+def test_the_read_sets_how_many_shards_a_read_and_augment_task_takes(data_dir):
+    """The view takes whole blocks, so the read's ``shards_per_task`` is what Ray Data bundles into each fused
+    read-and-augment task. Before, the view's batch of 16 rows made every task take 16 *shards* (Ray Data
+    counts the read's input rows): a split of 16 shards of 250 images ran as one task on one core."""
     import re
 
-    from pipelines.data.ingest import shards_per_read_task
+    from pipelines.data import read_shards, split_shards
 
-    ds, manifest = load_split(data_dir, "train")
-    shards = len(manifest["shards"])
-    assert shards >= 2
-    view = augment(ds, task="detection", size=64, train=True)
-    assert sum(len(b["image_id"]) for b in view.iter_batches(batch_size=8, batch_format="numpy")) == \
-        manifest["num_images"]
-    tasks = re.search(r"MapBatches\(_read_shards\)->MapBatches\(_detection_rows\): (\d+) tasks executed",
-                      view.stats())
-    assert tasks and int(tasks.group(1)) == -(-shards // shards_per_read_task(manifest, shards)) >= 2
+    shards, manifest, fs = split_shards(data_dir, "train")
+    assert len(shards) >= 2
+    for per_task in (1, len(shards)):
+        view = augment(read_shards(shards, fs, shards_per_task=per_task), task="detection", size=64, train=True)
+        assert sum(len(b["image_id"]) for b in view.iter_batches(batch_size=8, batch_format="numpy")) == \
+            manifest["num_images"]
+        tasks = re.search(r"MapBatches\(_read_shards\)->MapBatches\(_detection_rows\): (\d+) tasks executed",
+                          view.stats())
+        assert tasks and int(tasks.group(1)) == -(-len(shards) // per_task), (per_task, view.stats())
 
 
 @pytest.mark.parametrize("images,listed,reading,per_task", [
     (1000, 32, 32, 16),  # 31-image shards: 16 a task (about 500 images), two tasks
     (4000, 16, 16, 2),   # 250-image shards: 2 a task, eight tasks (one task before)
-    (300, 10, 2, 1),     # a training's first 60 images of 30-image shards: one each, two tasks
+    (300, 10, 2, 2),     # a training's first 60 images of 30-image shards: one task
     (0, 0, 0, 1),        # an empty split
 ])
 def test_how_many_shards_a_read_task_takes(images, listed, reading, per_task):

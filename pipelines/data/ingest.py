@@ -189,21 +189,21 @@ def load_split(data_dir, split: str, *, num_cpus: float = 1.0, max_images: int |
                        shards_per_task=shards_per_read_task(manifest, len(shards))), manifest
 
 
-# A read task (with a view's augmentation fused into it) takes about this many images, and a split is read by
-# at least two tasks. Measured on 2 cores (docs/data.md): tasks of ~500 images beat tasks of one 31-image
-# shard by 20-30% (fewer, larger blocks for the consumer); one task for a whole 16-shard split used one core.
+# A read task (with a view's augmentation fused into it) takes about this many images. Measured on 2 cores
+# (docs/data.md): tasks of ~500 images beat tasks of one 31-image shard by 20-30% (fewer, larger blocks for
+# the consumer), and one task for a whole 16-shard split of 4,000 images used one core. A small split stays
+# one task: two made the quickstart's views start a second process each (its `make run` 8:21, data start
+# 52 s against 28-36 s).
 READ_TASK_ROWS = 512
-MIN_READ_TASKS = 2
 
 
 def shards_per_read_task(manifest: dict, num_shards: int) -> int:
     """How many of ``num_shards`` shards (those being read of the split ``manifest`` describes) one read task
-    takes: about ``READ_TASK_ROWS`` images of the split's average shard, and few enough that at least
-    ``MIN_READ_TASKS`` tasks share them."""
+    takes: about ``READ_TASK_ROWS`` images of the split's average shard (all of them for a smaller split)."""
     listed = len(manifest.get("shards") or [])
     average = (manifest.get("num_images") or 0) / listed if listed else 0
     by_rows = max(1, round(READ_TASK_ROWS / average)) if average > 0 else 1
-    return max(1, min(by_rows, -(-num_shards // MIN_READ_TASKS)))
+    return max(1, min(by_rows, num_shards))
 
 
 def split_shards(data_dir, split: str, *, max_images: int | None = None) -> tuple[list[dict], dict, object]:
