@@ -136,3 +136,30 @@ def map_batches_with_retries(ds, fn, *, max_retries: int, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
         return ds.map_batches(fn, max_retries=max_retries, **kwargs)
+
+
+def read_data_limits_until_known() -> None:
+    """Ray Data's executor learns the cluster's resources from its autoscaling coordinator actor without
+    waiting (``DefaultAutoscalingCoordinator.get_reserved_resources``: the last answer it has, nothing until
+    the actor's first reply to a new execution) and keeps each reading for
+    ``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S`` (1 s). So every execution's first second runs with
+    limits of zero, where its resource budget lets an idle operator start one task at a time: a 1,000-image
+    view of two tasks ran them one after the other, every epoch (docs/data.md). Here a reading of nothing is
+    not kept (``ResourceManager.get_global_limits``, its ``_global_limits_last_update_time``): the next
+    scheduling step asks again, and the second task starts as the actor answers (0.1 s). Applied once per
+    process, where ``pipelines.data`` is imported: every process that runs a visionflow plan imports it."""
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    original = ResourceManager.get_global_limits
+    if getattr(original, "__wrapped__", None) is not None:
+        return
+
+    def get_global_limits(self):
+        limits = original(self)
+        if limits.is_zero():
+            self._global_limits_last_update_time = 0
+        return limits
+
+    get_global_limits.__wrapped__ = original
+    get_global_limits.__doc__ = original.__doc__
+    ResourceManager.get_global_limits = get_global_limits

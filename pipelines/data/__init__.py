@@ -7,6 +7,11 @@ from importlib import import_module
 
 from pipelines.data.ingest import (ingest, load_split, read_coco, read_manifest, read_shards, read_split_table,
                                    shard_items, split_shards)
+from pipelines.ray_private import read_data_limits_until_known
+
+# Every process that runs a visionflow plan imports this package (a driver, Ray Data's split coordinator
+# unpickling the plan): each execution's first second then uses every core it is given (ray_private).
+read_data_limits_until_known()
 
 _LAZY = {"save_preview": "preview", "TASKS": "views", "augment": "views", "augment_table": "views",
          "collate_detection": "views", "quiet_data_console": "console",
