@@ -252,7 +252,8 @@ def throughput(args) -> dict:
                          f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
         "all_runs": runs,
         # Ray Data's first round starts its augmentation processes (each imports torch and torchvision);
-        # later rounds reuse them. The DataLoader forks its workers from this process every round.
+        # later rounds reuse them. The DataLoader forks its workers every round, from its own process
+        # (started before Ray).
         "first_batch_s": first,
         "ratio_ray_vs_dataloader": best["ray_data"] / best["dataloader"],
         # Ray Data moving the stored rows and nothing else, over the DataLoader: an upper bound of what Ray

@@ -61,7 +61,7 @@ DESCRIPTIONS = {
         "`images_per_s` is the best round of each side, `all_runs` every round, `first_batch_s` each "
         "round's seconds to the first batch (Ray Data's first round starts its augmentation processes, "
         "each importing torch and torchvision; later rounds reuse them; the DataLoader forks its workers "
-        "every round). The decode ceilings are decoding alone with `config.decoder`, in one and in four "
+        "every round, in a process of its own started before Ray). The decode ceilings are decoding alone with `config.decoder`, in one and in four "
         "processes. "
         "Two more sides say where the time goes: `ray_data_read_only` is `load_split` -> `iter_batches` "
         "with nothing done to the rows and the batches left in Arrow: Ray Data's execution and hand-off "
