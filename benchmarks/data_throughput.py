@@ -214,8 +214,8 @@ def throughput(args) -> dict:
     # and an execution started after such a fork could wait forever for its tasks. Its epochs run in a
     # process of their own, started before Ray, where the DataLoader forks as a user's training would.
     baseline = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
-    baseline.submit(os.getpid).result()  # its process started now, before Ray
     try:
+        baseline.submit(os.getpid).result()  # its process started now, before Ray
         connect(LOCAL, num_cpus=args.cpus, dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
@@ -239,7 +239,7 @@ def throughput(args) -> dict:
                                                  for k in sides)
                   + f", views in one process {one_process[-1]:.1f} img/s", flush=True)
     finally:
-        baseline.shutdown()
+        baseline.shutdown(wait=False, cancel_futures=True)
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     best = {k: max(v) for k, v in runs.items()}

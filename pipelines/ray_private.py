@@ -138,6 +138,12 @@ def map_batches_with_retries(ds, fn, *, max_retries: int, **kwargs):
         return ds.map_batches(fn, max_retries=max_retries, **kwargs)
 
 
+# How long after its first reading of nothing an execution keeps asking for the cluster's resources at every
+# scheduling step: the coordinator actor answers a new execution in about 0.1 s, and a cluster's first
+# execution waits for the actor's own start (seconds). Past that, Ray's own one reading a second.
+DATA_LIMITS_COLD_START_S = 10.0
+
+
 def read_data_limits_until_known() -> None:
     """Ray Data's executor learns the cluster's resources from its autoscaling coordinator actor without
     waiting (``DefaultAutoscalingCoordinator.get_reserved_resources``: the last answer it has, nothing until
@@ -145,21 +151,30 @@ def read_data_limits_until_known() -> None:
     ``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S`` (1 s). So every execution's first second runs with
     limits of zero, where its resource budget lets an idle operator start one task at a time: a 1,000-image
     view of two tasks ran them one after the other, every epoch (docs/data.md). Here a reading of nothing is
-    not kept (``ResourceManager.get_global_limits``, its ``_global_limits_last_update_time``): the next
-    scheduling step asks again, and the second task starts as the actor answers (0.1 s). Applied once per
-    process, where ``pipelines.data`` is imported: every process that runs a visionflow plan imports it."""
+    not kept (``ResourceManager.get_global_limits``, its ``_global_limits_last_update_time``) for the first
+    ``DATA_LIMITS_COLD_START_S`` after it: the next scheduling step asks again (at most one request to the
+    actor in flight), and the tasks start together once the actor answers. Where the limits stay zero (a
+    cluster with no node Ray Data can use), Ray's own reading a second resumes after that. Applied once per
+    process, where ``pipelines.data`` is imported: the drivers, and Ray Data's split coordinator, which
+    imports it to unpickle a view's plan."""
+    import time
+
     from ray.data._internal.execution.resource_manager import ResourceManager
 
     original = ResourceManager.get_global_limits
-    if getattr(original, "__wrapped__", None) is not None:
+    if getattr(original, "_visionflow_fence", False):
         return
 
     def get_global_limits(self):
         limits = original(self)
         if limits.is_zero():
-            self._global_limits_last_update_time = 0
+            now = time.monotonic()
+            first = self.__dict__.setdefault("_visionflow_zero_since", now)
+            if now - first < DATA_LIMITS_COLD_START_S:
+                self._global_limits_last_update_time = 0
         return limits
 
     get_global_limits.__wrapped__ = original
     get_global_limits.__doc__ = original.__doc__
+    get_global_limits._visionflow_fence = True
     ResourceManager.get_global_limits = get_global_limits
