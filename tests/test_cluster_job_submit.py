@@ -105,7 +105,14 @@ def _submit_run(ray_head, run_dir, archs: str, sets: list[str], timeout: int) ->
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".", "--",
            "visionflow", "run", "--config", "pipelines/configs/quickstart.yaml", "--run-dir", str(run_dir),
            "--archs", archs, "--no-deploy"] + [x for s in sets for x in ("--set", s)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=timeout)
+    # The head's dashboard answers before its node's job agent is up; a submit in between is refused with
+    # "No available agent to submit job, please try again later" (Ray waits 10 s for the agent; on a busy
+    # machine it took longer) and nothing is submitted, so it is tried again, as Ray's message asks.
+    for attempt in range(4):
+        r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or "No available agent to submit job" not in r.stdout + r.stderr:
+            break
+        time.sleep(5)
     return r.returncode, r.stdout + r.stderr
 
 
