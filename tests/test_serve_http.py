@@ -1,15 +1,21 @@
 """The HTTP contract against a real Serve deployment (detection, segmentation, classification graphs,
-random weights, tiny images): real requests, every refusal, and the replicas still answering after."""
+random weights, tiny images): real requests, every refusal, and the replicas still answering after; the
+declared OpenAPI upload and answers (what /docs "Try it out" uses), a multipart body as a browser form
+sends it, and the page at GET / with its samples (the page in a browser: test_serve_page.py). One
+deployment serves the whole module."""
 from __future__ import annotations
 
 import io
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from pipelines.serve.page import SAMPLE_COUNT, SAMPLE_SIZE
 
 PORT = 8461
 ARGS = {
@@ -179,3 +185,158 @@ def test_other_errors_keep_the_shape(url):
     _assert_error(requests.get(f"{url}/v1/nothing", timeout=30), 404, "not_found")
     _assert_error(requests.get(f"{url}/v1/detect", timeout=30), 405, "method_not_allowed")
     _assert_error(_post(url, "/v1/detect", _image(), iou_threshold=-0.1), 422, "invalid_parameter")
+
+
+# -- What the OpenAPI and page checks below send ----------------------------------------------------
+
+ROUTES = {"/v1/detect": "detections", "/v1/segment": "detections", "/v1/classify": "predictions"}
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+
+
+def _png(w=96, h=72, seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    arr[h // 4: h // 2, w // 4: w // 2] = (255, 0, 0)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _browser_form(data: bytes, filename: str, ctype: str) -> tuple[bytes, str]:
+    """A multipart body byte for byte as Chromium sends a <form enctype="multipart/form-data"> (and
+    Swagger UI's "Try it out"): WebKit boundary, filename, the part's own Content-Type."""
+    boundary = "----WebKitFormBoundaryq4lB2aZ3tW0xYv9K"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: {ctype}\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _validator(spec: dict, name: str):
+    """A JSON Schema validator of ``components.schemas[name]`` of an OpenAPI 3.1 document."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{name}",
+                                            "components": spec["components"]})
+
+
+def _ref(spec: dict, schema: dict) -> dict:
+    return spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+
+
+# -- OpenAPI: what /docs shows and "Try it out" sends ---------------------------------------------
+
+def test_openapi_declares_the_upload_body_and_the_answers(url):
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.")
+    for path, items in ROUTES.items():
+        op = spec["paths"][path]["post"]
+        body = op["requestBody"]
+        assert body["required"] is True
+        content = body["content"]
+        form = content["multipart/form-data"]["schema"]
+        assert form["type"] == "object" and form["required"] == ["file"], path
+        assert form["properties"]["file"]["type"] == "string" and form["properties"]["file"]["format"] == "binary"
+        for media in IMAGE_TYPES:
+            assert content[media]["schema"] == {"type": "string", "format": "binary", "contentMediaType": media}
+        ok = op["responses"]["200"]
+        answer = _ref(spec, ok["content"]["application/json"]["schema"])
+        assert items in answer["properties"] and items in answer["required"], (path, answer)
+        item = answer["properties"][items]["items"]
+        assert {"score", "category_id", "label"} <= set(_ref(spec, item)["properties"])
+        assert "Server-Timing" in ok["headers"]
+        for status in ("400", "413", "415", "422", "503"):
+            assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorAnswer")
+        # The query parameters are still declared as before.
+        assert {p["name"] for p in op["parameters"]} >= {"score_threshold", "model"}
+    item = _ref(spec, _ref(spec, spec["paths"]["/v1/segment"]["post"]["responses"]["200"]["content"]
+                          ["application/json"]["schema"])["properties"]["detections"]["items"])
+    assert {"box", "mask"} <= set(item["properties"])
+    error = spec["components"]["schemas"]["ErrorDetail"]
+    assert set(error["required"]) == {"code", "message"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # every 422 is the API's own shape
+
+
+def test_answers_match_their_declared_schemas(url):
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    png = _png()
+    for path, name in (("/v1/detect", "DetectAnswer"), ("/v1/segment", "DetectAnswer"),
+                       ("/v1/classify", "ClassifyAnswer")):
+        r = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"},
+                          params={"max_detections": 3}, timeout=120)
+        assert r.status_code == 200, r.text
+        _validator(spec, name).validate(r.json())
+    _validator(spec, "ModelsAnswer").validate(requests.get(f"{url}/v1/models", timeout=30).json())
+    _validator(spec, "HealthAnswer").validate(requests.get(f"{url}/healthz", timeout=30).json())
+    _validator(spec, "SamplesAnswer").validate(requests.get(f"{url}/v1/samples", timeout=30).json())
+    bad = requests.post(f"{url}/v1/detect", data=b"nope", headers={"content-type": "text/plain"}, timeout=30)
+    assert bad.status_code == 415
+    _validator(spec, "ErrorAnswer").validate(bad.json())
+
+
+def test_a_browser_form_upload_equals_the_raw_body(url):
+    png = _png(seed=5)
+    for path, items in ROUTES.items():
+        params = {"max_detections": 5}
+        raw = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"}, params=params,
+                            timeout=120)
+        body, ctype = _browser_form(png, "my photo.png", "image/png")
+        form = requests.post(f"{url}{path}", data=body, headers={"content-type": ctype}, params=params, timeout=120)
+        assert raw.status_code == form.status_code == 200, (path, form.text)
+        assert form.json()[items] and form.json() == raw.json(), path
+        assert "total;dur=" in form.headers["server-timing"]
+    # A form whose file part is not an image type is refused as before.
+    body, ctype = _browser_form(b"hello", "notes.txt", "text/plain")
+    r = requests.post(f"{url}/v1/detect", data=body, headers={"content-type": ctype}, timeout=30)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+# -- The page ---------------------------------------------------------------------------------------
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_root_page_has_the_form_and_no_external_assets(url):
+    r = requests.get(f"{url}/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    tags = _Tags()
+    tags.feed(r.text)
+    by_id = {a.get("id"): (t, a) for t, a in tags.tags if a.get("id")}
+    assert by_id["file"] == ("input", {"type": "file", "id": "file", "name": "file",
+                                       "accept": "image/jpeg,image/png"})
+    assert by_id["endpoint"][0] == "select" and by_id["form"][0] == "form" and by_id["run"][0] == "button"
+    assert by_id["canvas"][0] == "canvas" and by_id["results"][0] == "table" and by_id["timings"][0] == "table"
+    assert {"score_threshold", "max_detections", "samples", "status"} <= set(by_id)
+    # Self-contained: inline script and style only, nothing fetched from another host.
+    assert not [a for t, a in tags.tags if t in ("script", "img", "iframe") and a.get("src")]
+    assert not [a for t, a in tags.tags if t == "link"]
+    assert "http://" not in r.text and "https://" not in r.text and "//cdn" not in r.text
+    # The page's own calls are relative, so it also works behind a route prefix.
+    for call in ('fetch("v1/models")', 'fetch("v1/samples")', '"v1/" + endpoint'):
+        assert call in r.text
+
+
+def test_samples_are_pngs_drawn_on_the_fly(url):
+    listing = requests.get(f"{url}/v1/samples", timeout=30).json()["samples"]
+    assert len(listing) == SAMPLE_COUNT
+    for s in listing:
+        r = requests.get(f"{url}/{s['url']}", timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        img = Image.open(io.BytesIO(r.content))
+        assert img.format == "PNG" and img.size == (s["width"], s["height"]) == (SAMPLE_SIZE, SAMPLE_SIZE)
+        assert np.asarray(img).std() > 10  # shapes on a texture, not a blank image
+    first = requests.get(f"{url}/v1/samples/0.png", timeout=30).content
+    assert requests.get(f"{url}/v1/samples/0.png", timeout=30).content == first
+    assert first != requests.get(f"{url}/v1/samples/1.png", timeout=30).content
+    r = requests.get(f"{url}/v1/samples/{SAMPLE_COUNT}.png", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = requests.get(f"{url}/v1/samples/x.png", timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    # A sample goes through the endpoints like any upload.
+    r = requests.post(f"{url}/v1/detect", data=first, headers={"content-type": "image/png"}, timeout=120)
+    assert r.status_code == 200 and r.json()["image"] == {"width": SAMPLE_SIZE, "height": SAMPLE_SIZE}
