@@ -108,7 +108,7 @@ def _submit_run(ray_head, run_dir, archs: str, sets: list[str], timeout: int) ->
     # The head's dashboard answers before its node's job agent is up; a submit in between is refused with
     # "No available agent to submit job, please try again later" (Ray waits 10 s for the agent; on a busy
     # machine it took longer) and nothing is submitted, so it is tried again, as Ray's message asks.
-    for attempt in range(4):
+    for _ in range(4):
         r = subprocess.run(cmd, cwd=ROOT, env=ray_head.env, capture_output=True, text=True, timeout=timeout)
         if r.returncode == 0 or "No available agent to submit job" not in r.stdout + r.stderr:
             break

@@ -193,15 +193,6 @@ ROUTES = {"/v1/detect": "detections", "/v1/segment": "detections", "/v1/classify
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
 
 
-def _png(w=96, h=72, seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-    arr[h // 4: h // 2, w // 4: w // 2] = (255, 0, 0)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _browser_form(data: bytes, filename: str, ctype: str) -> tuple[bytes, str]:
     """A multipart body byte for byte as Chromium sends a <form enctype="multipart/form-data"> (and
     Swagger UI's "Try it out"): WebKit boundary, filename, the part's own Content-Type."""
@@ -258,7 +249,7 @@ def test_openapi_declares_the_upload_body_and_the_answers(url):
 
 def test_answers_match_their_declared_schemas(url):
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()
-    png = _png()
+    png = _image(96, 72, "PNG")
     for path, name in (("/v1/detect", "DetectAnswer"), ("/v1/segment", "DetectAnswer"),
                        ("/v1/classify", "ClassifyAnswer")):
         r = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"},
@@ -274,7 +265,7 @@ def test_answers_match_their_declared_schemas(url):
 
 
 def test_a_browser_form_upload_equals_the_raw_body(url):
-    png = _png(seed=5)
+    png = _image(96, 72, "PNG", seed=5)
     for path, items in ROUTES.items():
         params = {"max_detections": 5}
         raw = requests.post(f"{url}{path}", data=png, headers={"content-type": "image/png"}, params=params,
