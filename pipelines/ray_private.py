@@ -8,6 +8,8 @@ Nothing else in the project imports ``ray._private``, ``ray.*._private`` or an u
 """
 from __future__ import annotations
 
+import os
+
 
 def system_config(settings: dict) -> dict:
     """Keyword arguments that pass Ray system settings (``ray.init(_system_config=...)``) to a new local
@@ -111,8 +113,6 @@ def train_worker_env_vars(cluster_env: dict) -> dict:
     neither sets it. A task submitted with these runs in the same runtime environment as the training
     worker's own tasks (Ray Data's map tasks), so they may reuse its process: Ray reuses an idle worker
     process only for the same runtime environment."""
-    import os
-
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
     from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
                                                   ENV_VARS_TO_PROPAGATE)
@@ -178,3 +178,51 @@ def read_data_limits_until_known() -> None:
     get_global_limits.__doc__ = original.__doc__
     get_global_limits._visionflow_fence = True
     ResourceManager.get_global_limits = get_global_limits
+
+
+# The raylet puts its own PID into the environment of every process it starts (workers, agents), which they
+# watch to exit with it: not a documented interface of Ray.
+RAYLET_PID_ENV = "RAY_RAYLET_PID"
+
+
+def _proc_pids() -> list[int]:
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:  # no /proc (macOS): nothing found, nothing done
+        return []
+
+
+def raylets_started_here() -> list[int]:
+    """PIDs of the raylets this process started: ``ray.init`` of a new local cluster starts its GCS and raylet
+    as child processes of the driver (``ray._private.services.start_raylet``). Linux (/proc) only; [] else."""
+    found = []
+    for pid in _proc_pids():
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != os.getpid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                exe = f.read().split(b"\0", 1)[0]
+        except (OSError, IndexError, ValueError):
+            continue
+        if os.path.basename(exe) == b"raylet":
+            found.append(pid)
+    return found
+
+
+def processes_of_raylet(raylet_pid: int) -> list[int]:
+    """PIDs of the processes (of this user: others' environments are unreadable) whose environment names
+    ``raylet_pid`` as their raylet (``RAYLET_PID_ENV``), and their children, which inherit it."""
+    tag = f"{RAYLET_PID_ENV}={raylet_pid}".encode()
+    found = []
+    for pid in _proc_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if tag in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found

@@ -13,6 +13,8 @@ The rules:
 - A new local cluster is sized by the caller for its work (``num_cpus`` logical CPUs; more than the cores
   where stages mostly wait), with the dashboard on unless ``dashboard=False``, and the worker pool kept
   warm (below).
+- A process that started a local cluster leaves none of its processes behind: at its exit, after Ray's
+  shutdown, what the cluster's raylet started and is still alive is killed, in one line (``reap_outlived``).
 
 Ray kills idle worker processes above its soft limit (one per CPU) after one second. Every epoch of a
 training run is its own Ray Data execution, so with that default each epoch started fresh processes that
@@ -34,6 +36,9 @@ from pipelines import ray_private
 WORKER_POOL = {"idle_worker_killing_time_threshold_ms": 120_000}
 RAY_START_ENV = {f"RAY_{k}": str(v) for k, v in WORKER_POOL.items()}
 LOCAL = "local"
+# How long the processes of a stopped local cluster may take to exit before ``reap_outlived`` kills them.
+# Ray's shutdown returns once its workers are gone: what is left a second later is stuck.
+OUTLIVED_GRACE_S = 1.0
 # Ray Train settings of a local cluster (a user's own setting wins). Its controller looks at the worker
 # group every 2 s by default, so a finished run waited up to 2 s to be noticed: 0.5 s here. And each run
 # started a PreemptionWatcher process that polls for nodes being drained (cloud spot preemption), which one
@@ -188,9 +193,74 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    _reap_at_exit(ray_private.raylets_started_here())
     if dashboard and not quiet and getattr(ctx, "dashboard_url", None):
         print(f"Ray dashboard: http://{ctx.dashboard_url}{_dashboard_sign_in()}", file=sys.stderr, flush=True)
     return True
+
+
+# Raylets of the local clusters this process started; what they started is checked at its exit.
+_raylets: list[int] = []
+
+
+def _reap_at_exit(raylets: list[int]) -> None:
+    if raylets and not _raylets:
+        import atexit
+
+        # Registered after ray.init's own handler, so it runs first: it stops Ray itself, then looks.
+        atexit.register(_stop_and_reap)
+    _raylets.extend(p for p in raylets if p not in _raylets)
+
+
+def _stop_and_reap() -> None:
+    import ray
+
+    ray.shutdown()
+    reap_outlived(_raylets)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie has exited
+    except (OSError, IndexError):
+        return False
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace").strip() or "?"
+    except OSError:
+        return "?"
+
+
+def reap_outlived(raylets: list[int], grace_s: float = OUTLIVED_GRACE_S, out=None) -> list[int]:
+    """Once the local clusters of ``raylets`` (``ray_private.raylets_started_here``) have stopped: the
+    processes they started that are still alive ``grace_s`` later are killed (SIGKILL), with one line on
+    ``out`` (stderr) naming them; returns their PIDs. A raylet still running keeps its processes. A Ray 2.60
+    worker can deadlock in its own exit and outlive its cluster, holding its memory (docs/reliability.md);
+    at the exit of a process that started local clusters this runs by itself (``connect``)."""
+    import signal
+
+    pids = [p for r in raylets if not _alive(r) for p in ray_private.processes_of_raylet(r)]
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = [p for p in pids if _alive(p)]
+    killed = []
+    for pid in pids:
+        name = _name(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+        killed.append((pid, name))
+    if killed:
+        shown = ", ".join(f"{pid} {name}" for pid, name in killed)
+        print(f"visionflow: killed {len(killed)} Ray process(es) that outlived their local cluster ({shown}): "
+              "a Ray worker can hang in its own exit (docs/reliability.md)", file=out or sys.stderr, flush=True)
+    return [pid for pid, _ in killed]
 
 
 def _free_port(preferred: int) -> int:

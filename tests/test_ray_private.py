@@ -201,3 +201,18 @@ def test_nothing_else_reaches_private_ray():
                 if needle in text:
                     offenders.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not offenders, offenders
+
+
+def test_the_raylet_this_process_started_tags_the_processes_it_starts(ray_cluster):
+    """``raylets_started_here``: the session's local cluster's raylet is a child of this process; each worker
+    it starts names it in ``RAYLET_PID_ENV``, which ``processes_of_raylet`` finds (``ray_runtime.reap_outlived``
+    kills on these two)."""
+    import os
+
+    @ray_cluster.remote(num_cpus=0)
+    def where():
+        return os.getpid(), os.environ.get(ray_private.RAYLET_PID_ENV)
+
+    pid, raylet = ray_cluster.get(where.remote())
+    assert ray_private.raylets_started_here() == [int(raylet)]
+    assert pid in ray_private.processes_of_raylet(int(raylet)) and os.getpid() not in ray_private.processes_of_raylet(int(raylet))

@@ -262,3 +262,64 @@ def test_a_killed_heads_stale_address_fails_auto_and_does_not_block_a_local_star
     # 12-40 s to the end of every training).
     out = _probe(STATE_PROBE.replace("DASHBOARD", "True"))
     assert out["answer"] == "ALIVE" and out["seconds"] < 5, out
+
+
+# A worker that hangs in its own exit, as Ray 2.60's did once (docs/reliability.md): an atexit handler that
+# never returns, and the actor leaving with exit_actor(), whose SystemExit runs it. Ray's shutdown then
+# leaves it alive, an orphan of no cluster.
+STUCK_PROBE = (
+    "import os, time, ray\n"
+    "from pipelines.ray_runtime import connect\n"
+    "connect(num_cpus=1, dashboard=False, log_to_driver=False, quiet=True)\n"
+    "@ray.remote(num_cpus=0)\n"
+    "class Stuck:\n"
+    "    def arm(self):\n"
+    "        import atexit\n"
+    "        atexit.register(time.sleep, 3600)\n"
+    "        return os.getpid()\n"
+    "    def leave(self):\n"
+    "        ray.actor.exit_actor()\n"
+    "stuck = Stuck.remote()\n"
+    "pid = ray.get(stuck.arm.remote())\n"
+    "try:\n"
+    "    ray.get(stuck.leave.remote())\n"
+    "except ray.exceptions.RayActorError:\n"
+    "    pass\n"
+    "ray.shutdown()\n"
+    "time.sleep(3)\n"
+    "with open(f'/proc/{pid}/stat') as f:\n"
+    "    state = f.read().rsplit(')', 1)[1].split()[0]\n"
+    "print('stuck', pid, 'state after shutdown', state, flush=True)\n")
+
+
+def _exited_or_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_worker_that_hangs_in_its_exit_is_killed_when_its_local_cluster_stops(ray_cluster):
+    """The process that started the local cluster kills, at its exit, what the cluster's raylet started and
+    Ray's shutdown left alive, in one line; a process of another cluster (here: tagged with this session's
+    live raylet) is left alone."""
+    from pipelines import ray_private
+
+    (session_raylet,) = ray_private.raylets_started_here()
+    bystander = subprocess.Popen(["sleep", "120"], env={**os.environ, ray_private.RAYLET_PID_ENV: str(session_raylet)})
+    try:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        res = subprocess.run([sys.executable, "-c", STUCK_PROBE], env=full, capture_output=True, text=True,
+                             timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+        _, pid, *_, state = res.stdout.split()
+        pid = int(pid)
+        assert state in "RSD", "the fault did not happen: the worker had exited 3 s after Ray's shutdown"
+        assert _exited_or_zombie(pid), Path(f"/proc/{pid}/cmdline").read_bytes()
+        (line,) = [l for l in res.stderr.splitlines() if l.startswith("visionflow: killed")]
+        assert f"killed 1 Ray process(es) that outlived their local cluster ({pid} ray::Stuck)" in line
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
