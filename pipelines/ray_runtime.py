@@ -127,13 +127,16 @@ def wait_reachable(address: str, timeout_s: float | None = None, source: str = "
 
 def connect(address: str | None = None, *, num_cpus: float | None = None, num_gpus: float | None = None,
             dashboard: bool = True, log_to_driver: bool = True, runtime_env: dict | None = None,
-            timeout_s: float | None = None, attempts: int = 3, quiet: bool = False) -> bool:
+            timeout_s: float | None = None, attempts: int = 3, quiet: bool = False,
+            cluster_env: dict | None = None) -> bool:
     """Reach Ray by the rules above. Returns True when this call initialized Ray in this process (the
     caller then calls ``ray.shutdown()`` when done), False when Ray was already initialized here.
 
     ``num_cpus``/``num_gpus`` size a new local cluster (None: one CPU per core) and are ignored when
-    joining one. On a loaded machine the raylet can give up waiting for its agents ("timed out during
-    startup"); a local start is tried up to ``attempts`` times."""
+    joining one, and so is ``cluster_env``: environment variables for a new local cluster's processes (on
+    top of ``LOCAL_TRAIN_ENV``; a variable already set in this process wins). On a loaded machine the
+    raylet can give up waiting for its agents ("timed out during startup"); a local start is tried up to
+    ``attempts`` times."""
     import ray
 
     if ray.is_initialized():
@@ -173,7 +176,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         if runtime_env is None:
             kwargs["runtime_env"] = {"worker_process_setup_hook": "pipelines.ray_private.quiet_placement_group_cleaner"}
     cluster_env = {"RAY_API_SERVER_ADDRESS": api_server,
-                   **{k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in os.environ}}
+                   **{k: v for k, v in {**LOCAL_TRAIN_ENV, **(cluster_env or {})}.items() if k not in os.environ}}
     before = {k: os.environ.get(k) for k in cluster_env}
     os.environ.update(cluster_env)
     _local_cluster_env = dict(os.environ)
