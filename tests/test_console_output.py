@@ -91,15 +91,19 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
     assert "a warning of Ray Train" in seen["train"] and "an info line of Ray Train" not in seen["train"], seen["train"]
 
 
-# A local cluster as `visionflow run` starts it (or, for the control, without the run's environment), a Serve
-# deployment called three times; what reached this driver's console, and the replica's own log file.
+# A local cluster as `visionflow run` starts it and Serve started as `deploy` starts it (or, for the control,
+# neither), a Serve deployment called three times; what reached this driver's console, and the replica's own
+# log file.
 SERVE_PROBE = """
-import json, logging, time
+import contextlib, json, logging, time
 from ray import serve
 from pipelines.dag.runner import RUN_CLUSTER_ENV
 from pipelines.ray_runtime import connect
+from pipelines.serve.deploy import quiet_serve_client
 connect(num_cpus=2, dashboard=False, quiet=True, cluster_env=RUN_CLUSTER_ENV if RUN else None)
-serve.start(proxy_location="Disabled")
+quiet = quiet_serve_client if RUN else contextlib.nullcontext
+with quiet():
+    serve.start(proxy_location="Disabled")
 
 @serve.deployment
 class Echo:
@@ -108,7 +112,8 @@ class Echo:
         handlers = [getattr(h, "target", h) for h in logging.getLogger("ray.serve").handlers]
         return [h.baseFilename for h in handlers if hasattr(h, "baseFilename")]
 
-handle = serve.run(Echo.bind(), name="probe", route_prefix=None)
+with quiet():
+    handle = serve.run(Echo.bind(), name="probe", route_prefix=None)
 files = [handle.remote(None).result() for _ in range(3)][-1]
 time.sleep(3)  # Ray's log monitor streams the workers' output to the driver about once a second
 print(json.dumps({"files": files}), flush=True)
@@ -131,6 +136,7 @@ def test_a_runs_cluster_keeps_serves_logs_in_their_files_and_off_the_console():
     console, files = _serve_console(run_env=True)
     # Ray's prefix of a worker's streamed output: "(ServeReplica:probe:Echo pid=...)", "(ServeController pid=...)"
     assert "(ServeReplica" not in console and "(ServeController" not in console, console[-3000:]
+    assert "Started Serve" not in console and "is ready" not in console, console[-3000:]  # this process's client
     (log,) = files
     with open(log) as f:
         assert f.read().count("__call__ OK") == 3  # each request, in the replica's file
@@ -139,4 +145,4 @@ def test_a_runs_cluster_keeps_serves_logs_in_their_files_and_off_the_console():
 @pytest.mark.slow
 def test_control_without_the_runs_environment_serves_logs_reach_the_console():
     console, _ = _serve_console(run_env=False)
-    assert console.count("__call__ OK") == 3, console[-3000:]
+    assert console.count("__call__ OK") == 3 and "Application 'probe' is ready" in console, console[-3000:]

@@ -1,6 +1,8 @@
 """Python API: ``deploy(...)`` starts Serve and the application, returns the base URL; ``shutdown()``."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
@@ -97,16 +99,32 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     connect(num_cpus=local_cpus(args))
     res = ray.cluster_resources()
     check_fits(args, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
-    _start_serve(http)
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
     deadline = time.monotonic() + timeout_s
-    try:
-        _run_until_running(application, deadline, timeout_s, stop)
-        _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
-    except BaseException:
-        delete_app()
-        raise
+    with quiet_serve_client():
+        _start_serve(http)
+        try:
+            _run_until_running(application, deadline, timeout_s, stop)
+            _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
+        except BaseException:
+            delete_app()
+            raise
     return url
+
+
+@contextlib.contextmanager
+def quiet_serve_client():
+    """Serve's client INFO lines in this process off meanwhile ("Started Serve in namespace", "Connecting to
+    existing Serve app ... will not be applied", "Application ... is ready"): the commands say what they do
+    themselves. Serve's warnings and errors still show."""
+    logger = logging.getLogger("ray.serve")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _run_until_running(application, deadline: float, timeout_s: float, stop: threading.Event | None) -> None:
