@@ -180,8 +180,9 @@ def read_data_limits_until_known() -> None:
     ResourceManager.get_global_limits = get_global_limits
 
 
-# The raylet puts its own PID into the environment of every process it starts (workers, agents), which they
-# watch to exit with it: not a documented interface of Ray.
+# The raylet puts its own PID into the environment of the processes it starts (its workers and agents), which
+# they watch to exit with it: not a documented interface of Ray. (Ray's job supervisor removes it from a
+# job's entrypoint, and a subprocess given an environment of its own lacks it.)
 RAYLET_PID_ENV = "RAY_RAYLET_PID"
 
 
@@ -211,18 +212,28 @@ def raylets_started_here() -> list[int]:
     return found
 
 
+def shutdown_at_exit() -> None:
+    """``ray.shutdown`` as Ray's own exit handler calls it (``_exiting_interpreter=True``: it first waits
+    half a second, so the workers' last output reaches the console)."""
+    import ray
+
+    ray.shutdown(_exiting_interpreter=True)
+
+
+def raylet_of(pid: int) -> int | None:
+    """The raylet PID in process ``pid``'s environment (``RAYLET_PID_ENV``), or None (none, or unreadable)."""
+    prefix = f"{RAYLET_PID_ENV}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(prefix):
+                    return int(item[len(prefix):])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def processes_of_raylet(raylet_pid: int) -> list[int]:
     """PIDs of the processes (of this user: others' environments are unreadable) whose environment names
     ``raylet_pid`` as their raylet (``RAYLET_PID_ENV``), and their children, which inherit it."""
-    tag = f"{RAYLET_PID_ENV}={raylet_pid}".encode()
-    found = []
-    for pid in _proc_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if tag in f.read().split(b"\0"):
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
+    return [pid for pid in _proc_pids() if pid != os.getpid() and raylet_of(pid) == raylet_pid]

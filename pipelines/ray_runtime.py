@@ -13,8 +13,9 @@ The rules:
 - A new local cluster is sized by the caller for its work (``num_cpus`` logical CPUs; more than the cores
   where stages mostly wait), with the dashboard on unless ``dashboard=False``, and the worker pool kept
   warm (below).
-- A process that started a local cluster leaves none of its processes behind: at its exit, after Ray's
-  shutdown, what the cluster's raylet started and is still alive is killed, in one line (``reap_outlived``).
+- A process that started a local cluster leaves none of its workers behind: at its normal exit (Linux),
+  after Ray's shutdown, what the cluster's raylet started and is still alive is killed, in one line
+  (``reap_outlived``).
 
 Ray kills idle worker processes above its soft limit (one per CPU) after one second. Every epoch of a
 training run is its own Ray Data execution, so with that default each epoch started fresh processes that
@@ -37,8 +38,9 @@ WORKER_POOL = {"idle_worker_killing_time_threshold_ms": 120_000}
 RAY_START_ENV = {f"RAY_{k}": str(v) for k, v in WORKER_POOL.items()}
 LOCAL = "local"
 # How long the processes of a stopped local cluster may take to exit before ``reap_outlived`` kills them.
-# Ray's shutdown returns once its workers are gone: what is left a second later is stuck.
-OUTLIVED_GRACE_S = 1.0
+# Ray's shutdown stops the raylet and the GCS and returns; the workers and agents then exit by themselves
+# (an agent notices its raylet gone after about 2 s). Only an exit with something left waits for this.
+OUTLIVED_GRACE_S = 5.0
 # Ray Train settings of a local cluster (a user's own setting wins). Its controller looks at the worker
 # group every 2 s by default, so a finished run waited up to 2 s to be noticed: 0.5 s here. And each run
 # started a PreemptionWatcher process that polls for nodes being drained (cloud spot preemption), which one
@@ -175,10 +177,10 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         # without a runtime env of the caller's: one may run workers where this project is not importable.
         if runtime_env is None:
             kwargs["runtime_env"] = {"worker_process_setup_hook": "pipelines.ray_private.quiet_placement_group_cleaner"}
-    cluster_env = {"RAY_API_SERVER_ADDRESS": api_server,
-                   **{k: v for k, v in {**LOCAL_TRAIN_ENV, **(cluster_env or {})}.items() if k not in os.environ}}
-    before = {k: os.environ.get(k) for k in cluster_env}
-    os.environ.update(cluster_env)
+    env = {"RAY_API_SERVER_ADDRESS": api_server,
+           **{k: v for k, v in {**LOCAL_TRAIN_ENV, **(cluster_env or {})}.items() if k not in os.environ}}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     _local_cluster_env = dict(os.environ)
     try:
         for attempt in range(attempts):
@@ -210,16 +212,17 @@ def _reap_at_exit(raylets: list[int]) -> None:
     if raylets and not _raylets:
         import atexit
 
-        # Registered after ray.init's own handler, so it runs first: it stops Ray itself, then looks.
+        # Registered after Ray's own exit handler (added when Ray's worker module is imported), so it runs
+        # first: it stops Ray as that handler would, then looks.
         atexit.register(_stop_and_reap)
     _raylets.extend(p for p in raylets if p not in _raylets)
 
 
 def _stop_and_reap() -> None:
-    import ray
-
-    ray.shutdown()
-    reap_outlived(_raylets)
+    try:
+        ray_private.shutdown_at_exit()
+    finally:
+        reap_outlived(_raylets)
 
 
 def _alive(pid: int) -> bool:
@@ -240,20 +243,23 @@ def _name(pid: int) -> str:
 
 def reap_outlived(raylets: list[int], grace_s: float = OUTLIVED_GRACE_S, out=None) -> list[int]:
     """Once the local clusters of ``raylets`` (``ray_private.raylets_started_here``) have stopped: the
-    processes they started that are still alive ``grace_s`` later are killed (SIGKILL), with one line on
-    ``out`` (stderr) naming them; returns their PIDs. A raylet still running keeps its processes. A Ray 2.60
-    worker can deadlock in its own exit and outlive its cluster, holding its memory (docs/reliability.md);
-    at the exit of a process that started local clusters this runs by itself (``connect``)."""
+    processes they started (those carrying the raylet's PID in their environment: its workers and agents)
+    that are still alive ``grace_s`` later are killed (SIGKILL), with one line on ``out`` (stderr) naming
+    them; returns their PIDs. A raylet still running keeps its processes. A Ray 2.60 worker can deadlock in
+    its own exit and outlive its cluster, holding its memory (docs/reliability.md); at the normal exit of a
+    process that started local clusters this runs by itself (``connect``). Linux (/proc) only."""
     import signal
 
-    pids = [p for r in raylets if not _alive(r) for p in ray_private.processes_of_raylet(r)]
+    left = {p: r for r in raylets if not _alive(r) for p in ray_private.processes_of_raylet(r)}
     deadline = time.monotonic() + grace_s
-    while pids and time.monotonic() < deadline:
+    while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        pids = [p for p in pids if _alive(p)]
+        left = {p: r for p, r in left.items() if _alive(p)}
     killed = []
-    for pid in pids:
+    for pid, raylet in left.items():
         name = _name(pid)
+        if ray_private.raylet_of(pid) != raylet:  # exited meanwhile, its PID perhaps another process's now
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
@@ -261,8 +267,11 @@ def reap_outlived(raylets: list[int], grace_s: float = OUTLIVED_GRACE_S, out=Non
         killed.append((pid, name))
     if killed:
         shown = ", ".join(f"{pid} {name}" for pid, name in killed)
-        print(f"visionflow: killed {len(killed)} Ray process(es) that outlived their local cluster ({shown}): "
-              "a Ray worker can hang in its own exit (docs/reliability.md)", file=out or sys.stderr, flush=True)
+        try:
+            print(f"visionflow: killed {len(killed)} Ray process(es) that outlived their local cluster ({shown}): "
+                  "a Ray worker can hang in its own exit (docs/reliability.md)", file=out or sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed, or a pipe whose reader has gone
+            pass
     return [pid for pid, _ in killed]
 
 

@@ -44,10 +44,19 @@ BIN = Path(sys.executable).parent
 OBJECT_STORE_BYTES = 200 * 2**20  # per node: the tests move a few MiB
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port this process has not handed out before: the kernel can give the same free port to two
+    binds in a row, and `ray start` refuses two of its components on one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass

@@ -27,10 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: bound all at once (one at a time, the kernel handed the same port out twice,
+    and `ray start` refused a GCS and a node manager on one port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -58,11 +65,11 @@ def ray_head(request):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # not the session cluster's
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"), PATH=f"{BIN}:{env.get('PATH', '')}",
                PYTHONUNBUFFERED="1", **RAY_START_ENV)
-    dashboard = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    flags = ("--dashboard-port", "--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--node-manager-port", "--object-manager-port")
+    ports = dict(zip(flags, _free_ports(len(flags))))
+    dashboard = ports["--dashboard-port"]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1",
            "--temp-dir", str(tmp / "r"), "--disable-usage-stats"]
     for flag, port in ports.items():

@@ -1,6 +1,8 @@
 """What a training puts on the console, checked inside a real Ray Train worker (where ``print`` is Ray Train's,
 routed to a logger): pycocotools' progress lines, Ray Data's per-execution lines and Ray Train's own INFO
-lines stay off it; the controls show pycocotools' and Ray Data's reaching it the way the code did before."""
+lines stay off it; the controls show pycocotools' and Ray Data's reaching it the way the code did before.
+And what Serve puts on a run's console: its logs stay in their files (the control, ``-m slow``, shows them
+reaching the console without the run's settings)."""
 from __future__ import annotations
 
 import json
@@ -96,6 +98,7 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
 # log file.
 SERVE_PROBE = """
 import contextlib, json, logging, time
+import ray
 from ray import serve
 from pipelines.dag.runner import RUN_CLUSTER_ENV
 from pipelines.ray_runtime import connect
@@ -115,6 +118,12 @@ class Echo:
 with quiet():
     handle = serve.run(Echo.bind(), name="probe", route_prefix=None)
 files = [handle.remote(None).result() for _ in range(3)][-1]
+
+@ray.remote
+def marker():
+    print("MARKER from a plain task", flush=True)
+
+ray.get(marker.remote())
 time.sleep(3)  # Ray's log monitor streams the workers' output to the driver about once a second
 print(json.dumps({"files": files}), flush=True)
 """
@@ -134,6 +143,7 @@ def _serve_console(run_env: bool) -> tuple[str, list[str]]:
 
 def test_a_runs_cluster_keeps_serves_logs_in_their_files_and_off_the_console():
     console, files = _serve_console(run_env=True)
+    assert "MARKER from a plain task" in console  # the workers' output did reach the console meanwhile
     # Ray's prefix of a worker's streamed output: "(ServeReplica:probe:Echo pid=...)", "(ServeController pid=...)"
     assert "(ServeReplica" not in console and "(ServeController" not in console, console[-3000:]
     assert "Started Serve" not in console and "is ready" not in console, console[-3000:]  # this process's client

@@ -203,6 +203,14 @@ def test_nothing_else_reaches_private_ray():
     assert not offenders, offenders
 
 
+def test_shutdown_at_exit_is_rays_own_exit_shutdown():
+    """Ray's exit handler calls ``ray.shutdown(_exiting_interpreter=True)``; ``shutdown_at_exit`` does too."""
+    import ray
+
+    assert "_exiting_interpreter" in inspect.signature(ray.shutdown).parameters
+    assert "_exiting_interpreter=True" in inspect.getsource(ray_private.shutdown_at_exit)
+
+
 def test_the_raylet_this_process_started_tags_the_processes_it_starts(ray_cluster):
     """``raylets_started_here``: the session's local cluster's raylet is a child of this process; each worker
     it starts names it in ``RAYLET_PID_ENV``, which ``processes_of_raylet`` finds (``ray_runtime.reap_outlived``
@@ -214,5 +222,5 @@ def test_the_raylet_this_process_started_tags_the_processes_it_starts(ray_cluste
         return os.getpid(), os.environ.get(ray_private.RAYLET_PID_ENV)
 
     pid, raylet = ray_cluster.get(where.remote())
-    assert ray_private.raylets_started_here() == [int(raylet)]
+    assert ray_private.raylets_started_here() == [int(raylet)] and ray_private.raylet_of(pid) == int(raylet)
     assert pid in ray_private.processes_of_raylet(int(raylet)) and os.getpid() not in ray_private.processes_of_raylet(int(raylet))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ray_runtime import RayUnreachable, wait_reachable
+from pipelines.ray_runtime import RayUnreachable, reap_outlived, wait_reachable
 
 RAY = str(Path(sys.executable).with_name("ray"))
 CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records the address "auto" finds
@@ -318,8 +318,34 @@ def test_a_worker_that_hangs_in_its_exit_is_killed_when_its_local_cluster_stops(
         assert _exited_or_zombie(pid), Path(f"/proc/{pid}/cmdline").read_bytes()
         (line,) = [l for l in res.stderr.splitlines() if l.startswith("visionflow: killed")]
         assert f"killed 1 Ray process(es) that outlived their local cluster ({pid} ray::Stuck)" in line
-        assert bystander.poll() is None
+        # The session's raylet still runs: what it started is left alone.
+        assert reap_outlived([session_raylet], grace_s=0.1) == [] and bystander.poll() is None
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_reap_outlived_kills_what_a_gone_raylet_started_and_nothing_else(tmp_path):
+    """Without Ray: a process tagged with the PID of a process that has exited (a raylet gone) is killed,
+    one tagged with a live PID and one without a tag are not."""
+    from pipelines import ray_private
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tag = ray_private.RAYLET_PID_ENV
+    orphan = subprocess.Popen(["sleep", "120"], env={**os.environ, tag: str(gone.pid)})
+    kept = [subprocess.Popen(["sleep", "120"], env={**os.environ, tag: str(os.getpid())}),
+            subprocess.Popen(["sleep", "120"], env={k: v for k, v in os.environ.items() if k != tag})]
+    out = tmp_path / "said.txt"
+    try:
+        with out.open("w") as f:
+            assert reap_outlived([gone.pid, os.getpid()], grace_s=0.3, out=f) == [orphan.pid]
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+        assert all(p.poll() is None for p in kept)
+        assert out.read_text().startswith(f"visionflow: killed 1 Ray process(es) that outlived their local cluster "
+                                          f"({orphan.pid} sleep)")
+    finally:
+        for p in (orphan, *kept):
+            p.kill()
+            p.wait()
 

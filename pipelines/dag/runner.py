@@ -17,14 +17,15 @@ from pipelines import ray_runtime
 
 # A run's local cluster: Serve's controller, proxies and replicas log to their files only (Ray Serve's
 # RAY_SERVE_LOG_TO_STDERR), not also to the console, where the deploy and smoke stages put about 25 lines
-# of Serve's INFO (start-up, every request) between the run's own lines and its summary.
+# of Serve's INFO (start-up, every request) between the run's own lines and its summary. Their warnings,
+# errors and the replicas' own output (print, tracebacks) go to those files too.
 RUN_CLUSTER_ENV = {"RAY_SERVE_LOG_TO_STDERR": "0"}
 
 
 def connect(cfg: RunConfig, address: str | None = None, dashboard: bool = True) -> bool:
     """Join the cluster named by ``address``, ``cfg.ray_address`` or RAY_ADDRESS (a job's driver has it),
-    or start a new local one sized for the run (``RUN_CLUSTER_ENV``). Returns True when this call started
-    Ray (and so should shut it down)."""
+    or start a new local one sized for the run, with ``RUN_CLUSTER_ENV`` in its processes' environment.
+    Returns True when this call started Ray (and so should shut it down)."""
     return ray_runtime.connect(address or cfg.ray_address, num_cpus=placement.local_cpus(cfg, os.cpu_count() or 1),
                                dashboard=dashboard, cluster_env=RUN_CLUSTER_ENV)
 

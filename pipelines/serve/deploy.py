@@ -100,9 +100,9 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     res = ray.cluster_resources()
     check_fits(args, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
-    deadline = time.monotonic() + timeout_s
     with quiet_serve_client():
         _start_serve(http)
+        deadline = time.monotonic() + timeout_s
         try:
             _run_until_running(application, deadline, timeout_s, stop)
             _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
