@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from pipelines import procfs
+
 
 def system_config(settings: dict) -> dict:
     """Keyword arguments that pass Ray system settings (``ray.init(_system_config=...)``) to a new local
@@ -186,30 +188,11 @@ def read_data_limits_until_known() -> None:
 RAYLET_PID_ENV = "RAY_RAYLET_PID"
 
 
-def _proc_pids() -> list[int]:
-    try:
-        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:  # no /proc (macOS): nothing found, nothing done
-        return []
-
-
 def raylets_started_here() -> list[int]:
     """PIDs of the raylets this process started: ``ray.init`` of a new local cluster starts its GCS and raylet
     as child processes of the driver (``ray._private.services.start_raylet``). Linux (/proc) only; [] else."""
-    found = []
-    for pid in _proc_pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            if ppid != os.getpid():
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                exe = f.read().split(b"\0", 1)[0]
-        except (OSError, IndexError, ValueError):
-            continue
-        if os.path.basename(exe) == b"raylet":
-            found.append(pid)
-    return found
+    return [pid for pid in procfs.pids()
+            if procfs.parent(pid) == os.getpid() and os.path.basename(procfs.program(pid) or "") == "raylet"]
 
 
 def shutdown_at_exit() -> None:
@@ -222,18 +205,14 @@ def shutdown_at_exit() -> None:
 
 def raylet_of(pid: int) -> int | None:
     """The raylet PID in process ``pid``'s environment (``RAYLET_PID_ENV``), or None (none, or unreadable)."""
-    prefix = f"{RAYLET_PID_ENV}=".encode()
+    value = procfs.environ_value(pid, RAYLET_PID_ENV)
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(prefix):
-                    return int(item[len(prefix):])
-    except (OSError, ValueError):
-        pass
-    return None
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def processes_of_raylet(raylet_pid: int) -> list[int]:
     """PIDs of the processes (of this user: others' environments are unreadable) whose environment names
     ``raylet_pid`` as their raylet (``RAYLET_PID_ENV``), and their children, which inherit it."""
-    return [pid for pid in _proc_pids() if pid != os.getpid() and raylet_of(pid) == raylet_pid]
+    return [pid for pid in procfs.pids() if pid != os.getpid() and raylet_of(pid) == raylet_pid]

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,24 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from multinode import free_port
 
 from pipelines.ray_runtime import RAY_START_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: bound all at once (one at a time, the kernel handed the same port out twice,
-    and `ray start` refused a GCS and a node manager on one port)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -68,7 +55,7 @@ def ray_head(request):
     flags = ("--dashboard-port", "--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
              "--node-manager-port", "--object-manager-port")
-    ports = dict(zip(flags, _free_ports(len(flags))))
+    ports = {flag: free_port() for flag in flags}  # never the same port twice
     dashboard = ports["--dashboard-port"]
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(cpus), "--dashboard-host", "127.0.0.1",
            "--temp-dir", str(tmp / "r"), "--disable-usage-stats"]

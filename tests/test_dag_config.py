@@ -119,3 +119,25 @@ def test_smoke_fails_when_an_expected_endpoint_finds_nothing():
     assert missing_objects(found[2:], ["detection"], 0.3) == []  # no answer at all: the request's own error
     quickstart = load_config(Path(__file__).parents[1] / "pipelines/configs/quickstart.yaml")
     assert quickstart.smoke.expect_objects == ["detection"]
+
+
+def test_the_runs_summary_prints_what_the_smoke_test_found_before_its_table():
+    """The smoke test's findings come in the driver's summary (a worker's own lines reached the console after
+    it): a line per endpoint and image with its first five objects, then its errors, then the table."""
+    from pipelines.dag.runner import format_summary
+
+    dets = [{"label": f"shape{i}", "score": 0.9 - i / 10, "box": [0, 0, 1, 1], "mask": False} for i in range(7)]
+    smoke = {"status": "failed", "results": [{"endpoint": "/v1/detect", "image": "a.jpg", "detections": dets},
+                                             {"endpoint": "/v1/segment", "image": "a.jpg", "detections": []}],
+             "errors": ["segment: the segmentation model found no object in 1 val images at score >= 0.3"]}
+    summary = {"archs": [{"arch": "resnet18", "task": "classification", "status": "done", "metric": ["top1", 0.5]}],
+               "failed": ["smoke"], "smoke": smoke, "seconds": 1.0}
+    lines = format_summary(summary).splitlines()
+    assert lines[:3] == ["smoke /v1/detect a.jpg: 7 found shape0 0.90, shape1 0.80, shape2 0.70, shape3 0.60, "
+                         "shape4 0.50",
+                         "smoke /v1/segment a.jpg: 0 found",
+                         "smoke FAILED: segment: the segmentation model found no object in 1 val images at score "
+                         ">= 0.3"]
+    assert lines[3].startswith("architecture") and lines[5].startswith("resnet18")
+    assert "1 failed: smoke" in lines and "took 1.0s" in lines
+    assert format_summary({**summary, "smoke": None, "failed": []}).splitlines()[0].startswith("architecture")

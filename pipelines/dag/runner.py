@@ -71,6 +71,15 @@ def run(cfg: RunConfig, out=None, load_at_start: float | None = None) -> dict:
     return summary
 
 
+def smoke_lines(smoke: dict | None) -> list[str]:
+    """What the smoke test found, a line per endpoint and image (the first five objects), and its errors."""
+    lines = []
+    for f in (smoke or {}).get("results", []):
+        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in f["detections"][:5])
+        lines.append(f"smoke {f['endpoint']} {f['image']}: {len(f['detections'])} found {found}".rstrip())
+    return lines + [f"smoke FAILED: {e}" for e in (smoke or {}).get("errors", [])]
+
+
 def format_summary(summary: dict) -> str:
     """The end-of-run table: each architecture's status and headline metric, then the report paths."""
     rows = [("architecture", "task", "status", "metric", "value")]
@@ -79,8 +88,9 @@ def format_summary(summary: dict) -> str:
         status = a["status"] if a["status"] == "done" else f"FAILED: {str(a.get('error'))[:60]}"
         rows.append((a["arch"], a.get("task") or "", status, metric, "" if value is None else f"{value:.4f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(5)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = smoke_lines(summary.get("smoke"))
+    table = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [table[0], "  ".join("-" * w for w in widths), *table[1:]]
     for key in ("report", "table", "chart", "path"):
         if summary.get(key):
             lines.append(f"{'summary' if key == 'path' else key}: {summary[key]}")

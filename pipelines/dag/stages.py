@@ -87,7 +87,9 @@ def data_stage(run_uri: str, data_cfg: dict, board=None) -> dict:
 
 def _write_data(run: RunDir, cfg) -> dict:
     """The data stage's work: the splits written (synth) and ingested; returns the stage's outputs."""
-    from pipelines.data import ingest
+    from pipelines.data import ingest, quiet_data_console
+
+    quiet_data_console()  # the stage's own lines say how far it is; Ray Data's go to its log file
 
     if cfg.source == "synth":
         from vision.data.synth import write_synth
@@ -104,7 +106,7 @@ def _write_data(run: RunDir, cfg) -> dict:
         splits = {"train": (cfg.train.annotations, cfg.train.images), "val": (cfg.val.annotations, cfg.val.images)}
     counts = {}
     for split, (annotations, images) in splits.items():
-        manifest = ingest(annotations, images, run.path(f"data/shards/{split}"))
+        manifest = ingest(annotations, images, run.path(f"data/shards/{split}"), quiet=True)
         counts[split] = {"images": manifest["num_images"], "instances": manifest["num_instances"],
                          "quarantined": len(manifest["quarantined"])}
     return {"data_dir": run.path("data/shards"), "counts": counts}
@@ -481,7 +483,8 @@ SMOKE_ROUTES = {"detection": "detect", "segmentation": "segment"}  # task -> /v1
 
 
 def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=None) -> dict:
-    """Send a few val images to the deployed endpoints; returns what each found (and prints it)."""
+    """Send a few val images to the deployed endpoints; returns what each found (the run's summary prints it:
+    ``runner.format_summary``; printed here, a worker's lines reach the console after the driver's)."""
     run = RunDir(run_uri)
     if deployed.get("status") != "done":
         return {"status": "skipped", "reason": "nothing deployed"}
@@ -502,8 +505,6 @@ def smoke_stage(run_uri: str, cfg: dict, deployed: dict, data_rec: dict, board=N
             summary = [{"label": d.get("label"), "score": round(float(d.get("score", 0)), 3),
                         "box": [round(float(x), 1) for x in d.get("box", [])], "mask": "mask" in d} for d in dets]
             found.append({"endpoint": f"/v1/{route}", "image": file_name, "detections": summary})
-            print(f"smoke /v1/{route} {file_name}: {len(summary)} found "
-                  + ", ".join(f"{d['label']} {d['score']:.2f}" for d in summary[:5]), flush=True)
     errors += missing_objects(found, [t for t in cfg.get("expect_objects", []) if t in deployed["models"]],
                               cfg["score_threshold"])
     out = {"status": "done" if found and not errors else "failed", "url": deployed["url"], "results": found,

@@ -5,7 +5,7 @@ put its start line, its plan, its progress bars (blank lines where tqdm is not i
 "execution finished" line on the console of every worker, forwarded to the user's terminal: most of the
 1,247 lines of a ``make run``, around the trainings' own progress lines. These two calls keep them in
 Ray Data's log file (``logs/ray-data/ray-data.log`` in the session's folder) instead, with Ray Data's warning
-that the progress bars are off.
+that the progress bars are off. A run's data stage does the same for its ingest (``ingest(quiet=True)``).
 
 Not covered: a fit with several workers runs each epoch's split in a split coordinator process of Ray
 Data's, which sets up Ray Data's logging afresh when it starts and prints its executions' lines.

@@ -14,6 +14,7 @@ import ray
 
 from pipelines.data import split_commit
 from pipelines.data.coco_index import CocoIndex, build_index
+from pipelines.data.console import quiet_execution
 from pipelines.data.crash_recovery import recover_crashed
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, decode_batch
 from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES
@@ -100,7 +101,7 @@ def read_coco(annotations, images, *, num_cpus: float = 1.0, max_image_bytes: in
 
 
 def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+           max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False) -> dict:
     """Validate one COCO split and write it as Parquet shards under ``out`` plus ``out/_manifest.json``.
 
     Takes the annotation JSON, the image directory and the output directory (local or URI). Returns
@@ -110,7 +111,8 @@ def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: 
     ``shards``, ``annotations``, ``images``. Shards of an earlier ingest into ``out`` are replaced only
     once the new ones are complete (``split_commit``): a run killed at any moment leaves the old split
     readable. Image files over ``max_image_bytes`` or ``max_pixels``, or outside ``images``, are
-    quarantined; so is one whose decoding kills its worker process.
+    quarantined; so is one whose decoding kills its worker process. ``quiet``: its executions run without
+    Ray Data's progress bars (``quiet_execution``), for a caller that says how far it is itself.
     """
     out_fs, out_root = resolve(out)
     info = out_fs.get_file_info(out_root)
@@ -118,6 +120,8 @@ def ingest(annotations, images, out, *, num_cpus: float = 1.0, max_image_bytes: 
         raise NotADirectoryError(f"--out must be a directory, but {out} is a file")
     plan = _decoded(annotations, images, num_cpus=num_cpus, max_image_bytes=max_image_bytes,
                     max_pixels=max_pixels)
+    if quiet and plan.ds is not None:
+        quiet_execution(plan.ds)
     stage = split_commit.begin(out_fs, out_root)
     try:
         summary = _write_shards(plan, out_fs, stage)

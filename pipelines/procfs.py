@@ -1,0 +1,60 @@
+"""What Linux's ``/proc`` says about a process: the few fields visionflow reads to find and stop the processes
+of its local clusters (``ray_private``, ``ray_runtime``). Elsewhere (no ``/proc``) nothing is found."""
+from __future__ import annotations
+
+import os
+
+
+def pids() -> list[int]:
+    """Every process's PID (empty without ``/proc``)."""
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[bytes] | None:
+    # The fields after the command name, which is in parentheses and may hold spaces and parentheses itself.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def parent(pid: int) -> int | None:
+    """The parent's PID, or None (gone, or unreadable)."""
+    fields = _stat(pid)
+    try:
+        return int(fields[1]) if fields else None
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running: it exists and is not a zombie (a zombie has exited, its parent has not reaped it yet)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != b"Z"
+
+
+def program(pid: int) -> str | None:
+    """The first word of its command line (the program as started), or None (gone, or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def environ_value(pid: int, name: str) -> str | None:
+    """The value of environment variable ``name`` as process ``pid`` started with it, or None (unset, or
+    unreadable: another user's process)."""
+    prefix = f"{name}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(prefix):
+                    return item[len(prefix):].decode(errors="replace")
+    except OSError:
+        pass
+    return None
