@@ -12,7 +12,8 @@ Outputs in ``out``:
   "label", "score"}]}]``.
 - ``images.json``: ``[{"id", "file_name", "width", "height"}]`` (ids from ``--annotations`` when given,
   so the results line up with that dataset; else 1..N), and ``errors`` for files that could not be read.
-- ``overlays/<name>.png``: each image with its boxes, labels and masks drawn (detection, segmentation).
+- ``overlays/<name>.png``: each image with its boxes, labels and masks drawn (detection, segmentation),
+  small images drawn larger so that the labels are readable (``pipelines.overlays``).
 
 A few files run in this process; more (above ``in_process_max``) run batched on Ray Data with an actor
 pool, each actor holding one copy of the model.
@@ -140,33 +141,11 @@ class Predictor:
         return results
 
     def overlay(self, data: bytes, result: dict) -> bytes:
-        """PNG of the image with its boxes, labels and masks drawn."""
-        import io
-
-        from PIL import Image
-        from pycocotools import mask as mask_utils
-        from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+        """PNG of the image with its boxes, labels and masks drawn, readable (``pipelines.overlays``)."""
+        from pipelines.overlays import draw
 
         rgb, _ = self._decode(data)
-        # The decoder's array views PIL's read-only buffer: the drawing gets a writable copy (torch warns on
-        # a read-only one, and writing through it would be undefined).
-        img = torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1)
-        items = result.get("items") or []
-        palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
-        colours = [palette[int(it["category_id"]) % len(palette)] for it in items]
-        masks = [it["mask"] for it in items if "mask" in it]
-        if masks:
-            rles = [{"size": m["size"], "counts": m["counts"].encode() if isinstance(m["counts"], str) else m["counts"]}
-                    for m in masks]
-            stack = torch.from_numpy(np.asarray(mask_utils.decode(rles), dtype=bool)).permute(2, 0, 1)
-            img = draw_segmentation_masks(img, stack, alpha=0.45, colors=colours[: len(masks)])
-        if items:
-            boxes = torch.tensor([it["box"] for it in items], dtype=torch.float32)
-            labels = [f"{it['label']} {it['score']:.2f}" for it in items]
-            img = draw_bounding_boxes(img, boxes, labels=labels, colors=colours, width=2)
-        buf = io.BytesIO()
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-        return buf.getvalue()
+        return draw(rgb, result.get("items") or [])
 
 
 def coco_results(image_id: int, result: dict) -> list[dict]:

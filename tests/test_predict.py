@@ -62,7 +62,7 @@ def test_segmenter_on_files_in_process_writes_overlays_and_coco_results(tmp_path
     assert len(res.getAnnIds()) == len(preds)
     for f in (out / "overlays").glob("*.png"):
         with Image.open(f) as img:
-            assert img.size == (96, 96)
+            assert img.size == (576, 576)  # 96 px drawn at 6x: its labels readable (pipelines/overlays.py)
 
 
 def test_detector_on_a_folder_runs_on_ray_data_with_the_same_answers(ray_cluster, tmp_path, synth_dir,
