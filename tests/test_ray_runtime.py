@@ -111,22 +111,62 @@ def other_head():
         CURRENT.write_text(before)
 
 
-def test_a_local_cluster_is_a_new_one_and_joining_happens_only_when_asked(other_head):
+# From inside a local cluster, ask Ray's State API about an actor of that cluster, as Ray Train's placement-group
+# cleaner does every second (a cleaner told "no such actor" removes the run's placement group).
+STATE_ASK = (
+    "import time\n"
+    "@ray.remote\n"
+    "class A:\n"
+    "    def ask(self):\n"
+    "        from ray.util.state import get_actor\n"
+    "        t0 = time.monotonic()\n"
+    "        try:\n"
+    "            state = get_actor(ray.get_runtime_context().get_actor_id(), timeout=10)\n"
+    "            answer = state.state if state else 'not found'\n"
+    "        except Exception as e:\n"
+    "            answer = type(e).__name__\n"
+    "        return answer, time.monotonic() - t0\n"
+    "answer, seconds = ray.get(A.remote().ask.remote())\n")
+STATE_PROBE = REPORT + ("connect(num_cpus=2, dashboard=DASHBOARD, log_to_driver=False, quiet=True)\n" + STATE_ASK +
+                        "report(answer=answer, seconds=seconds)\n")
+
+
+# The user's own value of one of LOCAL_TRAIN_ENV's settings, in the probe's environment.
+USER_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
+
+
+@pytest.fixture(scope="module")
+def local_starts(other_head):
+    """One probe (one process, three cluster starts): a local start while another head runs, a join of that
+    head, a ``"local"`` start with its dashboard whose workers and driver report the Ray Train settings they
+    see, and whose State API answers an actor's question about itself (``STATE_ASK``)."""
     head = other_head["address"]
-    out = _probe(REPORT + (
+    return _probe(REPORT + (
+        "import os\n"
+        "from pipelines.ray_runtime import LOCAL_TRAIN_ENV\n"
         "connect(num_cpus=3, dashboard=False, log_to_driver=False)\n"
         "local = ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU')\n"
         "ray.shutdown()\n"
         f"connect({head!r}, log_to_driver=False)\n"
         "explicit = ray.get_runtime_context().gcs_address, ray.cluster_resources().get('CPU')\n"
         "ray.shutdown()\n"
-        "connect('local', num_cpus=2, dashboard=False, log_to_driver=False)\n"
-        "report(local=local, explicit=explicit)\n"))
+        "connect('local', num_cpus=2, dashboard=True, log_to_driver=False, quiet=True)\n"
+        "@ray.remote\n"
+        "def seen():\n"
+        "    return {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}\n"
+        + STATE_ASK +
+        "report(local=local, explicit=explicit, workers=ray.get(seen.remote()),\n"
+        "       driver={k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}, answer=answer, seconds=seconds)\n"),
+        env=USER_TRAIN_ENV)
+
+
+def test_a_local_cluster_is_a_new_one_and_joining_happens_only_when_asked(other_head, local_starts):
+    head, out = other_head["address"], local_starts
     # No address: a new 3-CPU cluster, although a head runs here (before: joined it, then failed on num_cpus).
     assert out["local"][0] != head and out["local"][1] == 3
     # An explicit address joins that cluster (its 1 CPU).
     assert out["explicit"] == [head, 1]
-    # "local" stays local even with RAY_ADDRESS naming the head.
+    # "local" stays local.
     assert out["gcs"] != head and out["cpus"] == 2
 
 
@@ -175,51 +215,22 @@ def test_the_cli_says_in_one_line_within_its_timeout_that_the_address_is_dead(tm
     assert waited <= took < waited + 15, took  # the retries plus Python's start-up
 
 
-# From inside a local cluster, ask Ray's State API about an actor of that cluster, as Ray Train's placement-group
-# cleaner does every second (a cleaner told "no such actor" removes the run's placement group).
-STATE_PROBE = REPORT + (
-    "import time\n"
-    "connect(num_cpus=2, dashboard=DASHBOARD, log_to_driver=False, quiet=True)\n"
-    "@ray.remote\n"
-    "class A:\n"
-    "    def ask(self):\n"
-    "        from ray.util.state import get_actor\n"
-    "        t0 = time.monotonic()\n"
-    "        try:\n"
-    "            state = get_actor(ray.get_runtime_context().get_actor_id(), timeout=10)\n"
-    "            answer = state.state if state else 'not found'\n"
-    "        except Exception as e:\n"
-    "            answer = type(e).__name__\n"
-    "        return answer, time.monotonic() - t0\n"
-    "answer, seconds = ray.get(A.remote().ask.remote())\n"
-    "report(answer=answer, seconds=seconds)\n")
-
-
-TRAIN_ENV_PROBE = REPORT + (
-    "import os\n"
-    "from pipelines.ray_runtime import LOCAL_TRAIN_ENV\n"
-    "connect(num_cpus=1, dashboard=False, log_to_driver=False, quiet=True)\n"
-    "@ray.remote\n"
-    "def seen():\n"
-    "    return {k: os.environ.get(k) for k in LOCAL_TRAIN_ENV}\n"
-    "report(workers=ray.get(seen.remote()), driver={k: os.environ.get(k) for k in LOCAL_TRAIN_ENV})\n")
-
-
-def test_a_local_clusters_processes_get_its_train_settings_and_a_users_own_win():
+def test_a_local_clusters_processes_get_its_train_settings_and_a_users_own_win(local_starts):
     from pipelines.ray_runtime import LOCAL_TRAIN_ENV
 
-    # One cluster start: the user sets one of the settings; the workers get it and the local defaults for the
-    # rest, and the driver's own environment stays what it was.
-    user = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "3"}
-    assert set(user) < set(LOCAL_TRAIN_ENV) and LOCAL_TRAIN_ENV[next(iter(user))] != "3"
-    out = _probe(TRAIN_ENV_PROBE, env=user)
-    assert out["workers"] == {**LOCAL_TRAIN_ENV, **user}  # where Ray Train's controller reads them
-    assert out["driver"] == {k: user.get(k) for k in LOCAL_TRAIN_ENV}
+    # The user set one of the settings; the workers get it and the local defaults for the rest, and the
+    # driver's own environment stays what it was.
+    assert set(USER_TRAIN_ENV) < set(LOCAL_TRAIN_ENV) and LOCAL_TRAIN_ENV[next(iter(USER_TRAIN_ENV))] != "3"
+    out = local_starts
+    assert out["workers"] == {**LOCAL_TRAIN_ENV, **USER_TRAIN_ENV}  # where Ray Train's controller reads them
+    assert out["driver"] == {k: USER_TRAIN_ENV.get(k) for k in LOCAL_TRAIN_ENV}
 
 
 @pytest.mark.parametrize("dashboard", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_head, dashboard):
-    out = _probe(STATE_PROBE.replace("DASHBOARD", str(dashboard)))
+def test_the_state_api_of_a_local_cluster_is_its_own_not_the_other_heads(other_head, dashboard, request):
+    # With its dashboard: the local start of the module's probe; without (-m slow), a probe of its own.
+    out = (request.getfixturevalue("local_starts") if dashboard
+           else _probe(STATE_PROBE.replace("DASHBOARD", str(dashboard))))
     assert out["gcs"] != other_head["address"]
     if dashboard:  # its own dashboard answers: the actor is alive
         assert out["answer"] == "ALIVE" and out["seconds"] < 5, out
