@@ -76,7 +76,8 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         print("visionflow serve: stopped", file=out, flush=True)
         return 130
     try:
-        url = deploy(served, host=args.host, port=args.port, http_options=http, timeout_s=getattr(args, "timeout", 300.0), stop=stop)
+        url = deploy(served, host=args.host, port=args.port, http_options=http, timeout_s=getattr(args, "timeout", 300.0),
+                     stop=stop, delete_on_stop=not owned)  # a cluster of our own goes whole
     except Interrupted:
         stop_serving(drain=False)
         print("visionflow serve: stopped while deploying; removed what was deployed", file=out, flush=True)

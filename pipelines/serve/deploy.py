@@ -77,7 +77,7 @@ def check_fits(args: ServeArgs, cpus: float, gpus: float) -> None:
 def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: str | None = None,
            random_weights: bool = False, host: str | None = None, port: int | None = None,
            timeout_s: float = 300.0, stop: threading.Event | None = None,
-           http_options: HttpOptions | None = None) -> str:
+           http_options: HttpOptions | None = None, delete_on_stop: bool = True) -> str:
     """Start Serve (HTTP on ``host:port``, default 127.0.0.1:8000 or the YAML's ``http_options``, which
     also set ``request_timeout_s`` and ``proxy_location``), deploy the application and wait until
     ``/healthz`` answers. Returns the base URL, e.g. ``http://127.0.0.1:8000``.
@@ -85,8 +85,10 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     Uses the Ray cluster this process is connected to, or starts a local one sized for the application's
     replicas (``pipelines.ray_runtime.connect``). Raises ``ValueError`` for a model without weights,
     ``DeployError`` for an application the cluster cannot hold, one that failed, or one not up within
-    ``timeout_s`` (with each deployment's state), ``Interrupted`` when ``stop`` is set meanwhile. On any
-    failure the application is deleted again."""
+    ``timeout_s`` (with each deployment's state), ``Interrupted`` when ``stop`` is set meanwhile (watched
+    while Serve starts too: its start goes on in a helper thread). On any failure the application is deleted
+    again; on ``stop`` only with ``delete_on_stop`` (a caller about to shut its own local cluster down passes
+    False: the deletion waited for replicas still importing torch, seconds of a Ctrl-C on 2 cores)."""
     import ray
 
     from pipelines.serve.app import build_app
@@ -101,11 +103,15 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     check_fits(args, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
     with quiet_serve_client():
-        _start_serve(http)
+        _start_serve(http, stop)
         deadline = time.monotonic() + timeout_s
         try:
             _run_until_running(application, deadline, timeout_s, stop)
             _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
+        except Interrupted:
+            if delete_on_stop:
+                delete_app()
+            raise
         except BaseException:
             delete_app()
             raise
@@ -172,9 +178,11 @@ def local_cpus(args: ServeArgs) -> int:
     return max(os.cpu_count() or 1, math.ceil(args.cpus_asked()) + 1)
 
 
-def _start_serve(http: HttpOptions) -> None:
+def _start_serve(http: HttpOptions, stop: threading.Event | None = None) -> None:
     """Start Serve on ``http``. A Serve already running with other HTTP options is restarted only when it
-    runs no other application; otherwise DeployError (restarting would stop the others)."""
+    runs no other application; otherwise DeployError (restarting would stop the others). ``Interrupted``
+    as soon as ``stop`` is set: ``serve.start`` (its controller and proxies, several seconds on 2 cores)
+    cannot be interrupted, so it runs in a helper thread and is left to finish or fail there."""
     from ray import serve
 
     running = running_serve_http()
@@ -187,7 +195,25 @@ def _start_serve(http: HttpOptions) -> None:
                               f"{others}; deploy on that port (--port {running[1]}) instead of {http.port}")
         serve.shutdown()
     opts = {"proxy_location": http.proxy_location} if http.proxy_location else {}
-    serve.start(http_options=http.serve_options(), **opts)
+    if stop is None:
+        serve.start(http_options=http.serve_options(), **opts)
+        return
+    outcome: dict = {}
+
+    def start():
+        try:
+            serve.start(http_options=http.serve_options(), **opts)
+        except BaseException as e:  # noqa: BLE001 -- raised below, unless stopped meanwhile
+            outcome["error"] = e
+
+    helper = threading.Thread(target=start, name="serve-start", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        if stop.is_set():
+            raise Interrupted("stopped while Serve started")
+        helper.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def _wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
