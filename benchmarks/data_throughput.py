@@ -9,6 +9,9 @@ One run measures, on the same images:
 - ``ray_data_read_only``: ``load_split`` -> ``iter_batches`` with nothing done to the rows, in Arrow batches:
   Ray Data's execution and hand-off with no work in them (an upper bound, lighter than the views in more
   than their work: ``ray_read_throughput``);
+- ``ray_data_<M>mib`` (with ``--also-block-mib M``): ``ray_data`` with the views' blocks capped at M MiB
+  instead of ``VIEW_BLOCK_BYTES``, alternated in the same rounds (a smaller cap hands the first block over
+  sooner and puts more blocks through the object store);
 - ``views_in_one_process``: the views' functions (``augment_table`` + ``collate_detection``) in this process on
   one core, without Ray: what the work itself costs;
 - ``decode_ceiling``: JPEG decoding alone, with the views' decoder (TorchCodec's, the faster of the two), in
@@ -139,14 +142,17 @@ def dataloader_throughput(root: Path, size: int, batch: int, workers: int) -> tu
     return n / (time.perf_counter() - start), first
 
 
-def ray_throughput(data_dir: Path, size: int, batch: int, epoch: int) -> tuple[float, float]:
+def ray_throughput(data_dir: Path, size: int, batch: int, epoch: int,
+                   block_mib: float | None = None) -> tuple[float, float]:
     """(images/s, seconds to the first batch) of load_split -> augment(detection, train) -> iter_batches ->
-    collate_detection."""
+    collate_detection; ``block_mib``: the view's block cap in MiB instead of ``VIEW_BLOCK_BYTES``."""
     from pipelines.data import augment, collate_detection, load_split
 
     start, n, first = time.perf_counter(), 0, None
     ds, _ = load_split(data_dir, "train")
     view = augment(ds, task="detection", size=size, train=True, seed=0, epoch=epoch)
+    if block_mib is not None:
+        view.context.target_max_block_size = int(block_mib * 2**20)
     for b in view.iter_batches(batch_size=batch, batch_format="numpy"):
         images, _targets = collate_detection(b)
         first = time.perf_counter() - start if first is None else first
@@ -202,6 +208,7 @@ def throughput(args) -> dict:
 
     from pipelines.data import ingest
     from pipelines.ray_runtime import LOCAL, connect
+    from pipelines.data.views import VIEW_BLOCK_BYTES
     from vision.data.synth import write_synth
     from vision.transforms import decoder_name
 
@@ -221,9 +228,14 @@ def throughput(args) -> dict:
         ingest(work / "coco" / "annotations" / "instances_train.json", work / "coco" / "train",
                work / "shards" / "train")
         sides = ("dataloader", "ray_data", "ray_data_read_only")
+        other_block = f"ray_data_{args.also_block_mib:g}mib" if args.also_block_mib else None
+        if other_block:
+            sides += (other_block,)
         runs, first = {k: [] for k in sides}, {k: [] for k in sides}
         one_process = []
-        measures = {"dataloader": lambda r: baseline.submit(dataloader_throughput, work / "coco", args.size,
+        measures = {other_block: lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r,
+                                                          block_mib=args.also_block_mib),
+                    "dataloader": lambda r: baseline.submit(dataloader_throughput, work / "coco", args.size,
                                                             args.batch, args.workers).result(),
                     "ray_data": lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r),
                     "ray_data_read_only": lambda r: ray_read_throughput(work / "shards", args.batch)}
@@ -247,7 +259,8 @@ def throughput(args) -> dict:
     return {
         "config": {"images": len(files), "size": args.size, "batch": args.batch, "cpus": args.cpus,
                    "dataloader_workers": args.workers, "repeat": args.repeat, "cores": os.cpu_count(),
-                   "decoder": decoder_name()},
+                   "decoder": decoder_name(), "view_block_mib": VIEW_BLOCK_BYTES / 2**20,
+                   **({"also_block_mib": args.also_block_mib} if other_block else {})},
         "images_per_s": {**best, "views_in_one_process": max(one_process), "decode_ceiling_1proc": ceiling[1],
                          f"decode_ceiling_{args.cpus}proc": ceiling[args.cpus]},
         "all_runs": runs,
@@ -261,30 +274,16 @@ def throughput(args) -> dict:
         "ratio_ray_read_only_vs_dataloader": best["ray_data_read_only"] / best["dataloader"],
         "ray_fraction_of_decode_ceiling": best["ray_data"] / ceiling[args.cpus],
         "dataloader_fraction_of_decode_ceiling": best["dataloader"] / ceiling[args.cpus],
+        **({f"ratio_{other_block}_vs_dataloader": best[other_block] / best["dataloader"],
+            f"ratio_{other_block}_vs_ray_data": best[other_block] / best["ray_data"]} if other_block else {}),
     }
 
 
 def _descendants_rss(pid: int) -> int:
-    """Summed resident memory (bytes) of every process below ``pid``, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    total, stack = 0, list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        stack += children.get(p, [])
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    """Summed resident memory (bytes) of every process below ``pid``."""
+    from pipelines import procfs
+
+    return sum(procfs.rss_bytes(p) for p in procfs.children(pid))
 
 
 def _plasma_mib(summary: str) -> float:
@@ -362,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decoder", choices=("auto", "pil"), default="auto",
                    help="the views' image decoder: auto (TorchCodec where it loads) or pil; a run on PIL is "
                         "kept in the results file apart ('N images, PIL')")
+    p.add_argument("--also-block-mib", type=float, default=None, metavar="M",
+                   help="also time the Ray Data side with its view blocks capped at M MiB, in the same rounds")
     p.add_argument("--ingest-memory", type=int, default=0, metavar="N",
                    help="instead: measure the peak memory of synth + ingest of N images")
     p.add_argument("--out", default=None, help="results file (default: benchmarks/results/data_throughput.json, or "
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{k:<28}{result[k]:.1f}")
         return result
     result = throughput(args)
-    key = f"{args.images} images" + (", PIL" if result["config"]["decoder"] == "PIL" else "")
+    key = (f"{args.images} images" + (", PIL" if result["config"]["decoder"] == "PIL" else "")
+           + (f", views of {args.also_block_mib:g} MiB too" if args.also_block_mib else ""))
     provenance.write_run(args.out or RESULTS / "data_throughput.json", "data_throughput", key, result, start)
     print(f"\n{'pipeline':<28}{'images/s':>10}{'ratio':>8}")
     base = result["images_per_s"]["dataloader"]

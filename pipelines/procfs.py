@@ -1,5 +1,6 @@
 """What Linux's ``/proc`` says about a process: the few fields visionflow reads to find and stop the processes
-of its local clusters (``ray_private``, ``ray_runtime``). Elsewhere (no ``/proc``) nothing is found."""
+of its local clusters (``ray_private``, ``ray_runtime``) and the benchmarks read to sum a process tree's
+memory. Elsewhere (no ``/proc``) nothing is found."""
 from __future__ import annotations
 
 import os
@@ -35,6 +36,30 @@ def alive(pid: int) -> bool:
     """Running: it exists and is not a zombie (a zombie has exited, its parent has not reaped it yet)."""
     fields = _stat(pid)
     return bool(fields) and fields[0] != b"Z"
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant's PID: its children, theirs, and so on (empty when it has none or is gone)."""
+    below: dict[int, list[int]] = {}
+    for p in pids():
+        ppid = parent(p)
+        if ppid is not None:
+            below.setdefault(ppid, []).append(p)
+    found, stack = [], list(below.get(pid, []))
+    while stack:
+        p = stack.pop()
+        found.append(p)
+        stack += below.get(p, [])
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory in bytes (0 when gone, or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def program(pid: int) -> str | None:

@@ -19,3 +19,4 @@ def test_ingest_memory_mode_writes_its_run(tmp_path):
     run = json.loads(out.read_text())["runs"]["16 images"]
     assert run["num_images"] == 16 and run["command"].endswith(f"--out {out}")
     assert run["ingest_seconds"] > 0 and run["driver_peak_rss_mib"] >= run["imports_rss_mib"] > 0
+    assert run["ray_processes_peak_rss_mib"] > 100  # the cluster's processes, found below the driver

@@ -26,6 +26,8 @@ def test_a_child_read_from_proc_while_running_as_a_zombie_and_gone(tmp_path):
         assert procfs.program(child.pid) == str(odd)
         assert procfs.environ_value(child.pid, "VF_PROCFS_PROBE") == "a=b"
         assert procfs.environ_value(child.pid, "VF_PROCFS_NOT_SET") is None
+        assert child.pid in procfs.children(os.getpid()) and child.pid in procfs.children(1)
+        assert procfs.children(child.pid) == [] and 1_000_000 < procfs.rss_bytes(child.pid) < 1_000_000_000
         child.kill()
         deadline = time.monotonic() + 10
         while procfs.alive(child.pid) and time.monotonic() < deadline:
@@ -37,4 +39,5 @@ def test_a_child_read_from_proc_while_running_as_a_zombie_and_gone(tmp_path):
         child.wait()
     assert child.pid not in procfs.pids() and not procfs.alive(child.pid)
     assert procfs.parent(child.pid) is None and procfs.program(child.pid) is None
+    assert procfs.rss_bytes(child.pid) == 0 and child.pid not in procfs.children(os.getpid())
     assert procfs.environ_value(child.pid, "VF_PROCFS_PROBE") is None
