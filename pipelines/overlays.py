@@ -97,17 +97,15 @@ def draw(rgb: np.ndarray, items: list[dict]) -> bytes:
     font = ImageFont.load_default(size=font_size_for(w * s, h * s))
     texts = [f"{it['label']} {float(it['score']):.2f}" for it in items]
     order = sorted(range(len(items)), key=lambda i: -float(items[i]["score"]))
-    sizes = []
-    for i in order:
-        left, top, right, bottom = pen.textbbox((0, 0), texts[i], font=font)
-        sizes.append((right - left + 4, bottom - top + 4))
+    bbox = {i: pen.textbbox((0, 0), texts[i], font=font) for i in order}  # left, top, right, bottom
+    sizes = [(bbox[i][2] - bbox[i][0] + 4, bbox[i][3] - bbox[i][1] + 4) for i in order]
     for i, rect in zip(order, place_labels([boxes[i] for i in order], sizes, w * s, h * s)):
         x1, y1, x2, y2 = boxes[i]
         if rect[2] < x1 or rect[0] > x2 or rect[3] < y1 or rect[1] > y2:  # away from its box: a line to it
             cx, cy = min(max((rect[0] + rect[2]) / 2, x1), x2), min(max((rect[1] + rect[3]) / 2, y1), y2)
             pen.line([((rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2), (cx, cy)], fill=colours[i], width=1)
         pen.rectangle(rect, fill=colours[i])
-        left, top, _, _ = pen.textbbox((0, 0), texts[i], font=font)
+        left, top = bbox[i][:2]
         pen.text((rect[0] + 2 - left, rect[1] + 2 - top), texts[i], fill="white", font=font,
                  stroke_width=1, stroke_fill="black")
     return _png(canvas)

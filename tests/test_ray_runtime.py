@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import procfs
 from pipelines.ray_runtime import RayUnreachable, reap_outlived, wait_reachable
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -70,10 +71,7 @@ def _kill_head(address: str) -> list[int]:
 
 def _exited(pid: int) -> bool:
     """Gone or a zombie. (A dying process's command line reads empty before its sockets close.)"""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    return not procfs.alive(pid)
 
 
 def _probe(code: str, env: dict | None = None) -> dict:

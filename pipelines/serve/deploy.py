@@ -133,21 +133,29 @@ def quiet_serve_client():
         logger.setLevel(level)
 
 
+def _in_background(call, name: str) -> tuple[threading.Thread, dict]:
+    """``call()`` in a daemon thread, for a caller that watches it: the thread and its outcome, which gets
+    ``"ok": True`` when the call returns and ``"error"`` when it raises (the caller reports it)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            call()
+            outcome["ok"] = True
+        except BaseException as e:  # noqa: BLE001 -- reported by the watching caller
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def _run_until_running(application, deadline: float, timeout_s: float, stop: threading.Event | None) -> None:
     """``serve.run`` in a helper thread (it waits for the application with no deadline), watched from
     here: fails on DEPLOY_FAILED or at the deadline with each deployment's state, stops on ``stop``."""
     from ray import serve
 
-    outcome: dict = {}
-
-    def run():
-        try:
-            serve.run(application, name=APP_NAME, route_prefix="/")
-            outcome["ok"] = True
-        except BaseException as e:  # noqa: BLE001 -- reported by the watcher below
-            outcome["error"] = e
-
-    threading.Thread(target=run, name="serve-run", daemon=True).start()
+    _, outcome = _in_background(lambda: serve.run(application, name=APP_NAME, route_prefix="/"), "serve-run")
     while True:
         if stop is not None and stop.is_set():
             raise Interrupted("stopped while deploying")
@@ -198,16 +206,7 @@ def _start_serve(http: HttpOptions, stop: threading.Event | None = None) -> None
     if stop is None:
         serve.start(http_options=http.serve_options(), **opts)
         return
-    outcome: dict = {}
-
-    def start():
-        try:
-            serve.start(http_options=http.serve_options(), **opts)
-        except BaseException as e:  # noqa: BLE001 -- raised below, unless stopped meanwhile
-            outcome["error"] = e
-
-    helper = threading.Thread(target=start, name="serve-start", daemon=True)
-    helper.start()
+    helper, outcome = _in_background(lambda: serve.start(http_options=http.serve_options(), **opts), "serve-start")
     while helper.is_alive():
         if stop.is_set():
             raise Interrupted("stopped while Serve started")
