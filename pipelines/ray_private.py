@@ -8,6 +8,7 @@ Nothing else in the project imports ``ray._private``, ``ray.*._private`` or an u
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from pipelines import procfs
@@ -100,11 +101,67 @@ class _DropStateApiWarning:
 def quiet_placement_group_cleaner() -> None:
     """A ``worker_process_setup_hook`` for clusters started without a dashboard: the cleaner's logger drops
     its once-a-second "State API may be temporarily unavailable" warning; its other messages stay."""
-    import logging
-
     logger = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
     if not any(isinstance(f, _DropStateApiWarning) for f in logger.filters):
         logger.addFilter(_DropStateApiWarning())
+
+
+# Ray Train's worker context logs every ``ray.train.report`` at INFO ("Reporting training result N:
+# TrainingReport(checkpoint=..., metrics={...every metric...}) from rank R") on a logger named after its
+# file (``logging.getLogger(__file__)`` in ray.train.v2._internal.execution.context), which Ray Train's
+# ``LoggingConfig`` (the "ray.train" loggers) does not reach: it went to the worker's root logger, and so to
+# the console of every ``visionflow train``, one long line an epoch between the progress lines.
+TRAIN_REPORT_MESSAGE = "Reporting training result"
+
+
+def quiet_train_reports() -> None:
+    """In a training worker: the worker context's logger keeps its warnings and drops its INFO lines (each
+    report's; the metrics are in the run's metrics.jsonl and the progress line)."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+DATA_LOGGING_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"  # Ray Data's documented switch for a logging config of one's own
+PROGRESS_BARS_NOTICE = "Progress bars disabled."  # how Ray Data's warning about it begins (Ray 2.60)
+
+
+class DropProgressBarsNotice(logging.Filter):
+    """Ray Data's warning, once per process, that an execution runs without progress bars and how to turn
+    them on: ``pipelines.data.quiet_execution`` turned them off on purpose. Dropped from the console (the log
+    file keeps it). Here, in a module that imports no Ray, because Ray Data builds it while it is imported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(PROGRESS_BARS_NOTICE)
+
+
+def quiet_data_logging_config(console_level: str = "WARNING") -> str:
+    """The path of a Ray Data logging config (for ``RAY_DATA_LOGGING_CONFIG``): Ray Data's own default
+    (``ray.data._internal.logging.DEFAULT_CONFIG``) with its console handler passing ``console_level`` and
+    above, never the progress-bars notice; its log file gets everything, as by default. Written once per
+    content under the temporary directory (atomically: the processes of a cluster read it as they start)."""
+    import copy
+    import hashlib
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["filters"]["progress_bars_notice"] = {"()": f"{__name__}.{DropProgressBarsNotice.__name__}"}
+    console = config["handlers"]["console"]
+    console["level"] = console_level
+    console["filters"] = [*console.get("filters", []), "progress_bars_notice"]
+    text = yaml.safe_dump(config, sort_keys=True)
+    folder = os.path.join(tempfile.gettempdir(), "visionflow")
+    path = os.path.join(folder, f"ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".yaml.tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
 
 
 def train_worker_env_vars(cluster_env: dict) -> dict:

@@ -143,7 +143,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
 
     ``num_cpus``/``num_gpus`` size a new local cluster (None: one CPU per core) and are ignored when
     joining one, and so is ``cluster_env``: environment variables for a new local cluster's processes (on
-    top of ``LOCAL_TRAIN_ENV`` and ``LOCAL_WARNINGS_ENV``; a variable already set in this process wins). On
+    top of ``LOCAL_TRAIN_ENV``, ``LOCAL_WARNINGS_ENV`` and Ray Data's quiet logging config; a variable
+    already set in this process wins). On
     a loaded machine the raylet can give up waiting for its agents ("timed out during startup"); a local
     start is tried up to ``attempts`` times."""
     import ray
@@ -184,8 +185,11 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
         # without a runtime env of the caller's: one may run workers where this project is not importable.
         if runtime_env is None:
             kwargs["runtime_env"] = {"worker_process_setup_hook": "pipelines.ray_private.quiet_placement_group_cleaner"}
+    # Ray Data's console lines (each execution's start, plan and end) off the console in every process of
+    # the cluster, the split coordinators of multi-worker trainings included; its log files keep them.
+    quiet_data = {ray_private.DATA_LOGGING_CONFIG_ENV: ray_private.quiet_data_logging_config()}
     env = {"RAY_API_SERVER_ADDRESS": api_server,
-           **{k: v for k, v in {**LOCAL_TRAIN_ENV, **LOCAL_WARNINGS_ENV, **(cluster_env or {})}.items()
+           **{k: v for k, v in {**LOCAL_TRAIN_ENV, **LOCAL_WARNINGS_ENV, **quiet_data, **(cluster_env or {})}.items()
               if k not in os.environ}}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -25,6 +25,7 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
         import contextlib
         import io
         import logging
+        import os
 
         import ray.data
         from pycocotools.coco import COCO
@@ -63,13 +64,21 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
             COCO().createIndex()
         out["redirected"] = root[len(out["evaluator"]):]
 
-        # Ray Data: one execution as Ray Data leaves it (the control), one quieted.
+        # Ray Data in a process of a local cluster this project started: quiet on the console from the
+        # start (its logging config, RAY_DATA_LOGGING_CONFIG), everything in its log.
         ray.data.range(20).map_batches(lambda b: b).take_all()
-        out["data_default"] = list(data)
+        out["data_configured"], out["data_configured_logged"] = list(data), list(data_logged)
+        # As in a process of a cluster joined by address, where Ray Data's console passes INFO: one
+        # execution as Ray Data leaves it (the control), one quieted.
+        os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
+        console("ray.data").setLevel(logging.INFO)
+        seen_before = len(data)
+        ray.data.range(20).map_batches(lambda b: b).take_all()
+        out["data_default"] = data[seen_before:]
         quiet_data_console()
-        logged = len(data_logged)
+        logged, seen_before = len(data_logged), len(data)
         rows = quiet_execution(ray.data.range(20).map_batches(lambda b: b)).take_all()
-        out["data_rows"], out["data_quiet"] = len(rows), data[len(out["data_default"]):]
+        out["data_rows"], out["data_quiet"] = len(rows), data[seen_before:]
         out["data_quiet_logged"] = data_logged[logged:]
 
         # Ray Train's logger at the run's level (console_logging: WARNING).
@@ -87,6 +96,8 @@ def test_a_training_worker_keeps_library_chatter_off_the_console(ray_cluster, tm
     assert seen["ap50"] == pytest.approx(1.0)
     assert not any("index" in m or "Average Precision" in m or "DONE" in m for m in seen["evaluator"]), seen["evaluator"]
     assert "creating index..." in seen["redirected"]  # redirect_stdout alone did not keep them off
+    assert not any("xecution" in m for m in seen["data_configured"]), seen["data_configured"]
+    assert any("execution finished" in m for m in seen["data_configured_logged"]), seen["data_configured_logged"]
     assert any("execution finished" in m for m in seen["data_default"]), seen["data_default"]
     assert seen["data_rows"] == 20 and not any("xecution" in m for m in seen["data_quiet"]), seen["data_quiet"]
     # The quieted view ran without progress bars: Ray Data logged its notice, which the console dropped.
@@ -122,6 +133,12 @@ def data():
                                              RUN_DIR + "/coco/train", RUN_DIR + "/shards")["num_images"]}}
     from ray.train import DataConfig
     DataConfig.default_ingest_options()  # as Ray Train's state tracking asks for them
+    # A split coordinator, as a training of several workers has for each epoch: a process of Ray Data's
+    # that sets up its logging afresh and executes the dataset there.
+    import ray.data
+    from pipelines.data import quiet_execution
+    (split,) = quiet_execution(ray.data.range(8)).streaming_split(1)  # as a training's views, no progress bars
+    counts["split_rows"] = sum(len(b["id"]) for b in split.iter_batches())
     warnings.warn("MARKER warning from a task")
     print("MARKER from a task", flush=True)
     return counts
@@ -168,6 +185,7 @@ def test_a_runs_cluster_keeps_ray_datas_serves_and_ray_trains_own_lines_off_the_
     # The task's own output and warnings did reach the console meanwhile.
     assert "MARKER from a task" in console and "MARKER warning from a task" in console, console[-3000:]
     assert not [line for line in RAY_DATA_LINES if line in console], console[-3000:]
+    assert counts["split_rows"] == 8 and "(SplitCoordinator" not in console, console[-3000:]
     assert "exclude_resources" not in console, console[-3000:]
     # Ray's prefix of a worker's streamed output: "(ServeReplica:probe:Echo pid=...)", "(ServeController pid=...)"
     assert "(ServeReplica" not in console and "(ServeController" not in console, console[-3000:]
@@ -197,9 +215,14 @@ def test_ray_still_gives_the_deprecation_warning_the_local_clusters_filter():
 def test_control_without_the_runs_settings_their_lines_reach_the_console(tmp_path):
     import importlib.util
 
-    console, seen = _console(tmp_path, run=False, PYTHONWARNINGS="default")  # a user's own setting wins
-    assert seen["counts"]["train"]["images"] > 0
+    from pipelines import ray_private
+
+    # A user's own settings win: Python's warnings, and a Ray Data logging config passing INFO to the console.
+    console, seen = _console(tmp_path, run=False, PYTHONWARNINGS="default",
+                             RAY_DATA_LOGGING_CONFIG=ray_private.quiet_data_logging_config("INFO"))
+    assert seen["counts"]["train"]["images"] > 0 and seen["counts"]["split_rows"] == 8
     assert "Starting execution of Dataset" in console and "exclude_resources" in console, console[-3000:]
+    assert "(SplitCoordinator" in console, console[-3000:]
     if importlib.util.find_spec("tqdm") is None:
         assert "tqdm is not installed" in console, console[-3000:]
     assert console.count("__call__ OK") == 3 and "Application 'probe' is ready" in console, console[-3000:]

@@ -38,6 +38,59 @@ def test_split_coordinator_of_a_streaming_split(ray_cluster):
     ray.kill(coordinator, no_restart=True)
 
 
+def test_the_data_logging_config_is_ray_datas_default_with_a_quieter_console(monkeypatch):
+    import logging
+
+    import yaml
+    from ray.data._internal import logging as data_logging
+
+    path = ray_private.quiet_data_logging_config()
+    assert ray_private.quiet_data_logging_config() == path and path.endswith(".yaml")  # one file per content
+    config = yaml.safe_load(open(path))
+    default = data_logging.DEFAULT_CONFIG
+    assert config["loggers"] == default["loggers"] and config["formatters"] == default["formatters"]
+    assert {k: v for k, v in config["handlers"].items() if k != "console"} == \
+        {k: v for k, v in default["handlers"].items() if k != "console"}
+    assert config["handlers"]["console"]["level"] == "WARNING"
+    assert ray_private.quiet_data_logging_config("INFO") != path
+    # Ray Data set up from it, as a cluster's process does on import when the variable names it: its
+    # console passes warnings but not the progress-bars notice, its file handler everything.
+    monkeypatch.setenv(ray_private.DATA_LOGGING_CONFIG_ENV, path)
+    logger = logging.getLogger("ray.data")
+    before = (list(logger.handlers), logger.level)
+    try:
+        data_logging.configure_logging()
+        console = next(h for h in logger.handlers if h.get_name() == "console")
+
+        def shown(level, msg):
+            record = logging.LogRecord("ray.data", level, __file__, 1, msg, None, None)
+            return record.levelno >= console.level and console.filter(record)
+
+        assert not shown(logging.INFO, "Starting execution of Dataset d_0")
+        assert shown(logging.WARNING, "Some warning") and not shown(logging.WARNING, ray_private.PROGRESS_BARS_NOTICE)
+        assert {h.get_name() for h in logger.handlers} == {"file", "console"}
+    finally:
+        logger.handlers[:] = before[0]
+        logger.setLevel(before[1])
+
+
+def test_train_reports_are_logged_at_info_on_the_context_files_logger_and_quieted_to_warnings():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    assert context.logger.name == context.__file__  # not under "ray.train": LoggingConfig does not reach it
+    source = inspect.getsource(context)
+    at = source.index(ray_private.TRAIN_REPORT_MESSAGE)  # logged at INFO, on that logger
+    assert "logger.info(" in source[at - 100:at], source[at - 100:at]
+    level = context.logger.level
+    try:
+        ray_private.quiet_train_reports()
+        assert not context.logger.isEnabledFor(logging.INFO) and context.logger.isEnabledFor(logging.WARNING)
+    finally:
+        context.logger.setLevel(level)
+
+
 def test_the_placement_group_cleaners_state_api_warning_is_dropped_and_nothing_else():
     import logging
 

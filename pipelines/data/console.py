@@ -7,16 +7,18 @@ put its start line, its plan, its progress bars (blank lines where tqdm is not i
 Ray Data's log file (``logs/ray-data/ray-data.log`` in the session's folder) instead, with Ray Data's warning
 that the progress bars are off. A run's data stage does the same for its ingest (``ingest(quiet=True)``).
 
-Not covered: a fit with several workers runs each epoch's split in a split coordinator process of Ray
-Data's, which sets up Ray Data's logging afresh when it starts and prints its executions' lines.
+A fit with several workers runs each epoch's split in a split coordinator process of Ray Data's, which
+sets up Ray Data's logging afresh when it starts: on a local cluster this project starts, every process
+gets the same settings from a logging config of Ray Data's own kind (``ray_private.quiet_data_logging_config``,
+through ``RAY_DATA_LOGGING_CONFIG``, set by ``ray_runtime.connect``).
 """
 from __future__ import annotations
 
 import logging
 import os
 
-LOGGING_CONFIG_ENV = "RAY_DATA_LOGGING_CONFIG"  # Ray Data's documented switch for a logging config of one's own
-PROGRESS_BARS_NOTICE = "Progress bars disabled."  # how Ray Data's warning about it begins (Ray 2.60)
+from pipelines.ray_private import DATA_LOGGING_CONFIG_ENV as LOGGING_CONFIG_ENV
+from pipelines.ray_private import DropProgressBarsNotice
 
 
 def quiet_execution(ds):
@@ -40,13 +42,6 @@ def quiet_data_console() -> None:
             continue
         if handler.level < logging.WARNING:
             handler.setLevel(logging.WARNING)
-        if not any(isinstance(f, _DropProgressBarsNotice) for f in handler.filters):
-            handler.filters.insert(0, _DropProgressBarsNotice())
+        if not any(isinstance(f, DropProgressBarsNotice) for f in handler.filters):
+            handler.filters.insert(0, DropProgressBarsNotice())
 
-
-class _DropProgressBarsNotice(logging.Filter):
-    """Ray Data's warning, once per process, that an execution runs without progress bars and how to turn
-    them on: ``quiet_execution`` turned them off on purpose. Dropped from the console (the log file keeps it)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(PROGRESS_BARS_NOTICE)

@@ -102,9 +102,19 @@ def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> f
     return lr
 
 
+# DDP's reducer compares a gradient's strides with its bucket view's, size-1 dimensions included: the CPU
+# backward of a 1x1 convolution gives its weight's gradient (e.g. [512, 256, 1, 1]) strides [256, 1, 256, 256]
+# against the bucket's [256, 1, 1, 1], the same memory order, and each worker warned of it once, in four lines
+# between the progress lines (the gradient is copied into its bucket either way).
+DDP_STRIDES_WARNING = "Grad strides do not match bucket view strides"
+
+
 def _wrap_ddp(model: nn.Module, device: torch.device, task) -> nn.Module:
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    warnings.filterwarnings("ignore", message=DDP_STRIDES_WARNING, category=UserWarning)
     single_gpu = device.type == "cuda" and not is_multi_device(model)
     return DistributedDataParallel(model, device_ids=[device] if single_gpu else None,
                                    find_unused_parameters=getattr(task, "FIND_UNUSED_PARAMETERS", False))
@@ -363,10 +373,12 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipelines import ray_private
     from pipelines.data import quiet_data_console
 
     loop_started_at = time.time()
     quiet_data_console()  # each epoch's view executions: in Ray Data's log file, not on the console
+    ray_private.quiet_train_reports()  # each epoch's report: in metrics.jsonl, not as a line on the console
     task = get_task(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
