@@ -135,11 +135,12 @@ class DropProgressBarsNotice(logging.Filter):
         return not record.getMessage().startswith(PROGRESS_BARS_NOTICE)
 
 
-def quiet_data_logging_config(console_level: str = "WARNING") -> str:
+def quiet_data_logging_config(console_level: str = "WARNING") -> str | None:
     """The path of a Ray Data logging config (for ``RAY_DATA_LOGGING_CONFIG``): Ray Data's own default
     (``ray.data._internal.logging.DEFAULT_CONFIG``) with its console handler passing ``console_level`` and
     above, never the progress-bars notice; its log file gets everything, as by default. Written once per
-    content under the temporary directory (atomically: the processes of a cluster read it as they start)."""
+    content in this user's folder under the temporary directory (atomically: the processes of a cluster
+    read it as they start); None when it cannot be written (Ray Data then keeps its defaults)."""
     import copy
     import hashlib
     import tempfile
@@ -153,14 +154,17 @@ def quiet_data_logging_config(console_level: str = "WARNING") -> str:
     console["level"] = console_level
     console["filters"] = [*console.get("filters", []), "progress_bars_notice"]
     text = yaml.safe_dump(config, sort_keys=True)
-    folder = os.path.join(tempfile.gettempdir(), "visionflow")
+    folder = os.path.join(tempfile.gettempdir(), f"visionflow-{os.getuid()}")
     path = os.path.join(folder, f"ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml")
     if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".yaml.tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".yaml.tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except OSError:
+            return None
     return path
 
 

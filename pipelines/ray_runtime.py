@@ -187,7 +187,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
             kwargs["runtime_env"] = {"worker_process_setup_hook": "pipelines.ray_private.quiet_placement_group_cleaner"}
     # Ray Data's console lines (each execution's start, plan and end) off the console in every process of
     # the cluster, the split coordinators of multi-worker trainings included; its log files keep them.
-    quiet_data = {ray_private.DATA_LOGGING_CONFIG_ENV: ray_private.quiet_data_logging_config()}
+    data_config = ray_private.quiet_data_logging_config()
+    quiet_data = {ray_private.DATA_LOGGING_CONFIG_ENV: data_config} if data_config else {}
     env = {"RAY_API_SERVER_ADDRESS": api_server,
            **{k: v for k, v in {**LOCAL_TRAIN_ENV, **LOCAL_WARNINGS_ENV, **quiet_data, **(cluster_env or {})}.items()
               if k not in os.environ}}

@@ -53,6 +53,9 @@ def test_the_data_logging_config_is_ray_datas_default_with_a_quieter_console(mon
         {k: v for k, v in default["handlers"].items() if k != "console"}
     assert config["handlers"]["console"]["level"] == "WARNING"
     assert ray_private.quiet_data_logging_config("INFO") != path
+    monkeypatch.setattr("tempfile.tempdir", "/proc")  # a temporary directory it cannot write in
+    assert ray_private.quiet_data_logging_config("ERROR") is None
+    monkeypatch.undo()
     # Ray Data set up from it, as a cluster's process does on import when the variable names it: its
     # console passes warnings but not the progress-bars notice, its file handler everything.
     monkeypatch.setenv(ray_private.DATA_LOGGING_CONFIG_ENV, path)
