@@ -233,12 +233,13 @@ def throughput(args) -> dict:
             sides += (other_block,)
         runs, first = {k: [] for k in sides}, {k: [] for k in sides}
         one_process = []
-        measures = {other_block: lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r,
-                                                          block_mib=args.also_block_mib),
-                    "dataloader": lambda r: baseline.submit(dataloader_throughput, work / "coco", args.size,
+        measures = {"dataloader": lambda r: baseline.submit(dataloader_throughput, work / "coco", args.size,
                                                             args.batch, args.workers).result(),
                     "ray_data": lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r),
                     "ray_data_read_only": lambda r: ray_read_throughput(work / "shards", args.batch)}
+        if other_block:
+            measures[other_block] = lambda r: ray_throughput(work / "shards", args.size, args.batch, epoch=r,
+                                                             block_mib=args.also_block_mib)
         for r in range(args.repeat):
             # Alternated, so background load hits every side alike, and in turn first, so no side always
             # follows another (round 1 starts Ray Data's processes: its first Ray side pays for their imports).

@@ -76,17 +76,13 @@ def draw(rgb: np.ndarray, items: list[dict]) -> bytes:
     h, w = rgb.shape[:2]
     s = scale_for(w, h)
     # A writable copy (a decoder's array may view a read-only buffer: torch warns, and writing is undefined).
-    img = torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1)
-    if s > 1:
-        img = img.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    img = _upscale(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1), s)
     colours = [PALETTE[int(it["category_id"]) % len(PALETTE)] for it in items]
     with_masks = [(it["mask"], c) for it, c in zip(items, colours) if "mask" in it]
     if with_masks:
         rles = [{"size": m["size"], "counts": m["counts"].encode() if isinstance(m["counts"], str) else m["counts"]}
                 for m, _ in with_masks]
-        stack = torch.from_numpy(np.asarray(mask_utils.decode(rles), dtype=bool)).permute(2, 0, 1)
-        if s > 1:
-            stack = stack.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+        stack = _upscale(torch.from_numpy(np.asarray(mask_utils.decode(rles), dtype=bool)).permute(2, 0, 1), s)
         img = draw_segmentation_masks(img, stack, alpha=0.45, colors=[c for _, c in with_masks])
     if not items:
         return _png(img)
@@ -109,6 +105,11 @@ def draw(rgb: np.ndarray, items: list[dict]) -> bytes:
         pen.text((rect[0] + 2 - left, rect[1] + 2 - top), texts[i], fill="white", font=font,
                  stroke_width=1, stroke_fill="black")
     return _png(canvas)
+
+
+def _upscale(t: torch.Tensor, s: int) -> torch.Tensor:
+    """A (C, H, W) tensor (pixels or masks) at ``s`` times its size, each value repeated (nearest neighbour)."""
+    return t.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2) if s > 1 else t
 
 
 def _png(img) -> bytes:

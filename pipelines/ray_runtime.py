@@ -144,9 +144,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
     ``num_cpus``/``num_gpus`` size a new local cluster (None: one CPU per core) and are ignored when
     joining one, and so is ``cluster_env``: environment variables for a new local cluster's processes (on
     top of ``LOCAL_TRAIN_ENV``, ``LOCAL_WARNINGS_ENV`` and Ray Data's quiet logging config; a variable
-    already set in this process wins). On
-    a loaded machine the raylet can give up waiting for its agents ("timed out during startup"); a local
-    start is tried up to ``attempts`` times."""
+    already set in this process wins). On a loaded machine the raylet can give up waiting for its agents
+    ("timed out during startup"); a local start is tried up to ``attempts`` times."""
     import ray
 
     if ray.is_initialized():
