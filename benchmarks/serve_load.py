@@ -6,7 +6,7 @@ In one run:
   them; a size's rate is the harmonic mean of the two), with the Serve replica's torch thread count (read
   from it; the graph idles meanwhile); the best rate is the limit;
 - ``serve``: the Serve graph (ingress -> preprocess -> batched detector -> NMS stage -> postprocess)
-  on loopback, a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
+  on loopback, behind HAProxy (``--proxy python``: Serve's Python proxy), a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
   p50/p99 latency, the mean batch the detector ran, the ratio to the in-process limit;
 - the NMS stage's own cost per request (p50 of its ``Server-Timing`` entry), separately;
 - where a lone request's time goes (concurrency 1, from ``Server-Timing``): the HTTP hop (client ->
@@ -238,6 +238,8 @@ def main() -> None:
     p.add_argument("--detector-cpus", type=int, default=1, help="CPUs (= torch threads) of the detector replica")
     p.add_argument("--port", type=int, default=8471)
     p.add_argument("--probes", type=int, default=50, help="no-work calls per hop probe")
+    p.add_argument("--proxy", choices=("haproxy", "python"), default="haproxy",
+                   help="Serve's HTTP ingress: HAProxy (a local cluster's default where installed) or its Python proxy")
     p.add_argument("--split-stages", action="store_true",
                    help="preprocess and postprocess as their own deployments (stages_in_ingress: false)")
     p.add_argument("--hostile", action="store_true",
@@ -253,9 +255,13 @@ def main() -> None:
 
     import ray
 
+    from pipelines import ray_private
     from pipelines.ray_runtime import LOCAL, connect
     from pipelines.serve import deploy, shutdown
 
+    if args.proxy == "haproxy" and ray_private.haproxy_binary() is None:
+        p.error("--proxy haproxy: no HAProxy executable here (ray[serve] bundles one on Linux); use --proxy python")
+    os.environ[ray_private.HAPROXY_ENV] = "1" if args.proxy == "haproxy" else "0"  # the new cluster's Serve
     connect(LOCAL, num_cpus=max(4, os.cpu_count() or 1), dashboard=False, log_to_driver=False)
     serve_args = {
         "models": [{"name": "det", "task": "detection", "arch": args.arch, "num_classes": 3, "random_weights": True,
@@ -329,7 +335,7 @@ def main() -> None:
     by_c = {r["concurrency"]: r for r in rows}
     summary = {
         "arch": args.arch, "size": args.size, "detector_cpus": args.detector_cpus, "torch_threads": threads,
-        "stages_in_ingress": not args.split_stages,
+        "stages_in_ingress": not args.split_stages, "proxy": args.proxy,
         "max_batch_size": args.max_batch, "calibrate": args.calibrate,
         # The replica's own calibration at start: the batch cap it chose and the images/s it measured.
         "batch_size_cap": cap, "replica_batch_rates": described["batch_rates"],

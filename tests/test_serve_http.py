@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from html.parser import HTMLParser
 
 import numpy as np
@@ -331,3 +337,78 @@ def test_samples_are_pngs_drawn_on_the_fly(url):
     # A sample goes through the endpoints like any upload.
     r = requests.post(f"{url}/v1/detect", data=first, headers={"content-type": "image/png"}, timeout=120)
     assert r.status_code == 200 and r.json()["image"] == {"width": SAMPLE_SIZE, "height": SAMPLE_SIZE}
+
+
+BESIDE = """
+import sys
+from pipelines.ray_runtime import LOCAL, connect
+connect(LOCAL, num_cpus=1, dashboard=False, quiet=True, log_to_driver=False)
+from ray import serve
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+def hello(request):
+    return "hello"
+
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+serve.run(hello.bind(), name="hello", route_prefix="/")
+print("serving", flush=True)
+sys.stdin.read()  # until the test ends it
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _programs(port: int) -> set[str]:
+    from pipelines import procfs
+
+    return {os.path.basename(procfs.program(p) or "") for p in procfs.listeners(port)}
+
+
+def test_the_http_port_is_haproxys_and_a_second_local_cluster_serves_beside_it(url, tmp_path):
+    """Where its executable is installed (``ray[serve]`` bundles one on Linux), a local cluster's Serve takes
+    requests through HAProxy on the configured port, with ports of the cluster's own: a second local cluster
+    on the machine serves beside the first, each answering with its own application (on Serve's fixed ports
+    the second HAProxy could not start, or sent requests to the first cluster's Ingress), and when the
+    second's process is killed (``kill -9``) its HAProxy goes with it, freeing its port."""
+    from pipelines import procfs, ray_private
+
+    if ray_private.haproxy_binary() is None:
+        pytest.skip("no HAProxy executable here: Serve keeps its Python proxy")
+    assert _programs(PORT) == {"haproxy"}
+    raylet = ray_private.raylets_started_here()[0]
+    for name in ray_private.HAPROXY_PORT_ENVS:
+        assert _programs(int(procfs.environ_value(raylet, name))) == {"haproxy"}, name
+    port = _free_port()
+    (tmp_path / "beside.py").write_text(BESIDE)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "beside.py"), str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a start that never ends fails the test, not the suite
+    watchdog.start()
+    try:
+        lines = []
+        for line in proc.stdout:  # ends when the process does
+            lines.append(line)
+            if line.startswith("serving"):
+                break
+        assert lines and lines[-1].startswith("serving"), "".join(lines)
+        for _ in range(5):
+            assert requests.get(f"http://127.0.0.1:{port}/", timeout=30).text == "hello"
+            assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+        theirs = set(procfs.listeners(port))
+        assert _programs(port) == {"haproxy"} and not theirs & set(procfs.listeners(PORT))
+        proc.kill()  # SIGKILL: no exit handler of its runs
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while procfs.listeners(port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not procfs.listeners(port) and not [p for p in theirs if procfs.alive(p)]
+        assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
