@@ -182,6 +182,11 @@ HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_
 DIRECT_INGRESS_PORT_ENVS = (("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
                             ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"))
 DIRECT_INGRESS_WINDOW = 64  # ports a window; one per Ingress replica at a time (released ones rest a while)
+# An Ingress replica behind HAProxy that stops stays reachable this long before it closes its listener (then
+# HAProxy retries refused connections on another replica), so that remote load balancers can take it out:
+# 30 s by default, which every application delete and Serve shutdown waited (3 s before, in the tests). On
+# one machine HAProxy takes a replica out within a second of the controller telling it: 2 s.
+DIRECT_INGRESS_DRAIN_ENV, LOCAL_DIRECT_INGRESS_DRAIN_S = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"
 # HAProxy runs as a child of an actor of the cluster but, unlike Ray's own processes, does not go with the
 # cluster: a `kill -9` of the process that started a local cluster left it listening on the HTTP port.
 # Serve starts it through this wrapper, which asks Linux to kill it when its parent (the actor) ends.
@@ -280,8 +285,9 @@ def _port_windows(count: int, size: int, low: int = 20000, high: int = 32768) ->
 
 def serve_haproxy_env() -> dict:
     """Environment variables that make HAProxy the HTTP ingress of a new local cluster's Serve: the switch,
-    the executable (through ``haproxy_wrapper``), free stats and metrics ports and the Ingress replicas' port
-    windows of its own (two clusters side by side each keep to theirs); {} where no HAProxy executable is
+    the executable (through ``haproxy_wrapper``), free stats and metrics ports, the Ingress replicas' port
+    windows of its own (two clusters side by side each keep to theirs) and a short drain of a stopping
+    Ingress replica (``LOCAL_DIRECT_INGRESS_DRAIN_S``); {} where no HAProxy executable is
     found or the wrapper cannot be written (Serve keeps its Python proxy)."""
     binary = haproxy_binary()
     wrapper = haproxy_wrapper(binary) if binary else None
@@ -291,7 +297,7 @@ def serve_haproxy_env() -> dict:
     while metrics == stats:
         metrics = _free_port()
     http, grpc = _port_windows(2, DIRECT_INGRESS_WINDOW)
-    env = {HAPROXY_ENV: "1", HAPROXY_BINARY_ENV: wrapper,
+    env = {HAPROXY_ENV: "1", HAPROXY_BINARY_ENV: wrapper, DIRECT_INGRESS_DRAIN_ENV: LOCAL_DIRECT_INGRESS_DRAIN_S,
            HAPROXY_PORT_ENVS[0]: str(stats), HAPROXY_PORT_ENVS[1]: str(metrics)}
     for (low, high), first in zip(DIRECT_INGRESS_PORT_ENVS, (http, grpc)):
         env[low], env[high] = str(first), str(first + DIRECT_INGRESS_WINDOW - 1)
