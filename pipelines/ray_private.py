@@ -142,8 +142,6 @@ def quiet_data_logging_config(console_level: str = "WARNING") -> str | None:
     content in this user's folder under the temporary directory (atomically: the processes of a cluster
     read it as they start); None when it cannot be written (Ray Data then keeps its defaults)."""
     import copy
-    import hashlib
-    import tempfile
 
     import yaml
     from ray.data._internal.logging import DEFAULT_CONFIG
@@ -153,15 +151,26 @@ def quiet_data_logging_config(console_level: str = "WARNING") -> str | None:
     console = config["handlers"]["console"]
     console["level"] = console_level
     console["filters"] = [*console.get("filters", []), "progress_bars_notice"]
-    text = yaml.safe_dump(config, sort_keys=True)
+    return _written_once("ray-data-logging-{}.yaml", yaml.safe_dump(config, sort_keys=True))
+
+
+def _written_once(name: str, text: str, mode: int | None = None) -> str | None:
+    """The path of a file holding ``text`` in this user's folder under the temporary directory, named
+    ``name`` with a hash of ``text`` for its ``{}`` (written once per content, atomically: the processes of a
+    cluster read it as they start; ``mode``: its permission bits), or None when it cannot be written."""
+    import hashlib
+    import tempfile
+
     folder = os.path.join(tempfile.gettempdir(), f"visionflow-{os.getuid()}")
-    path = os.path.join(folder, f"ray-data-logging-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml")
+    path = os.path.join(folder, name.format(hashlib.sha256(text.encode()).hexdigest()[:16]))
     if not os.path.exists(path):
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".yaml.tmp")
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            if mode is not None:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)
         except OSError:
             return None
@@ -220,28 +229,13 @@ def haproxy_wrapper(binary: str) -> str | None:
     """An executable that runs ``binary`` with its arguments, set to be killed when its parent process ends
     (Linux's ``PR_SET_PDEATHSIG``); written once per content in this user's folder under the temporary
     directory. None off Linux or when it cannot be written."""
-    import hashlib
+    import shlex
     import sys
-    import tempfile
 
     if not sys.platform.startswith("linux"):
         return None
-    import shlex
-
     text = _PDEATHSIG_WRAPPER.format(python=shlex.quote(sys.executable), binary=shlex.quote(binary))
-    folder = os.path.join(tempfile.gettempdir(), f"visionflow-{os.getuid()}")
-    path = os.path.join(folder, f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
-    if not os.path.exists(path):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, path)
-        except OSError:
-            return None
-    return path
+    return _written_once("haproxy-{}", text, mode=0o755)
 
 
 def _free_ports(count: int) -> list[int]:
