@@ -3,8 +3,8 @@
 ``snapshot()`` reads every live process's own CPU (user + system) from ``/proc``; ``by_role(before, after,
 role)`` sums what each process used between the two snapshots under ``role(pid, title)`` (a process that
 ended meanwhile is not counted; one that started counts from zero). ``serve_role`` names the processes of
-a local Ray Serve graph: its deployments' replicas by deployment, the HTTP proxy (HAProxy too), the benchmark itself
-("client") and everything else ("other": Ray's daemons, the Serve controller, the rest of the machine).
+a local Ray Serve graph: its deployments' replicas by deployment, the HTTP proxy (HAProxy too), the benchmark
+itself ("client") and everything else ("other": Ray's daemons, the Serve controller, the rest of the machine).
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def by_role(before: dict, after: dict, role: Callable[[int, str], str]) -> dict[
 
 def serve_role(client_pid: int) -> Callable[[int, str], str]:
     """The role of a process in a local Serve benchmark: ``ray::ServeReplica:<app>:<deployment>`` is its
-    deployment, ``ray::ProxyActor`` and ``haproxy`` the proxy, ``client_pid`` the client, anything else "other"."""
+    deployment, ``ray::ProxyActor`` and ``haproxy`` the proxy, ``client_pid`` the client, anything else
+    "other"."""
     def role(pid: int, title: str) -> str:
         if pid == client_pid:
             return "client"

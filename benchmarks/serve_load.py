@@ -6,8 +6,9 @@ In one run:
   them; a size's rate is the harmonic mean of the two), with the Serve replica's torch thread count (read
   from it; the graph idles meanwhile); the best rate is the limit;
 - ``serve``: the Serve graph (ingress -> preprocess -> batched detector -> NMS stage -> postprocess)
-  on loopback, behind HAProxy (``--proxy python``: Serve's Python proxy), a bounded number of JPEG requests at concurrency 1, 8 and 32 (aiohttp): throughput,
-  p50/p99 latency, the mean batch the detector ran, the ratio to the in-process limit;
+  on loopback, behind HAProxy (``--proxy python``: Serve's Python proxy), a bounded number of JPEG requests
+  at concurrency 1, 8 and 32 (aiohttp): throughput, p50/p99 latency, the mean batch the detector ran, the
+  ratio to the in-process limit;
 - the NMS stage's own cost per request (p50 of its ``Server-Timing`` entry), separately;
 - where a lone request's time goes (concurrency 1, from ``Server-Timing``): the HTTP hop (client ->
   proxy -> Ingress and back: latency less the Ingress's ``total``), the two handle hops inside the graph
@@ -259,8 +260,8 @@ def main() -> None:
     from pipelines.ray_runtime import LOCAL, connect
     from pipelines.serve import deploy, shutdown
 
-    if args.proxy == "haproxy" and ray_private.haproxy_binary() is None:
-        p.error("--proxy haproxy: no HAProxy executable here (ray[serve] bundles one on Linux); use --proxy python")
+    if args.proxy == "haproxy" and not ray_private.serve_haproxy_env():
+        p.error("--proxy haproxy: no HAProxy here (ray[serve] bundles one on Linux, where it runs); use --proxy python")
     os.environ[ray_private.HAPROXY_ENV] = "1" if args.proxy == "haproxy" else "0"  # the new cluster's Serve
     connect(LOCAL, num_cpus=max(4, os.cpu_count() or 1), dashboard=False, log_to_driver=False)
     serve_args = {
