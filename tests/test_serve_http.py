@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ import pytest
 import requests
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from multinode import free_port
 
 from pipelines.serve.page import SAMPLE_COUNT, SAMPLE_SIZE
 
@@ -356,12 +357,6 @@ sys.stdin.read()  # until the test ends it
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _programs(port: int) -> set[str]:
     from pipelines import procfs
 
@@ -382,7 +377,7 @@ def test_the_http_port_is_haproxys_and_a_second_local_cluster_serves_beside_it(u
     raylet = ray_private.raylets_started_here()[0]
     stats, metrics, fallback = (int(procfs.environ_value(raylet, n)) for n in ray_private.HAPROXY_PORT_ENVS[:3])
     assert _programs(stats) == _programs(metrics) == {"haproxy"} and _programs(fallback) == {"ray::ProxyActor"}
-    port = _free_port()
+    port = free_port()
     (tmp_path / "beside.py").write_text(BESIDE)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "beside.py"), str(port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -404,9 +399,9 @@ def test_the_http_port_is_haproxys_and_a_second_local_cluster_serves_beside_it(u
         second = ray_private.raylet_of(next(iter(theirs)))
         by_cluster = {raylet: set(), second: set()}
         for p, holders in procfs.listening().items():
-            for pid in holders:
-                if ray_private.raylet_of(pid) in by_cluster:
-                    by_cluster[ray_private.raylet_of(pid)].add(p)
+            for owner in map(ray_private.raylet_of, holders):
+                if owner in by_cluster:
+                    by_cluster[owner].add(p)
         assert by_cluster[raylet] and by_cluster[second] and not by_cluster[raylet] & by_cluster[second], by_cluster
         proc.kill()  # SIGKILL: no exit handler of its runs
         proc.wait(30)

@@ -182,7 +182,7 @@ class ServeArgs(_Strict):
     preprocess: StageResources = Field(default_factory=StageResources)
     postprocess: StageResources = Field(default_factory=StageResources)
     # The Ingress holds a request while its body arrives: many slots (cheap, async) so that slow clients
-    # do not crowd out others; its queue is Serve's proxy, which buffers the bodies of queued requests.
+    # do not crowd out others; its queue is Serve's, in front of it (docs/serving.md, Limits).
     ingress: StageResources = Field(default_factory=lambda: StageResources(
         num_cpus=0.25, max_ongoing_requests=1024, max_queued_requests=256))
 
