@@ -168,7 +168,8 @@ def test_stop_shuts_serve_down(served):
 
 @pytest.mark.slow
 def test_the_command_stays_up_until_ctrl_c(tmp_path):
-    """The real `visionflow serve` process (its own local Ray): serves, then SIGINT shuts it down cleanly."""
+    """The real `visionflow serve` process (its own local Ray): serves, then SIGINT shuts it down cleanly. Its
+    console holds the command's lines, not the INFO lines of its Serve's controller and proxies."""
     import os
     import signal
     import subprocess
@@ -194,6 +195,9 @@ def test_the_command_stays_up_until_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=180)
         assert proc.returncode == 0 and "stopped" in out, out
+        assert "Ctrl-C to stop" in out, out
+        quiet = ("Deploying new version", "Adding 1 replica", "Proxy starting", "HAProxy started", "Deleting app")
+        assert not [line for line in out.splitlines() if any(q in line for q in quiet)], out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -77,7 +77,10 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         return 130
     try:
         url = deploy(served, host=args.host, port=args.port, http_options=http, timeout_s=getattr(args, "timeout", 300.0),
-                     stop=stop, delete_on_stop=not owned)  # a cluster of our own goes whole
+                     stop=stop, delete_on_stop=not owned,  # a cluster of our own goes whole
+                     # Its Serve's controller, proxy and HAProxy manager say at start what the command's own
+                     # lines say: only their warnings and errors on the console (and in their log files).
+                     system_log_level="WARNING" if owned else None)
     except Interrupted:
         stop_serving(drain=False)
         print("visionflow serve: stopped while deploying; removed what was deployed", file=out, flush=True)

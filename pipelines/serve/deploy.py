@@ -77,7 +77,8 @@ def check_fits(args: ServeArgs, cpus: float, gpus: float) -> None:
 def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: str | None = None,
            random_weights: bool = False, host: str | None = None, port: int | None = None,
            timeout_s: float = 300.0, stop: threading.Event | None = None,
-           http_options: HttpOptions | None = None, delete_on_stop: bool = True) -> str:
+           http_options: HttpOptions | None = None, delete_on_stop: bool = True,
+           system_log_level: str | None = None) -> str:
     """Start Serve (HTTP on ``host:port``, default 127.0.0.1:8000 or the YAML's ``http_options``, which
     also set ``request_timeout_s`` and ``proxy_location``), deploy the application and wait until
     ``/healthz`` answers. Returns the base URL, e.g. ``http://127.0.0.1:8000``.
@@ -88,7 +89,10 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     ``timeout_s`` (with each deployment's state), ``Interrupted`` when ``stop`` is set meanwhile (watched
     while Serve starts too: its start goes on in a helper thread). On any failure the application is deleted
     again; on ``stop`` only with ``delete_on_stop`` (a caller about to shut its own local cluster down passes
-    False: the deletion waited for replicas still importing torch, seconds of a Ctrl-C on 2 cores)."""
+    False: the deletion waited for replicas still importing torch, seconds of a Ctrl-C on 2 cores).
+    ``system_log_level`` is the level of Serve's own actors (controller, HTTP proxy, HAProxy manager) where
+    this call starts Serve (None: Serve's INFO); the deployments' lines (each request, the replicas' own
+    output) keep theirs."""
     import ray
 
     from pipelines.serve.app import build_app
@@ -103,7 +107,7 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
     check_fits(args, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
     url = f"http://{'127.0.0.1' if http.host in ('0.0.0.0', '::') else http.host}:{http.port}"
     with quiet_serve_client():
-        _start_serve(http, stop)
+        _start_serve(http, stop, system_log_level)
         deadline = time.monotonic() + timeout_s
         try:
             _run_until_running(application, deadline, timeout_s, stop)
@@ -186,7 +190,7 @@ def local_cpus(args: ServeArgs) -> int:
     return max(os.cpu_count() or 1, math.ceil(args.cpus_asked()) + 1)
 
 
-def _start_serve(http: HttpOptions, stop: threading.Event | None = None) -> None:
+def _start_serve(http: HttpOptions, stop: threading.Event | None = None, log_level: str | None = None) -> None:
     """Start Serve on ``http``. A Serve already running with other HTTP options is restarted only when it
     runs no other application; otherwise DeployError (restarting would stop the others). ``Interrupted``
     as soon as ``stop`` is set: ``serve.start`` (its controller and proxies, several seconds on 2 cores)
@@ -203,6 +207,8 @@ def _start_serve(http: HttpOptions, stop: threading.Event | None = None) -> None
                               f"{others}; deploy on that port (--port {running[1]}) instead of {http.port}")
         serve.shutdown()
     opts = {"proxy_location": http.proxy_location} if http.proxy_location else {}
+    if log_level is not None:
+        opts["logging_config"] = {"log_level": log_level}
     if stop is None:
         serve.start(http_options=http.serve_options(), **opts)
         return
@@ -238,7 +244,8 @@ def delete_app() -> None:
 
     if ray.is_initialized() and running_serve_http() is not None:
         try:
-            serve.delete(APP_NAME)
+            with quiet_serve_client():  # its "Deleting app" line: the callers say what they stop
+                serve.delete(APP_NAME)
         except Exception:  # noqa: BLE001 -- already gone
             pass
 
