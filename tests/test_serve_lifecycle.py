@@ -8,7 +8,6 @@ import io
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +17,9 @@ import urllib.request
 import pytest
 import yaml
 
+from multinode import free_port
+
 from pipelines.commands import serve as serve_cmd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(path, port: int, model: dict) -> str:
@@ -52,7 +47,7 @@ def _apps() -> dict:
 
 
 def test_a_config_bigger_than_the_cluster_fails_at_once_naming_what_to_shrink(ray_cluster, tmp_path):
-    cfg = _config(tmp_path / "big.yaml", _free_port(), {"num_cpus": 3, "num_replicas": 2})
+    cfg = _config(tmp_path / "big.yaml", free_port(), {"num_cpus": 3, "num_replicas": 2})
     out = io.StringIO()
     t0 = time.monotonic()
     assert serve_cmd.serve_until(threading.Event(), _args(config=cfg), out) == 1
@@ -64,7 +59,7 @@ def test_a_config_bigger_than_the_cluster_fails_at_once_naming_what_to_shrink(ra
 
 
 def test_deploying_has_a_deadline_and_a_missed_one_removes_the_app(ray_cluster, tmp_path):
-    cfg = _config(tmp_path / "slow.yaml", _free_port(), {"num_cpus": 0.2})
+    cfg = _config(tmp_path / "slow.yaml", free_port(), {"num_cpus": 0.2})
     out = io.StringIO()
     t0 = time.monotonic()
     assert serve_cmd.serve_until(threading.Event(), _args(config=cfg, timeout=1.0), out) == 1
@@ -83,7 +78,7 @@ def test_stopping_on_a_shared_cluster_removes_only_visionflows_application(ray_c
 
     # Serve's HTTP options are cluster-wide: join the Serve an earlier test left running, if any.
     running = running_serve_http()
-    port = running[1] if running else _free_port()
+    port = running[1] if running else free_port()
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class Other:
@@ -136,7 +131,7 @@ def _group_alive(pgid: int) -> bool:
 def test_ctrl_c_during_start_up_stops_within_10s_and_leaves_nothing(tmp_path, moment):
     """The real command in its own process group with its own local cluster; SIGINT at a random moment of
     start-up: while Ray starts, or while the replicas are being placed."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", "--random-weights", "--no-dashboard",
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
