@@ -70,3 +70,22 @@ def test_fit_resumes_a_run_a_lane_trained(lane):
     from pipelines import storage
 
     assert storage.exists(cfg.out, LANE_FILE)
+
+
+def test_fit_resumes_a_training_whose_lane_worker_died_for_good(ray_cluster, data_dir, tmp_path):
+    """A lane with no restart left (``max_failures`` 0) whose worker is killed (SIGKILL) at the start of
+    epoch 2: the lane never ends that training (no lane.json), and the training's own ``fit``, what a
+    run's training stage does next, resumes it from the lane's epoch-1 checkpoint instead of from scratch."""
+    marker = tmp_path / "killed.marker"
+    cfg = TrainConfig(arch="squeezenet1_1", data=str(data_dir), out=str(tmp_path / "run"), max_failures=0,
+                      chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 0}, **TINY)
+    with pytest.raises(Exception):  # Ray Train's: the worker group failed, no restart left
+        fit_lane([cfg])
+    from pipelines import storage
+
+    assert marker.exists() and not storage.exists(cfg.out, LANE_FILE)
+    assert [r["epoch"] for r in read_metrics(cfg.out)] == [0]
+    result = fit(cfg)  # the marker is there: the chaos hook does not kill again
+    records = read_metrics(cfg.out)
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["start_epoch"] == 1, records
+    assert result["metrics"]["epoch"] == 1 and load_checkpoint(cfg.out)[1]["epoch"] == 1

@@ -17,7 +17,8 @@ the per-epoch progress lines, metrics, curves and checkpoints in each run direct
 - Failures: a training that raises or diverges ends as ``RUN_DIR/lane.json`` ``{"status": "failed"}`` and
   the lane goes on with the next one. A worker process that dies is restarted by Ray Train
   (``max_failures``): the lane then skips the trainings that ended and resumes the one that was running
-  from its last checkpoint.
+  from its last checkpoint. When it dies for good, ``fit`` of an unfinished training resumes from those
+  checkpoints too (``RUN_DIR/lane_started.json`` says they are the lane's).
 - Progress: ``reporter`` (an actor with ``update(name, status, **info)``, the run's progress board) hears
   ``train/<arch>`` running and done or failed as each training starts and ends.
 
@@ -34,6 +35,9 @@ from pipelines.progress_report import tell
 from pipelines.train.config import TrainConfig
 
 LANE_FILE = "lane.json"  # RUN_DIR/lane.json: how this training ended in its lane (status, error, times)
+# RUN_DIR/lane_started.json: a lane took this training on, so its checkpoints are the lane's (no registry),
+# whether or not the lane ended it: a ``fit`` after a lane whose worker died for good resumes from them.
+LANE_STARTED = "lane_started.json"
 
 
 class LaneIO:
@@ -141,6 +145,7 @@ def fit_lane(cfgs: list[TrainConfig], reporter=None) -> list[dict | BaseExceptio
             results[i] = e
             continue
         storage.RunDir(out).remove(LANE_FILE)
+        storage.write_json(out, LANE_STARTED, {"started_at": time.time()})
         runs.append({"cfg": cfg.model_dump(mode="json"), "datasets": datasets,
                      "rows": watch.expected_split_rows(cfg)})
         where.append((i, cfg, out))

@@ -338,11 +338,12 @@ class RayTrainIO:
         if checkpoint is not None:
             return _load_payload(checkpoint, device)
         from pipelines.train.checkpoint import checkpoint_candidates, load_payload, registered_checkpoints
-        from pipelines.train.lane import LANE_FILE
+        from pipelines.train.lane import LANE_FILE, LANE_STARTED
 
-        # A run trained in a lane (pipelines.train.lane) keeps its checkpoints without Ray Train's registry.
-        if registered_checkpoints(cfg.out) is None and storage.exists(cfg.out, LANE_FILE) \
-                and checkpoint_candidates(cfg.out):
+        # A run trained in a lane (pipelines.train.lane) keeps its checkpoints without Ray Train's registry,
+        # whether the lane ended it or its worker died for good meanwhile (then only LANE_STARTED is there).
+        if registered_checkpoints(cfg.out) is None and checkpoint_candidates(cfg.out) \
+                and (storage.exists(cfg.out, LANE_STARTED) or storage.exists(cfg.out, LANE_FILE)):
             return load_payload(cfg.out, map_location=device)
         return None
 
