@@ -29,7 +29,7 @@ def _write_checkpoint(run_dir):
 
     model = create_model("ssdlite_mobilenet_v3", 3)
     config = {"task": "detection", "arch": "ssdlite_mobilenet_v3", "num_classes": 3, "categories": CATEGORIES,
-              "data": "unused", "out": str(run_dir), "image_size": 64}
+              "data": "unused", "out": str(run_dir), "image_size": 80}  # the YAML's 64 is another model's
     path = run_dir / "checkpoints" / "epoch_0000" / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "config": config}, path)
@@ -105,6 +105,7 @@ def test_refuses_to_start_without_a_checkpoint(tmp_path):
 def test_serves_the_checkpoint_with_its_categories(served):
     models = requests.get(f"{served['url']}/v1/models", timeout=30).json()["models"]
     assert [(m["name"], m["task"], m["arch"]) for m in models] == [("det", "detection", "ssdlite_mobilenet_v3")]
+    assert models[0]["image_size"] == 80  # --checkpoint: the checkpoint's size, not the YAML model's
     assert models[0]["source"].endswith("run")
     r = requests.post(f"{served['url']}/v1/detect", data=_jpeg(), headers={"content-type": "image/jpeg"},
                       params={"max_detections": 10}, timeout=60)
@@ -112,9 +113,10 @@ def test_serves_the_checkpoint_with_its_categories(served):
     dets = r.json()["detections"]
     assert dets and {d["category_id"] for d in dets} <= {11, 22, 33}
     assert {d["label"] for d in dets} <= {"disk", "square", "triangle"}
-    # A detection-only deployment has no segmentation or classification model to offer.
-    for path in ("/v1/segment", "/v1/classify"):
-        r = requests.post(f"{served['url']}{path}", data=_jpeg(), headers={"content-type": "image/jpeg"}, timeout=60)
+    # A detection-only deployment has no segmentation or classification model to offer, by name or not.
+    for path, params in (("/v1/segment", {}), ("/v1/classify", {}), ("/v1/segment", {"model": "det"})):
+        r = requests.post(f"{served['url']}{path}", data=_jpeg(), headers={"content-type": "image/jpeg"},
+                          params=params, timeout=60)
         assert r.status_code == 404 and r.json()["error"]["code"] == "no_model", r.text
 
 

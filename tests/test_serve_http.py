@@ -190,7 +190,9 @@ def test_bad_input_answers_json_errors_and_replicas_stay_up(url, path):
 
 def test_other_errors_keep_the_shape(url):
     _assert_error(requests.get(f"{url}/v1/nothing", timeout=30), 404, "not_found")
-    _assert_error(requests.get(f"{url}/v1/detect", timeout=30), 405, "method_not_allowed")
+    r = requests.get(f"{url}/v1/detect", timeout=30)
+    _assert_error(r, 405, "method_not_allowed")
+    assert r.headers.get("allow") == "POST", r.headers
     _assert_error(_post(url, "/v1/detect", _image(), iou_threshold=-0.1), 422, "invalid_parameter")
 
 

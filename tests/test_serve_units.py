@@ -142,6 +142,11 @@ def test_config_refuses_bad_specs():
         ServeArgs(models=[{"name": "m", "checkpoint": "a"}, {"name": "m", "checkpoint": "b"}])
     with pytest.raises(ValidationError, match="extra"):
         ServeArgs(nms={"iou": 0.5})
+    # What Serve itself would refuse only once Ray runs: a queue of 0, batches that cannot fill.
+    with pytest.raises(ValidationError, match="max_queued_requests: 0"):
+        ServeArgs(ingress={"max_queued_requests": 0})
+    with pytest.raises(ValidationError, match="nms_stage.max_ongoing_requests"):
+        ServeArgs(nms_stage={"max_ongoing_requests": 8}, nms_batching={"max_batch_size": 16})
     assert ServeArgs(models=[{"name": "m"}]).missing_weights() == ["m"]
 
 
@@ -211,3 +216,48 @@ def test_a_lost_nms_stage_answers_every_request_of_the_batch_503_naming_it():
     assert len(out) == 2 and all(isinstance(e, ApiError) for e in out)
     assert out[0].status == 503 and out[0].code == "unavailable" and out[0].retry_after_s == 4.0
     assert "NmsStage is unavailable" in out[0].message and "RayActorError" in out[0].message
+
+
+def _request(ctype: str, body: bytes):
+    from starlette.requests import Request
+
+    sent = []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/v1/detect", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize("ctype", ["multipart/form-data", "Multipart/Form-Data"])
+def test_a_multipart_body_gets_its_framing_slack_whatever_the_case_of_its_type(ctype):
+    """Media types are case-insensitive: a file at the byte limit in a form is read however the type is spelt."""
+    import asyncio
+
+    from pipelines.serve.ingress import read_image_bytes
+
+    data = _encode(np.zeros((8, 8, 3), np.uint8), "PNG")
+    body = (b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--zz--\r\n")
+    assert asyncio.run(read_image_bytes(_request(f"{ctype}; boundary=zz", body), len(data))) == data
+
+
+def test_an_internal_error_names_its_cause_not_rays_traceback_text():
+    import asyncio
+    import json
+
+    from ray.exceptions import RayTaskError
+
+    from pipelines.serve.ingress import _internal_error
+
+    wrapped = RayTaskError("Detector.__call__", "Traceback (most recent call last):\n  File \"/x.py\", line 1\n"
+                           "ValueError: bad shape", ValueError("bad shape\nmore detail"), pid=4242, ip="10.1.2.3")
+    for error, message in ((wrapped, "ValueError: bad shape"), (KeyError("k"), "KeyError: 'k'")):
+        answer = asyncio.run(_internal_error(None, error))
+        body = json.loads(answer.body)
+        assert answer.status_code == 500 and body["error"]["code"] == "internal", body
+        assert body["error"]["message"] == message and "4242" not in answer.body.decode(), body

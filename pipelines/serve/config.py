@@ -55,6 +55,8 @@ class StageResources(_Strict):
 
     @model_validator(mode="after")
     def _bounded_queue(self):
+        if self.max_queued_requests == 0:  # Serve takes -1 or >= 1 and would refuse it only once Ray runs
+            raise ValueError("max_queued_requests: 0 is not a queue length Serve takes; -1 (unbounded) or >= 1")
         if self.max_queued_requests is None:
             self.max_queued_requests = 4 * self.max_ongoing_requests
         return self
@@ -185,6 +187,14 @@ class ServeArgs(_Strict):
     # do not crowd out others; its queue is Serve's, in front of it (docs/serving.md, Limits).
     ingress: StageResources = Field(default_factory=lambda: StageResources(
         num_cpus=0.25, max_ongoing_requests=1024, max_queued_requests=256))
+
+    @model_validator(mode="after")
+    def _nms_batches_can_fill(self):
+        # As for a model: the NMS stage can only batch the calls its replica has accepted.
+        if self.nms_stage.max_ongoing_requests < self.nms_batching.max_batch_size:
+            raise ValueError(f"nms_stage.max_ongoing_requests ({self.nms_stage.max_ongoing_requests}) must be >= "
+                             f"nms_batching.max_batch_size ({self.nms_batching.max_batch_size})")
+        return self
 
     @field_validator("models")
     @classmethod

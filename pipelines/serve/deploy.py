@@ -35,7 +35,9 @@ def resolve_args(config: str | Path | dict | ServeArgs | None = None, *, checkpo
         from pipelines.serve.models import load_served_model
 
         base = args.models[0].model_dump() if args.models else {"name": "model"}
-        base.update(checkpoint=str(checkpoint), random_weights=False, task=None, arch=None, num_classes=None)
+        # What the checkpoint knows comes from it (a config's image_size was trained for another model).
+        base.update(checkpoint=str(checkpoint), random_weights=False, task=None, arch=None, num_classes=None,
+                    image_size=None)
         # Refuses an unreadable checkpoint here, before anything starts.
         task = load_served_model(ModelSpec.model_validate(base))[1].task
         base["task"] = task

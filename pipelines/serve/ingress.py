@@ -12,6 +12,7 @@ upload body is declared to OpenAPI by hand (:data:`IMAGE_BODY`) and their answer
 # No `from __future__ import annotations`: FastAPI must see real types on the route signatures.
 
 import asyncio
+import logging
 import os
 import time
 from typing import AsyncIterator, Optional
@@ -58,13 +59,20 @@ async def _validation_error(_: Request, e: RequestValidationError):
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, e: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-    return _error(ApiError(e.status_code, code, str(e.detail)))
+    answer = _error(ApiError(e.status_code, code, str(e.detail)))
+    answer.headers.update(e.headers or {})  # a 405's Allow
+    return answer
 
 
 @app.exception_handler(Exception)
 async def _internal_error(_: Request, e: Exception):
-    # A fault of the service (not of the request): still the one JSON shape, and the replica lives on.
-    return _error(ApiError(500, "internal", f"{type(e).__name__}: {str(e)[:300]}"))
+    # A fault of the service (not of the request): still the one JSON shape, and the replica lives on. The
+    # client gets the error's type and first line; a stage's error comes wrapped in Ray's, whose text is a
+    # traceback with process ids and addresses: its cause is named instead. The whole of it goes to the log.
+    logging.getLogger("ray.serve").error("internal error answering a request", exc_info=e)
+    cause = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else e
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return _error(ApiError(500, "internal", f"{type(cause).__name__}: {first}"[:300]))
 
 
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> bytes:
@@ -96,7 +104,7 @@ async def read_image_bytes(request: Request, max_bytes: int, timeout_s: Optional
     """
     ctype = request.headers.get("content-type", "")
     declared = request.headers.get("content-length")
-    slack = 64 * 1024 if ctype.startswith("multipart/") else 0  # multipart framing around the file
+    slack = 64 * 1024 if ctype.lower().startswith("multipart/") else 0  # multipart framing around the file
     if declared and declared.isdigit() and int(declared) > max_bytes + slack:
         raise too_large(f"request body is {declared} bytes; the limit is {max_bytes} bytes")
     if not ctype.lower().startswith("multipart/form-data"):
@@ -215,9 +223,9 @@ class Ingress:
 
     def _pick(self, task: str, model: Optional[str]) -> str:
         names = [n for n, t in self.tasks.items() if t == task]
+        if not names:
+            raise ApiError(404, "no_model", f"no {task} model is deployed; deployed: {sorted(self.tasks)}")
         if model is None:
-            if not names:
-                raise ApiError(404, "no_model", f"no {task} model is deployed; deployed: {sorted(self.tasks)}")
             return names[0]
         if model not in names:
             raise bad_parameter(f"model: unknown {task} model {model!r}; expected one of {names}")
