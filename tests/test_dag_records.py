@@ -66,3 +66,22 @@ def test_remote_uri_is_not_mistaken_for_a_local_path():
     assert not is_remote("/tmp/x") and not is_remote("file:///tmp/x") and not is_remote("runs/q")
     with pytest.raises(ValueError, match="run_dir is empty"):
         RunDir("")
+
+
+def test_settings_of_how_a_stage_runs_are_left_out_of_its_key(tmp_path):
+    """A crashed training rerun with more restarts, more CPUs or a GPU keeps its stage (and so continues
+    from its checkpoint); a setting of what it trains sets the stage aside."""
+    from pipelines.dag.stages import _eval_stage_of, _train_stage_of
+
+    run = RunDir(str(tmp_path))
+    base = {"task": "classification", "arch": "resnet18", "epochs": 3, "lr": 0.001}
+
+    def key(settings):
+        return _train_stage_of(run, "resnet18", settings, {"key": "data-key"}).key
+
+    assert key(base) == key({**base, "max_failures": 3, "cpus_per_worker": 2, "gpus_per_worker": 1,
+                             "augment_cpus": 1, "checkpoints_to_keep": 5, "placement": "spread"})
+    assert len({key(base), key({**base, "epochs": 4}), key({**base, "workers": 2}), key({**base, "lr": 0.01})}) == 4
+    evals = {_eval_stage_of(run, "resnet18", {"enabled": True, "from_training": ft, **res}, {"key": "t"}).key
+             for ft in (True, False) for res in ({"num_cpus": 1}, {"num_cpus": 2, "num_gpus": 1})}
+    assert len(evals) == 2  # from_training changes what the evaluation reads; its resources do not

@@ -145,8 +145,26 @@ def settle(refs: list) -> None:
     ray.wait(refs, num_returns=len(refs), timeout=None)
 
 
+# Settings that change how a training or an evaluation runs, not what it produces: left out of the stage
+# keys, so a rerun with another value (more restarts for a run that crashed, more CPUs, a GPU, fewer
+# checkpoints kept) resumes the same training instead of setting it aside and starting over.
+RUN_ONLY_TRAIN_SETTINGS = frozenset({"placement", "elastic_resize_interval_s", "cpus_per_worker", "gpus_per_worker",
+                                     "augment_cpus", "in_memory_mib", "max_failures", "checkpoints_to_keep", "chaos"})
+RUN_ONLY_EVAL_SETTINGS = frozenset({"num_cpus", "num_gpus"})
+
+
+def _without(settings: dict, run_only: frozenset) -> dict:
+    return {k: v for k, v in settings.items() if k not in run_only}
+
+
 def _train_stage_of(run: RunDir, arch: str, settings: dict, data_rec: dict) -> Stage:
-    return Stage(run, f"archs/{arch}/train", stage_key("train", settings, {"data": data_rec["key"]}))
+    return Stage(run, f"archs/{arch}/train",
+                 stage_key("train", _without(settings, RUN_ONLY_TRAIN_SETTINGS), {"data": data_rec["key"]}))
+
+
+def _eval_stage_of(run: RunDir, arch: str, eval_cfg: dict, train_rec: dict) -> Stage:
+    return Stage(run, f"archs/{arch}/eval",
+                 stage_key("eval", _without(eval_cfg, RUN_ONLY_EVAL_SETTINGS), {"train": train_rec["key"]}))
 
 
 def _single_worker(settings: dict) -> bool:
@@ -244,7 +262,7 @@ def eval_stage(run_uri: str, arch: str, eval_cfg: dict, train_rec: dict, data_re
     run = RunDir(run_uri)
     name = f"archs/{arch}/eval"
     inputs = {"train": train_rec["key"]}
-    stage = Stage(run, name, stage_key("eval", eval_cfg, inputs))
+    stage = _eval_stage_of(run, arch, eval_cfg, train_rec)
     base = {k: train_rec[k] for k in ("arch", "task", "train_dir", "train_seconds")}
 
     def evaluate(_) -> dict:
