@@ -141,3 +141,31 @@ def test_the_runs_summary_prints_what_the_smoke_test_found_before_its_table():
     assert lines[3].startswith("architecture") and lines[5].startswith("resnet18")
     assert "1 failed: smoke" in lines and "took 1.0s" in lines
     assert format_summary({**summary, "smoke": None, "failed": []}).splitlines()[0].startswith("architecture")
+
+
+@pytest.mark.parametrize("doc, extra, needle", [
+    # An empty section under a --set / --archs override: one line, not a TypeError traceback.
+    ({"train": None}, ["--set", "train.max_parallel=1"], None),
+    ({"run_dir": "runs/x"}, ["--set", "run_dir.deep=1"], "run_dir is str"),
+    # What deploy would refuse only after every training: caught before anything runs.
+    ({"train": {"archs": ["resnet18", "ssdlite_mobilenet_v3"]}, "deploy": {"detection_arch": "ssdlite_mobilenet_v2"}},
+     [], "deploy.detection_arch: 'ssdlite_mobilenet_v2' is not trained by this run"),
+    ({"train": {"archs": ["resnet18", "deeplabv3_mobilenet_v3"]}, "deploy": {"segmentation_arch": "deeplabv3_mobilenet_v3"}},
+     [], "semantic segmentation model"),
+    ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"detection_arch": "ssdlite_mobilenet_v3",
+                                                              "serve": {"nmss": {"iou_threshold": 0.5}}}},
+     [], "deploy.serve.nmss"),
+    ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"serve": {"model": {"num_cpus": -1}}}},
+     [], "deploy.serve.model.num_cpus"),
+])
+def test_run_refuses_bad_settings_before_anything_runs_with_one_line(tmp_path, capsys, doc, extra, needle):
+    from pipelines.cli import main
+
+    args = ["run", "--config", _write(tmp_path, doc), "--plan", "--plan-png", str(tmp_path / "plan.png"), *extra]
+    rc = main(args)
+    err = capsys.readouterr().err
+    if needle is None:  # a valid config once the empty section is read as one
+        assert rc == 0, err
+        return
+    assert rc == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "plan.png").exists()

@@ -54,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, _overrides(args))
         archs = cfg.archs()
         cfg.check_train_settings()
+        cfg.check_deploy_settings()
     except ValueError as e:
         print(f"visionflow run: {e}", file=sys.stderr)
         return 2

@@ -186,6 +186,37 @@ class RunConfig(_Strict):
         return {**self.train.defaults, **self.train.per_task.get(task, {}), **self.train.per_arch.get(arch, {}),
                 "task": task, "arch": arch}
 
+    def check_deploy_settings(self) -> None:
+        """With deploy enabled: the architectures it is told to serve are trained by this run and of the
+        right kind, and ``deploy.serve`` is a valid part of a Serve application; ValueError naming what is
+        wrong, before anything runs (not after every training)."""
+        if not self.deploy.enabled:
+            return
+        from pipelines.serve.config import ServeArgs, StageResources
+        from vision.models import get_entry
+
+        archs = self.archs()
+        for task, arch in (("detection", self.deploy.detection_arch), ("segmentation", self.deploy.segmentation_arch)):
+            if arch is None:
+                continue
+            entry = get_entry(arch) if arch in archs else None
+            if entry is None:
+                raise ValueError(f"deploy.{task}_arch: {arch!r} is not trained by this run; its architectures: "
+                                 f"{', '.join(archs)}")
+            if entry.task != task or (task == "segmentation" and entry.segmentation != "instance"):
+                kind = entry.task if entry.task != "segmentation" else f"{entry.segmentation} segmentation"
+                raise ValueError(f"deploy.{task}_arch: {arch!r} is a {kind} model; the endpoint serves "
+                                 f"{'instance segmentation' if task == 'segmentation' else task} models")
+        serve = dict(self.deploy.serve)
+        # deploy.serve.model: every served model's resources; the rest: ServeArgs' other fields.
+        for where, schema, doc in (("deploy.serve.model", StageResources, serve.pop("model", {})),
+                                   ("deploy.serve", ServeArgs, serve)):
+            try:
+                schema.model_validate(doc)
+            except ValidationError as e:
+                lines = [f"  {where}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+                raise ValueError(f"invalid {where} settings:\n" + "\n".join(lines)) from None
+
     def check_train_settings(self) -> None:
         """Validate every architecture's settings against the trainer's schema before anything runs;
         raises ValueError naming the architecture and the field."""
@@ -215,8 +246,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for depth, p in enumerate(parents):
+            if node.get(p) is None:  # absent, or an empty section (`train:` with nothing under it)
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth + 1])
+                raise ValueError(f"{path}: cannot set {dotted}: {where} is {type(node).__name__} {node!r} in the "
+                                 f"config, not a section")
         node[leaf] = value
     try:
         return RunConfig.model_validate(raw)
