@@ -102,6 +102,32 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tmp_path
     assert not (tmp_path / "run" / LOCK).exists()
 
 
+def test_two_runs_taking_over_one_stale_lock_leave_it_to_one(tmp_path):
+    """B reads the stale lock of a killed run; A takes it over before B does: B must not remove A's live
+    lock but refuse, and the lock is never seen half written."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                        "command": "visionflow run", "started": 0}))
+    a, b = RunLock(run, "run A"), RunLock(run, "run B")
+    read = b.run.read_json
+
+    def read_then_a_takes_over(name):
+        doc = read(name)
+        if a._beat is None:
+            a.acquire()  # between B's read of the stale lock and B's removal of it
+        return doc
+
+    b.run.read_json = read_then_a_takes_over
+    with pytest.raises(RunDirBusy, match="run A"):
+        b.acquire()
+    assert json.loads((run / LOCK).read_text())["command"] == "run A"
+    a.release()
+    assert not (run / LOCK).exists() and [p.name for p in run.iterdir()] == []  # nothing left aside
+
+
 def test_a_lock_held_in_this_process_refuses_a_second_holder(tmp_path):
     with RunLock(tmp_path / "run"):
         with pytest.raises(RunDirBusy, match=str(os.getpid())):

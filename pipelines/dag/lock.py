@@ -4,6 +4,10 @@
 ``BEAT_S`` seconds while the run lives. A second run refuses with one line naming the first. A lock is
 stale, and taken over, when its owner is a process of this host that no longer exists, or when its beat
 is older than ``STALE_S`` (an owner on another host that died).
+
+On a local path the lock never shows half written (it is written aside, then hard-linked into place,
+which fails when a lock exists), and a stale lock is taken over by renaming it aside first: of two runs
+taking the same stale lock over, only one moves it, and one that finds it moved a live lock puts it back.
 """
 from __future__ import annotations
 
@@ -61,13 +65,42 @@ class RunLock:
             self.run.write_bytes(LOCK, data)
             return True
         self.run.makedirs("")
+        aside = self._aside("new")
+        with open(aside, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(str(self.run.local(LOCK)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(aside, self.run.local(LOCK))  # atomic, whole, and only where there is no lock
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
+        finally:
+            os.unlink(aside)
+
+    def _aside(self, what: str) -> str:
+        return str(self.run.local(f"{LOCK}.{what}.{self.doc['pid']}.{threading.get_ident()}.{time.monotonic_ns()}"))
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove the stale lock ``stale`` that was read, and nothing else: a lock that another run wrote
+        meanwhile (it took the same stale lock over first) stays."""
+        if self.run.remote:
+            self.run.remove(LOCK)
+            return
+        aside = self._aside("stale")
+        try:
+            os.rename(self.run.local(LOCK), aside)  # atomic: of two runs, one moves it
+        except FileNotFoundError:
+            return  # another run moved it first
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read() or b"{}")
+        except ValueError:
+            moved = {}
+        if moved and moved != stale:  # a live lock written since: back where it was
+            try:
+                os.link(aside, self.run.local(LOCK))
+            except FileExistsError:
+                pass
+        os.unlink(aside)
 
     def acquire(self) -> None:
         for _ in range(3):
@@ -75,14 +108,14 @@ class RunLock:
                 break
             try:
                 held = self.run.read_json(LOCK) or {}
-            except ValueError:  # a lock torn by a crash mid-write: nobody holds it
+            except ValueError:  # a lock torn by a crash mid-write (written before locks were linked whole)
                 held = {}
             if held and not is_stale(held):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
                 raise RunDirBusy(f"run directory {self.run.uri} is in use by `{held.get('command', 'visionflow run')}` "
                                  f"(pid {held.get('pid')} on {held.get('host')}, since {since}); wait for it to end "
                                  f"or stop it, or use another --run-dir (a lock left by a dead run is taken over)")
-            self.run.remove(LOCK)  # stale: its owner is gone
+            self._take_over(held)  # stale: its owner is gone
         else:
             raise RunDirBusy(f"run directory {self.run.uri}: could not take its lock {LOCK} (another run keeps taking it)")
         self._beat = threading.Thread(target=self._beat_loop, name="run-lock-beat", daemon=True)
@@ -91,6 +124,8 @@ class RunLock:
     def _beat_loop(self) -> None:
         while not self._stop.wait(BEAT_S):
             self.doc["beat"] = time.time()
+            if self._stop.is_set():
+                return
             try:
                 self.run.write_json(LOCK, self.doc)
             except OSError:
@@ -98,6 +133,8 @@ class RunLock:
 
     def release(self) -> None:
         self._stop.set()
+        if self._beat is not None and self._beat is not threading.current_thread():
+            self._beat.join(60)  # a beat being written (a slow upload) must not put the lock back after it
         held = self.run.read_json(LOCK) if self.run.exists(LOCK) else None
         if held and held.get("pid") == self.doc["pid"] and held.get("host") == self.doc["host"]:
             self.run.remove(LOCK)
