@@ -109,6 +109,19 @@ def test_hostile_segmentations_are_dropped_before_pycocotools(ray_cluster, tmp_p
     assert (masks[2] == mask).all()
 
 
+def test_a_compressed_rle_that_c_would_read_otherwise_is_refused():
+    """Runs of more than six characters overflow pycocotools' 32-bit shift: Python's reading of this string
+    adds up to the image (0, 9000, 0, 1000 on 100 x 100) while pycocotools' covers 17,992 pixels of it."""
+    from pipelines.data.validate import BadSegmentation, check_rle, rle_string_counts
+
+    hostile = {"size": [100, 100], "counts": "0Xi80PVhoooO"}
+    assert mask_utils.area({"size": [100, 100], "counts": hostile["counts"].encode()}) == 17992  # why
+    with pytest.raises(BadSegmentation, match="longer than 6 characters"):
+        check_rle(hostile, 100, 100)
+    whole = mask_utils.encode(np.asfortranarray(np.ones((100, 100), np.uint8)))["counts"].decode()
+    assert rle_string_counts(whole) == [0, 10000] and check_rle({"size": [100, 100], "counts": whole}, 100, 100)
+
+
 # --- 2. file names that leave the images folder, byte and pixel caps ---------------------------------
 
 def test_file_names_outside_the_images_root_and_unsafe_formats_are_quarantined(ray_cluster, tmp_path):

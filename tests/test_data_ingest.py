@@ -47,6 +47,10 @@ def messy(tmp_path_factory):
     images = [{"id": i, "file_name": f, "width": 50, "height": 40} for i, f in files.items()]
     images.append({"id": 11, "file_name": "no_size.jpg"})
     images.append({"id": 1, "file_name": "good.jpg", "width": 50, "height": 40})  # duplicate id
+    # Past the shard columns' ranges (int64 ids, int32 sizes), or not integers: each stopped the whole ingest.
+    images.append({"id": 12, "file_name": "good.jpg", "width": 2 ** 31, "height": 40})
+    images.append({"id": 2 ** 63, "file_name": "good.jpg", "width": 50, "height": 40})
+    images.append({"id": True, "file_name": "good.jpg", "width": 50, "height": 40})
     crowd = np.zeros((40, 50), bool)
     crowd[5:15, 20:35] = True
     flat = crowd.ravel(order="F")
@@ -89,7 +93,8 @@ def test_bad_images_are_quarantined_with_reasons(messy_ingested):
     assert reasons[3].startswith("not decodable")
     assert reasons[4].startswith("truncated")
     assert "size mismatch" in reasons[10] and "50x40" in reasons[10]
-    assert "width/height" in reasons[11]
+    assert "width/height" in reasons[11] and "below 2**31" in reasons[12]
+    assert "64-bit" in reasons[2 ** 63] and "64-bit" in reasons[True]  # (True == 1: the duplicate's key too)
     assert any("duplicate image id 1" in q["reason"] for q in manifest["quarantined"])
     assert set(rows) == {1, 5, 6, 7, 8, 9}  # the good ones all made it through
     assert manifest["num_images"] == 6
@@ -197,6 +202,6 @@ def test_ingest_command(ray_cluster, messy, tmp_path, capsys):
     assert main(["ingest", "--annotations", str(messy[0]), "--images", str(messy[1]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed.splitlines()[0])
-    assert summary["num_images"] == 6 and summary["quarantined"] == 6 and "truncated" in printed
+    assert summary["num_images"] == 6 and summary["quarantined"] == 9 and "truncated" in printed
     assert main(["ingest", "--annotations", str(tmp_path / "x.json"), "--images", str(messy[1]),
                  "--out", str(out)]) == 2

@@ -65,8 +65,8 @@ def category_map(categories: list[dict], source="annotations") -> list[dict]:
     """``[{"id", "name", "label"}]``: labels 1..K given in order of COCO id."""
     seen = {}
     for c in categories:
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int):
-            raise ValueError(f"{source}: every category needs an integer 'id', got {c!r}")
+        if not isinstance(c, dict) or type(c.get("id")) is not int or not -2 ** 63 <= c["id"] < 2 ** 63:
+            raise ValueError(f"{source}: every category needs an integer 'id' (64-bit), got {c!r}")
         if c["id"] in seen:
             raise ValueError(f"{source}: category id {c['id']} appears twice")
         seen[c["id"]] = str(c.get("name", c["id"]))
@@ -93,12 +93,14 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
         name = im.get("file_name") if isinstance(im, dict) else None
         w, h = (im.get("width"), im.get("height")) if isinstance(im, dict) else (None, None)
         reason = None
-        if not isinstance(iid, int) or not isinstance(name, str) or not name:
-            reason = "image entry needs an integer 'id' and a 'file_name'"
+        # Ranges of the shard's Arrow columns (int64 id, int32 sizes): a value past them stopped the whole
+        # ingest in the conversion; true/false are not integers here.
+        if type(iid) is not int or not -2 ** 63 <= iid < 2 ** 63 or not isinstance(name, str) or not name:
+            reason = "image entry needs an integer 'id' (64-bit) and a 'file_name'"
         elif iid in images:
             reason = f"duplicate image id {iid}"
-        elif not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
-            reason = f"width/height must be positive integers, got {w!r}x{h!r}"
+        elif not (type(w) is int and type(h) is int and 0 < w < 2 ** 31 and 0 < h < 2 ** 31):
+            reason = f"width/height must be positive integers below 2**31, got {w!r}x{h!r}"
         if reason:
             index.quarantined.append({"file_name": name, "image_id": iid, "reason": reason})
             continue

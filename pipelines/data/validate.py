@@ -71,7 +71,9 @@ def clean_polygon(poly, height: int, width: int) -> list[float] | None:
 
 def rle_string_counts(counts: str) -> list[int]:
     """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``, in Python).
-    Raises BadSegmentation for a character outside the format or a negative run."""
+    Raises BadSegmentation for a character outside the format, a negative run, or a run of more than six
+    characters: the C code shifts each character's 5 bits into a 32-bit int, so a seventh overflows it and
+    C and this function would read different runs (ones that add up here but not there)."""
     runs: list[int] = []
     x = k = 0
     more = False
@@ -82,6 +84,8 @@ def rle_string_counts(counts: str) -> list[int]:
         x |= (c & 0x1F) << (5 * k)
         more = bool(c & 0x20)
         k += 1
+        if k > 6:  # 30 bits: runs up to 2**29, past any image's pixels (max_image_pixels: 8192**2 = 2**26)
+            raise BadSegmentation("compressed RLE has a run longer than 6 characters (pycocotools reads 30 bits)")
         if more:
             continue
         if c & 0x10:
