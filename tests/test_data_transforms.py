@@ -95,6 +95,17 @@ def test_transform_detection_names_mismatched_instances():
     assert t["masks"].dtype == torch.uint8 and t["masks"].shape[0] == len(t["boxes"])
 
 
+def test_scale_jitter_of_a_one_pixel_wide_image_keeps_a_pixel():
+    """A 300 x 1 image (ingest accepts it) at size 128: the jittered width rounds to 0, which torchvision's
+    resize refuses; it keeps one pixel, and the box on it survives."""
+    image = torch.full((3, 300, 1), 200, dtype=torch.uint8)
+    for seed in range(5):
+        out, t = T.transform_detection(image, np.array([[0, 10, 1, 290]], np.float32), [1], size=128, train=True,
+                                       seed=seed, masks=np.ones((1, 300, 1), np.uint8))
+        assert out.shape[2] == 1 and 64 <= out.shape[1] <= 256 and t["masks"].shape[1:] == out.shape[1:]
+        assert len(t["boxes"]) == 1
+
+
 def test_flip_twice_is_the_original(rows):
     flip = v2.RandomHorizontalFlip(p=1.0)
     for row in rows[:10]:

@@ -192,7 +192,7 @@ def transform_detection(image, boxes, labels, *, size: int, train: bool, iscrowd
         # v2.ScaleJitter's draw and size
         scale = scale_range[0] + torch.rand(1) * (scale_range[1] - scale_range[0])
         r = min(size / h, size / w) * scale
-        new = [int(h * r), int(w * r)]
+        new = [max(1, int(h * r)), max(1, int(w * r))]  # a 300 x 1 image: v2 would ask for 0 pixels
         image = F.resize_image(image, new, antialias=True)
         b, canvas = F.resize_bounding_boxes(b, canvas_size=(h, w), size=new)
         masks = None if masks is None else F.resize_mask(masks, new)
