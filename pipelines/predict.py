@@ -53,13 +53,15 @@ def list_inputs(inputs: list[str]) -> list[str]:
             else:
                 raise ValueError(f"{item}: no such file or folder")
             continue
-        paths = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
+        # A file or folder that exists is itself, even with [, ? or * in its name; else a glob.
+        literal = os.path.exists(item) or not any(c in item for c in "*?[")
+        paths = [item] if literal else sorted(glob.glob(item, recursive=True))
         if not paths:
             raise ValueError(f"{item}: no file matches")
         for p in paths:
             if os.path.isdir(p):
-                found += [os.path.join(root, f) for root, _, files in os.walk(p) for f in sorted(files)
-                          if f.lower().endswith(IMAGE_EXTS)]
+                found += sorted(os.path.join(root, f) for root, _, files in os.walk(p) for f in files
+                                if f.lower().endswith(IMAGE_EXTS))  # the same order on every machine
             elif os.path.isfile(p):
                 found.append(p)
             else:
@@ -70,8 +72,20 @@ def list_inputs(inputs: list[str]) -> list[str]:
     return found
 
 
-def read_file(path: str) -> bytes:
+class TooLarge(OSError):
+    """An input file over ``MAX_FILE_BYTES``: skipped with its reason, never read."""
+
+
+# As ingest's default --max-image-bytes: a file bigger than this is not read into memory.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def read_file(path: str, max_bytes: int | None = None) -> bytes:
     fs, inner = storage.resolve(path)
+    if max_bytes is not None:
+        size = fs.get_file_info(inner).size
+        if size is not None and size > max_bytes:
+            raise TooLarge(f"{size} bytes, over the limit of {max_bytes}")
     return storage.read_bytes(fs, inner)
 
 
@@ -203,16 +217,20 @@ class _PredictBatch:
 def _predict_files(predictor: Predictor, paths: list[str], ids: list[int], out: str, draw: bool) -> list[dict]:
     """Rows ``{"file_name", "image_id", "width", "height", "items"[, "overlay"]}`` or ``{..., "error"}``."""
     datas: list[bytes | None] = []
-    for p in paths:
+    unread: dict[int, str] = {}
+    for k, p in enumerate(paths):
         try:
-            datas.append(read_file(p))
+            datas.append(read_file(p, MAX_FILE_BYTES))
+        except TooLarge as e:
+            datas.append(None)
+            unread[k] = f"too large: {e}"
         except OSError:
             datas.append(None)
     readable = [d for d in datas if d is not None]
     results = iter(predictor.predict(readable) if readable else [])
     outs = []
-    for p, image_id, data in zip(paths, ids, datas):
-        res = {"error": "could not be read"} if data is None else next(results)
+    for k, (p, image_id, data) in enumerate(zip(paths, ids, datas)):
+        res = {"error": unread.get(k, "could not be read")} if data is None else next(results)
         row = {"file_name": p, "image_id": image_id, **res}
         if "error" not in res and draw and predictor.task != "classification":
             row["overlay"] = storage.write_bytes(out, _overlay_name(p, image_id), predictor.overlay(data, res))

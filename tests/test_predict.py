@@ -89,11 +89,19 @@ def test_classifier_writes_top_k_and_bad_files_are_skipped_with_a_reason(tmp_pat
     ckpt = _checkpoint(tmp_path / "run", "resnet18", "classification", categories, image_size=32)
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"not an image")
-    good = sorted((synth_dir / "val").glob("*.jpg"))[0]
+    # A name with glob characters that exists is that file; a file over the byte cap is not read.
+    good = tmp_path / "img[1].jpg"
+    good.write_bytes(sorted((synth_dir / "val").glob("*.jpg"))[0].read_bytes())
+    (tmp_path / "img1.jpg").write_bytes(b"what a glob would have matched")
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(64 * 1024 * 1024 + 1)  # sparse: no disk used
     out = tmp_path / "out"
-    assert main(["predict", str(good), str(bad), "--checkpoint", str(ckpt), "--out", str(out), "--top-k", "2"]) == 0
+    assert main(["predict", str(good), str(bad), str(huge), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--top-k", "2"]) == 0
     captured = capsys.readouterr()
     assert "notes.png" in captured.err and "not a JPEG or PNG" in captured.err
+    assert "huge.jpg: too large: 67108865 bytes" in captured.err, captured.err
     (pred,) = json.loads((out / "predictions.json").read_text())
     assert pred["file_name"] == str(good) and len(pred["top_k"]) == 2
     assert pred["top_k"][0]["score"] >= pred["top_k"][1]["score"]
@@ -104,6 +112,12 @@ def test_bad_arguments_get_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing-here"), "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file or folder" in err[0]
+    for flag, value in (("--batch-size", "0"), ("--max-detections", "-1"), ("--top-k", "-1"), ("--actors", "0")):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error: exit 2 before anything is read
+            main(["predict", str(tmp_path), "--checkpoint", str(tmp_path), flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{flag}: must be an integer >=" in err, err
 
 
 def test_a_users_console_shows_no_library_warning_while_overlays_are_drawn(tmp_path, synth_dir, categories):

@@ -6,6 +6,16 @@ import json
 import sys
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+    parse.__name__ = "integer"  # argparse's "invalid integer value" for non-numbers
+    return parse
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (searched recursively) or globs; local paths or storage URIs")
@@ -16,12 +26,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a COCO JSON listing these images: its image ids go into the results (default: 1..N)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="detections below it are dropped (0.3)")
     parser.add_argument("--iou-threshold", type=float, default=0.5, help="NMS IoU threshold (0.5)")
-    parser.add_argument("--max-detections", type=int, default=100, help="per image (100)")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per image for classifiers (5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (8)")
-    parser.add_argument("--in-process-max", type=int, default=16,
+    parser.add_argument("--max-detections", type=_at_least(1), default=100, help="per image (100)")
+    parser.add_argument("--top-k", type=_at_least(1), default=5, help="classes per image for classifiers (5)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=8, help="images per model call (8)")
+    parser.add_argument("--in-process-max", type=_at_least(0), default=16,
                         help="up to this many images run in this process; more run on Ray Data (16)")
-    parser.add_argument("--actors", type=int, default=2, help="Ray Data actors, each with a copy of the model (2)")
+    parser.add_argument("--actors", type=_at_least(1), default=2, help="Ray Data actors, each with a copy of the model (2)")
     parser.add_argument("--no-overlays", action="store_true", help="write the JSON only")
     from pipelines.ray_runtime import add_arguments
 
