@@ -79,18 +79,22 @@ def test_hostile_segmentations_are_dropped_before_pycocotools(ray_cluster, tmp_p
         20: {"size": [40, 50], "counts": wider},                 # valid string, runs for 40x60
         21: {"size": [40, 50], "counts": compressed},            # fine
         22: [[10, 10, 30, 10, 30, 30, 10, 30], [5, 5, 10, 5, "x", 10]],
+        23: [[0, 0, 1e308, 0, 1e308, 1e308]],                    # clipping overflows to NaN
     }
     anns = [{"id": aid, "image_id": 1, "category_id": 1, "bbox": box, "segmentation": s, "iscrowd": 0}
             for aid, s in segs.items()]
     anns.append({"id": 30, "image_id": 2, "category_id": 1, "bbox": [2, 2, 10, 10], "segmentation": good,
                  "iscrowd": 0})
+    # No segmentation: the box is the mask, and this one has no area as a polygon (it quarantined image 2).
+    anns.append({"id": 31, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1e-200, 1e-200], "iscrowd": 0})
     ann_file = _split(tmp_path, images, anns)
     assert "NaN" in ann_file.read_text() and "Infinity" in ann_file.read_text()
 
     manifest = ingest(ann_file, imgs, tmp_path / "out")
     rows = _rows(tmp_path / "out")
     dropped = {d["annotation_id"]: d["reason"] for d in manifest["dropped"]}
-    assert set(dropped) == {12, 13, 14, 15, 16, 17, 18, 19, 20, 22}
+    assert set(dropped) == {12, 13, 14, 15, 16, 17, 18, 19, 20, 22, 23, 31}
+    assert "inside the image" in dropped[23] and "no area as a mask" in dropped[31]
     assert "non-finite" in dropped[12] and "non-finite" in dropped[15]
     assert "odd number" in dropped[13]
     assert "inside the image" in dropped[14]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipelines.data.validate import BadSegmentation, clean_segmentation, finite_number
+from pipelines.data.validate import BadSegmentation, clean_polygon, clean_segmentation, finite_number
 from pipelines.storage import read_bytes, resolve
 
 META_SCHEMA = pa.schema([
@@ -143,6 +143,10 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
             index.num_clipped += 1
         try:  # checked and clipped here, so that nothing unchecked reaches pycocotools' C code
             seg = clean_segmentation(ann.get("segmentation"), im["height"], im["width"])
+            # Without a segmentation the ingest task encodes the box as its mask, checked there the same way:
+            # a box too small to have an area as a polygon (1e-200 wide) would quarantine the whole image.
+            if seg is None and clean_polygon([x1, y1, x2, y1, x2, y2, x1, y2], im["height"], im["width"]) is None:
+                raise BadSegmentation(f"box [{x:g}, {y:g}, {bw:g}, {bh:g}] has no area as a mask")
         except BadSegmentation as e:
             drop(str(e))
             continue

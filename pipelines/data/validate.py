@@ -63,10 +63,16 @@ def clean_polygon(poly, height: int, width: int) -> list[float] | None:
         twice_area = sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
         return [float(v) for v in poly] if twice_area != 0 else None
     rect = np.array([[lo_x, lo_y], [hi_x, lo_y], [hi_x, hi_y], [lo_x, hi_y]])
-    clipped = clip_convex(np.asarray(poly, dtype=np.float64).reshape(-1, 2), rect)
-    if len(clipped) < 3 or polygon_area(clipped) <= 0:
+    with np.errstate(over="ignore", invalid="ignore"):  # coordinates near 1e308 overflow: NaN, dropped below
+        clipped = clip_convex(np.asarray(poly, dtype=np.float64).reshape(-1, 2), rect)
+    if len(clipped) < 3 or not polygon_area(clipped) > 0:  # (not > 0: NaN from coordinates near 1e308)
         return None
-    return clipped.ravel().tolist()
+    out = clipped.ravel().tolist()
+    # What comes out must pass this check again as it is (the ingest task checks it once more before
+    # pycocotools): finite, and an area by the in-bounds formula above.
+    xs, ys = out[0::2], out[1::2]
+    twice_area = sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
+    return out if _finite(out) and twice_area != 0 else None
 
 
 def rle_string_counts(counts: str) -> list[int]:
