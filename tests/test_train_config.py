@@ -30,6 +30,9 @@ def test_bad_fields_are_named():
         TrainConfig(**{**BASE, "arch": "resnet19"})
     with pytest.raises(ValidationError, match="classification needs a classifier"):
         TrainConfig(**{**BASE, "arch": "localizer", "task": "classification"})
+    # Every batch of 1 was skipped (batch norm needs two samples): the run trained nothing and exited 0.
+    with pytest.raises(ValidationError, match="batch_size"):
+        TrainConfig(**BASE, batch_size=1)
 
 
 def test_schedules():
@@ -104,6 +107,17 @@ def test_a_resumed_optimizer_keeps_its_fused_kernel_over_a_saved_unfused_state()
     opt.step()
 
 
+def test_a_resume_takes_the_saved_state_but_its_own_weight_decay_and_momentum():
+    model = torch.nn.Linear(3, 2)
+    old = make_optimizer(model, TrainConfig(**BASE, optimizer="sgd", weight_decay=1e-4, momentum=0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    old.step()
+    opt = make_optimizer(model, TrainConfig(**BASE, optimizer="sgd", weight_decay=0.0, momentum=0.5))
+    load_optimizer_state(opt, old.state_dict())
+    assert [(g["weight_decay"], g["momentum"]) for g in opt.param_groups] == [(0.0, 0.5), (0.0, 0.5)]
+    assert opt.state[model.weight]["momentum_buffer"].abs().sum() > 0  # the saved buffers were taken
+
+
 def test_task_plugins_are_found_by_name():
     for name in ("classification", "localization"):
         module = get_task(name)
@@ -132,3 +146,34 @@ def test_the_driver_checks_that_the_model_builds_and_passes_every_registered_one
         bad = TrainConfig(**{**BASE, "arch": arch, "num_classes": 5, "model_kwargs": {"no_such_argument": 1}})
         with pytest.raises(ValueError, match=f"{arch} does not build with these settings.*no_such_argument"):
             _check_builds(bad, get_task("classification"))
+
+
+def test_a_checkpoint_that_is_torn_or_not_visionflows_is_refused_in_one_line(tmp_path, capsys):
+    from pipelines.cli import main
+
+    good = {"model": torch.nn.Linear(2, 2).state_dict(), "epoch": 0, "optimizer": {}}
+    torch.save({**good, "args": {}}, tmp_path / "reference.pt")  # torchvision's reference scripts' layout
+    torch.save({**good, "config": {"arch": "resnet18"}}, tmp_path / "full.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:200])
+    for name, needle in (("reference.pt", "not a visionflow checkpoint"), ("torn.pt", "not a readable checkpoint")):
+        assert main(["eval", "--checkpoint", str(tmp_path / name), "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_local_paths_are_made_absolute_for_the_workers_and_uris_kept(tmp_path, monkeypatch):
+    from pipelines.train.trainer import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(TrainConfig(**{**BASE, "out": "runs/r"}, init_from="runs/teacher", distill_from="s3://b/t"))
+    assert (cfg.out, cfg.init_from, cfg.distill_from) == (str(tmp_path / "runs/r"), str(tmp_path / "runs/teacher"),
+                                                          "s3://b/t")
+
+
+def test_num_classes_below_the_datas_categories_is_refused(data_dir):
+    from pipelines.train.trainer import resolve_config
+
+    k = len(resolve_config(TrainConfig(**{**BASE, "data": str(data_dir)})).categories)
+    with pytest.raises(ValueError, match=f"--num-classes 2 is smaller than the {k} categories"):
+        resolve_config(TrainConfig(**{**BASE, "data": str(data_dir)}, num_classes=2))
+    assert resolve_config(TrainConfig(**{**BASE, "data": str(data_dir)}, num_classes=k + 3)).num_classes == k + 3

@@ -27,11 +27,11 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         out = os.path.join(args.checkpoint, "eval") if os.path.isdir(args.checkpoint) else "."
-    from pipelines.train.checkpoint import checkpoint_file
+    from pipelines.train.checkpoint import load_payload
 
-    try:
-        checkpoint_file(args.checkpoint)  # a wrong path is refused before Ray starts
-    except FileNotFoundError as e:
+    try:  # a wrong path, a torn or foreign file: refused before Ray starts (mapped, not read whole)
+        load_payload(args.checkpoint, mmap=True)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"visionflow eval: {e}", file=sys.stderr)
         return 2
     if not connect_for("eval", args):

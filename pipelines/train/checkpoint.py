@@ -124,14 +124,26 @@ def _checkpoint_files(path) -> tuple[list[str], bool]:
 
 def _read(file: str, map_location, mmap: bool = False) -> dict:
     fs, inner = storage.resolve(file)
-    if mmap and isinstance(fs, pafs.LocalFileSystem):
-        # Mapped, not read: only the tensors used are paged in (VGG-16's 1.6 GB checkpoint is two thirds
-        # optimizer state, which a model load never touches: 0.01 s against 2-10 s to read it all).
-        payload = torch.load(inner, map_location=map_location, weights_only=True, mmap=True)
-    else:
-        payload = torch.load(io.BytesIO(storage.read_bytes(fs, inner)), map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise ValueError("not a visionflow checkpoint (no 'model' state dict)")
+    try:
+        if mmap and isinstance(fs, pafs.LocalFileSystem):
+            # Mapped, not read: only the tensors used are paged in (VGG-16's 1.6 GB checkpoint is two thirds
+            # optimizer state, which a model load never touches: 0.01 s against 2-10 s to read it all).
+            payload = torch.load(inner, map_location=map_location, weights_only=True, mmap=True)
+        else:
+            payload = torch.load(io.BytesIO(storage.read_bytes(fs, inner)), map_location=map_location,
+                                 weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- a torn or foreign file: torch raises several kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{file} is not a readable checkpoint (torn, or not written by torch.save: "
+                         f"{type(e).__name__}: {first[:200]})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) \
+            or not isinstance(payload.get("config"), dict):
+        keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{file} is not a visionflow checkpoint: it needs a 'model' state dict and the 'config' "
+                         f"it was trained with (it has {keys}); a torchvision state dict or another trainer's "
+                         f"checkpoint starts a training instead: visionflow train --init-from")
     return payload
 
 

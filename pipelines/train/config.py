@@ -71,7 +71,8 @@ class TrainConfig(BaseModel):
                                  "epoch) and keeps its val part for every epoch; 0: always stream")
     # optimisation
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1, description="per worker; the global batch is workers x batch size")
+    batch_size: int = Field(32, ge=2, description="per worker, at least 2 (batch norm in training mode needs two "
+                            "samples); the global batch is workers x batch size")
     image_size: int = Field(64, ge=8)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: Optional[float] = Field(None, gt=0, description="base learning rate; None: 0.05 for SGD, 1e-3 for AdamW")

@@ -85,14 +85,14 @@ def fused_supported(params: list) -> bool:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict(state)``, keeping this optimizer's own kernel choice: torch takes each
-    group's ``fused``/``foreach`` from the saved state, so a checkpoint from before the fused kernels (or
-    from a device without them) would switch them off, or on where they cannot run."""
+    """``optimizer.load_state_dict(state)`` for its state (momentum buffers, AdamW's moments), keeping this
+    optimizer's own settings: torch takes each group's settings from the saved state, so a resume with
+    another ``--weight-decay`` or ``--momentum`` kept the old ones, and a checkpoint from before the fused
+    kernels (or from a device without them) would switch them off, or on where they cannot run."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        for key in ("fused", "foreach"):
-            if key in optimizer.defaults:
-                group[key] = optimizer.defaults[key]
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int) -> float:
@@ -500,6 +500,10 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
 
         total = all_reduce_sums({"images": float(images), **sums})
         slowest = all_reduce_sums({"seconds": seconds, "val_seconds": val_seconds}, op="max")
+        if total["images"] == 0:  # every batch below min_batch: weights untouched, a checkpoint would lie
+            raise ValueError(f"{cfg.arch}: epoch {epoch + 1} ran no training step: every batch had fewer than "
+                             f"{min_batch} images (each worker's part of the train split is too small); use more "
+                             f"training images or fewer workers")
         n_all = max(total.pop("images"), 1.0)
         record = {"epoch": epoch, "start_epoch": start, "lr": lr, "train_images": int(n_all), "train_seconds": slowest["seconds"],
                   "train_images_per_s": n_all / max(slowest["seconds"], 1e-9),
@@ -558,6 +562,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     update = {"categories": categories}
     if cfg.num_classes is None:
         update["num_classes"] = len(categories)
+    elif cfg.num_classes < len(categories):  # labels 1..K: a smaller head fails in the loss at the first step
+        raise ValueError(f"--num-classes {cfg.num_classes} is smaller than the {len(categories)} categories of "
+                         f"{cfg.data}/train; leave it out (it follows the data) or give at least {len(categories)}")
     return cfg.model_copy(update=update)
 
 
@@ -625,10 +632,8 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
         # Ray Train: ``ingest_config``.)
         for ds in datasets.values():
             ds.context.execution_options.preserve_order = True
-    out = cfg.out if "://" in cfg.out else os.path.abspath(cfg.out)
-    # The workers write metrics, curves and checkpoints to cfg.out from their own working directory (Ray
-    # Train's run folder): a relative --out would land there, not where the user asked.
-    cfg = cfg.model_copy(update={"out": out})
+    cfg = absolute_paths(cfg)
+    out = cfg.out
     # Starting weights (--init-from, --pretrained) apply to a fresh run only.
     fresh = restart or not checkpoint_candidates(out)
     init = init_weights.check(cfg) if fresh else None
@@ -638,6 +643,15 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     storage.write_json(out, "config.json", cfg.model_dump(mode="json"))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {})}
     return cfg, out, datasets, resources
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local paths (``out``, ``init_from``, ``distill_from``) made absolute here: the workers
+    run in their own working directory (Ray Train's run folder), where a relative --out would land and a
+    relative --init-from or --distill-from would not be found. URIs stay as they are."""
+    update = {k: os.path.abspath(v) for k in ("out", "init_from", "distill_from")
+              if (v := getattr(cfg, k)) and "://" not in v}
+    return cfg.model_copy(update=update)
 
 
 def console_logging():
