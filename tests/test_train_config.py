@@ -33,6 +33,9 @@ def test_bad_fields_are_named():
     # Every batch of 1 was skipped (batch norm needs two samples): the run trained nothing and exited 0.
     with pytest.raises(ValidationError, match="batch_size"):
         TrainConfig(**BASE, batch_size=1)
+    for field in ("lr", "cpus_per_worker"):
+        with pytest.raises(ValidationError, match=field):
+            TrainConfig(**BASE, **{field: float("inf")})
 
 
 def test_schedules():

@@ -71,7 +71,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.model_validate(values)
     except ValidationError as e:  # one line per refused field, the flag named as the user typed it
-        why = "; ".join(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        # A check across settings has no field of its own: its message names them.
+        why = "; ".join((f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}: " if err["loc"] else "")
+                        + err["msg"] for err in e.errors())
         print(f"visionflow train: {why}", file=sys.stderr)
         return 2
     except (KeyError, ValueError) as e:

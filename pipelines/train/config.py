@@ -31,7 +31,8 @@ class TrainConfig(BaseModel):
     """One training run. ``data`` is a data directory (``DIR/train``, ``DIR/val`` from `visionflow ingest`),
     ``out`` the run directory (local path or ``s3://...``): checkpoints, ``metrics.jsonl``, ``config.json``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # No inf or NaN in any float setting: --lr inf trained to NaN, --cpus-per-worker inf overflowed in Ray.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     # what
     task: Optional[Literal["classification", "localization", "detection", "segmentation"]] = Field(
