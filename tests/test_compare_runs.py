@@ -73,3 +73,20 @@ def test_models_command_prints_measured_counts(capsys):
     assert "| localization | 12.28 |" in row
     # at 64 px the glimpse (64 px) costs as much as the whole image: twice the backbone
     assert float(row.strip("|").split("|")[3]) == pytest.approx(2 * 6.38 * (64 / 224) ** 2, rel=0.05)
+
+
+def test_an_evaluation_of_another_split_epoch_or_run_is_not_the_runs_accuracy(loc_run, tmp_path):
+    import shutil
+
+    from pipelines.reports.compare import summarize_run
+
+    run = tmp_path / "run"
+    shutil.copytree(loc_run, run, ignore=shutil.ignore_patterns("eval"))
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    own = {"arch": "resnet18", "task": "localization", "epoch": record["epoch"], "split": "val", "loc_acc": 0.987}
+    (run / "eval").mkdir()
+    for stale in ({"split": "train"}, {"epoch": record["epoch"] + 5}, {"arch": "vgg16"}):
+        (run / "eval" / "metrics.json").write_text(json.dumps({**own, **stale}))
+        assert summarize_run(str(run))["accuracy"] == pytest.approx(record["val_loc_acc"]), stale
+    (run / "eval" / "metrics.json").write_text(json.dumps(own))
+    assert summarize_run(str(run))["accuracy"] == 0.987

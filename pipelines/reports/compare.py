@@ -35,11 +35,15 @@ def _train_dir(run_dir: str) -> str:
     return run_dir
 
 
-def _eval_metrics(run_dir: str, train_dir: str) -> dict | None:
-    """``metrics.json`` of `visionflow eval` next to the run (RUN/eval, or the DAG's archs/<arch>/eval)."""
+def _eval_metrics(run_dir: str, train_dir: str, arch: str, epoch: int) -> dict | None:
+    """``metrics.json`` of `visionflow eval` next to the run (RUN/eval, or the DAG's archs/<arch>/eval), when
+    it scored this run's last checkpoint on the val split: an evaluation of another split, of an earlier
+    epoch (before a resume) or of another run (the folder above a plain run directory may hold any run's)
+    is not this run's accuracy, and the last training record's validation stands instead."""
     for base in (train_dir, run_dir, train_dir.rstrip("/").rsplit("/", 1)[0]):
         doc = storage.read_json(base, "eval/metrics.json")
-        if doc:
+        if doc and doc.get("arch", arch) == arch and doc.get("epoch", epoch) == epoch \
+                and doc.get("split", "val") == "val":
             return doc
     return None
 
@@ -88,7 +92,7 @@ def summarize_run(run_dir: str) -> dict:
         return {"run_dir": run_dir, "arch": config["arch"], "task": config["task"], "status": "failed",
                 "error": "no finished epoch (metrics.jsonl is empty)"}
     task, last = config["task"], records[-1]
-    evaluated = _eval_metrics(run_dir, train_dir)
+    evaluated = _eval_metrics(run_dir, train_dir, config["arch"], last["epoch"])
     key, label = main_metric(task, evaluated, last)
     accuracy = (evaluated or {}).get(key, last.get(f"val_{key}"))
     inference = (evaluated or {}).get("inference_images_per_s") or last.get("val_images_per_s")
