@@ -72,12 +72,10 @@ def list_inputs(inputs: list[str]) -> list[str]:
     return found
 
 
+
 class TooLarge(OSError):
-    """An input file over ``MAX_FILE_BYTES``: skipped with its reason, never read."""
-
-
-# As ingest's default --max-image-bytes: a file bigger than this is not read into memory.
-MAX_FILE_BYTES = 64 * 1024 * 1024
+    """An input file over ingest's default byte cap (``DEFAULT_MAX_IMAGE_BYTES``): skipped with its reason,
+    never read into memory."""
 
 
 def read_file(path: str, max_bytes: int | None = None) -> bytes:
@@ -216,11 +214,13 @@ class _PredictBatch:
 
 def _predict_files(predictor: Predictor, paths: list[str], ids: list[int], out: str, draw: bool) -> list[dict]:
     """Rows ``{"file_name", "image_id", "width", "height", "items"[, "overlay"]}`` or ``{..., "error"}``."""
+    from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES  # (here: the package imports Ray Data)
+
     datas: list[bytes | None] = []
     unread: dict[int, str] = {}
     for k, p in enumerate(paths):
         try:
-            datas.append(read_file(p, MAX_FILE_BYTES))
+            datas.append(read_file(p, DEFAULT_MAX_IMAGE_BYTES))
         except TooLarge as e:
             datas.append(None)
             unread[k] = f"too large: {e}"

@@ -61,11 +61,16 @@ def load_json(annotations) -> dict:
     return data
 
 
+def _int64(v) -> bool:
+    """An integer (not true/false) within the shard's int64 id columns."""
+    return type(v) is int and -2 ** 63 <= v < 2 ** 63
+
+
 def category_map(categories: list[dict], source="annotations") -> list[dict]:
     """``[{"id", "name", "label"}]``: labels 1..K given in order of COCO id."""
     seen = {}
     for c in categories:
-        if not isinstance(c, dict) or type(c.get("id")) is not int or not -2 ** 63 <= c["id"] < 2 ** 63:
+        if not isinstance(c, dict) or not _int64(c.get("id")):
             raise ValueError(f"{source}: every category needs an integer 'id' (64-bit), got {c!r}")
         if c["id"] in seen:
             raise ValueError(f"{source}: category id {c['id']} appears twice")
@@ -95,7 +100,7 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
         reason = None
         # Ranges of the shard's Arrow columns (int64 id, int32 sizes): a value past them stopped the whole
         # ingest in the conversion; true/false are not integers here.
-        if type(iid) is not int or not -2 ** 63 <= iid < 2 ** 63 or not isinstance(name, str) or not name:
+        if not _int64(iid) or not isinstance(name, str) or not name:
             reason = "image entry needs an integer 'id' (64-bit) and a 'file_name'"
         elif iid in images:
             reason = f"duplicate image id {iid}"

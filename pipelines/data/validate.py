@@ -45,6 +45,11 @@ def _finite(values) -> bool:
         return False
 
 
+def _twice_area(xs: list, ys: list) -> float:
+    """Twice a polygon's signed area (shoelace), in plain Python: the in-bounds check of every polygon."""
+    return sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
+
+
 def clean_polygon(poly, height: int, width: int) -> list[float] | None:
     """``poly`` clipped to the image plus MARGIN, as a flat list of floats; None when nothing with an
     area is left (or it has fewer than 3 points). Raises BadSegmentation when it is malformed."""
@@ -60,8 +65,7 @@ def clean_polygon(poly, height: int, width: int) -> list[float] | None:
     lo_x, hi_x, lo_y, hi_y = -MARGIN, width + MARGIN, -MARGIN, height + MARGIN
     if min(xs) >= lo_x and max(xs) <= hi_x and min(ys) >= lo_y and max(ys) <= hi_y:
         # The common case, in plain Python (a COCO file has ~1M polygons): inside, so only the area.
-        twice_area = sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
-        return [float(v) for v in poly] if twice_area != 0 else None
+        return [float(v) for v in poly] if _twice_area(xs, ys) != 0 else None
     rect = np.array([[lo_x, lo_y], [hi_x, lo_y], [hi_x, hi_y], [lo_x, hi_y]])
     with np.errstate(over="ignore", invalid="ignore"):  # coordinates near 1e308 overflow: NaN, dropped below
         clipped = clip_convex(np.asarray(poly, dtype=np.float64).reshape(-1, 2), rect)
@@ -70,9 +74,7 @@ def clean_polygon(poly, height: int, width: int) -> list[float] | None:
     out = clipped.ravel().tolist()
     # What comes out must pass this check again as it is (the ingest task checks it once more before
     # pycocotools): finite, and an area by the in-bounds formula above.
-    xs, ys = out[0::2], out[1::2]
-    twice_area = sum(x0 * y1 - x1 * y0 for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
-    return out if _finite(out) and twice_area != 0 else None
+    return out if _finite(out) and _twice_area(out[0::2], out[1::2]) != 0 else None
 
 
 def rle_string_counts(counts: str) -> list[int]:
