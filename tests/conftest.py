@@ -41,3 +41,20 @@ def data_dir(ray_cluster, synth_dir, tmp_path_factory):
     for split in ("train", "val"):
         ingest(synth_dir / "annotations" / f"instances_{split}.json", synth_dir / split, out / split)
     return out
+
+@pytest.fixture(scope="session")
+def reordered_data_dir(ray_cluster, synth_dir, tmp_path_factory):
+    """`synth_dir`'s val split ingested with its category names in another order (the same ids, images and
+    annotations): data a checkpoint of `data_dir` must not be scored on."""
+    import json
+
+    from pipelines.data import ingest
+
+    coco = json.loads((synth_dir / "annotations" / "instances_val.json").read_text())
+    names = [c["name"] for c in coco["categories"]]
+    for c, name in zip(coco["categories"], names[1:] + names[:1]):
+        c["name"] = name
+    root = tmp_path_factory.mktemp("reordered")
+    (root / "instances_val.json").write_text(json.dumps(coco))
+    ingest(root / "instances_val.json", synth_dir / "val", root / "shards" / "val")
+    return root / "shards"

@@ -133,7 +133,7 @@ def test_visualize_command_writes_one_grid_per_layer(checkpoints, data_dir, tmp_
     assert (out / "conv1.png").stat().st_size > 1000 and (out / "net.layer1.0.conv2.png").exists()
 
 
-def test_bad_inputs_get_clear_errors(checkpoints, data_dir, tmp_path, capsys):
+def test_bad_inputs_get_clear_errors(checkpoints, data_dir, reordered_data_dir, tmp_path, capsys):
     teacher, _ = checkpoints
     assert cli(["attack", "--checkpoint", str(tmp_path / "nowhere"), "--data", str(data_dir),
                 "--out", str(tmp_path / "r")]) == 2
@@ -141,6 +141,9 @@ def test_bad_inputs_get_clear_errors(checkpoints, data_dir, tmp_path, capsys):
     assert cli(["attack", "--checkpoint", teacher.out, "--data", str(data_dir), "--eps", "2",
                 "--out", str(tmp_path / "r")]) == 2
     assert "epsilons must lie in [0, 1]" in capsys.readouterr().err  # errors go to stderr
+    assert cli(["attack", "--checkpoint", teacher.out, "--data", str(reordered_data_dir), "--eps", "0.01",
+                "--out", str(tmp_path / "r")]) == 2
+    assert "trained on the classes [circle, square" in capsys.readouterr().err  # not attacked on other labels
     assert cli(["visualize", "--checkpoint", teacher.out, "--data", str(data_dir), "--layer", "conv99",
                 "--out", str(tmp_path / "v")]) == 2
     assert "conv1..conv20" in capsys.readouterr().err  # errors go to stderr
@@ -148,6 +151,30 @@ def test_bad_inputs_get_clear_errors(checkpoints, data_dir, tmp_path, capsys):
         cli(["attack", "--checkpoint", teacher.out, "--data", str(data_dir), "--attacks", "carlini"])
     with pytest.raises(ValueError, match="classification options"):
         TrainConfig(**{**TINY, "arch": "localizer"}, data="d", out="o", adversarial="pgd")
+
+
+def test_a_bad_teacher_is_refused_on_the_driver_before_anything_runs(checkpoints, data_dir, tmp_path, capsys):
+    """A missing teacher, a detector as teacher, a teacher of other classes: one line, no run directory."""
+    teacher, _ = checkpoints
+    detector = tmp_path / "detector"
+    det_cfg = {**teacher.model_dump(), "arch": "yolo_v1", "task": "detection", "temperature": 1.0}
+    (detector / "checkpoints" / "epoch_0000").mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 0, "config": det_cfg}, detector / "checkpoints" / "epoch_0000" / "checkpoint.pt")
+    other = tmp_path / "other_classes"
+    cats = [{**c, "name": n} for c, n in zip(teacher.categories, [c["name"] for c in teacher.categories][::-1])]
+    save_checkpoint(data_dir, other, 0, temperature=4.0)
+    payload = torch.load(other / "checkpoints" / "epoch_0000" / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "config": {**payload["config"], "categories": cats}},
+               other / "checkpoints" / "epoch_0000" / "checkpoint.pt")
+    for source, message in ((tmp_path / "missing", "no checkpoint under"), (detector, "holds a detection model"),
+                            (other, "trained on the classes [ellipse, hexagon")):
+        out = tmp_path / f"student_{source.name}"
+        argv = ["train", "--arch", "resnet18", "--data", str(data_dir), "--out", str(out), "--epochs", "1",
+                "--image-size", "32", "--temperature", "4", "--distill-from", str(source), "--no-dashboard"]
+        assert cli(argv) == 2, source
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("visionflow train:")]
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()
 
 
 @pytest.mark.slow

@@ -65,6 +65,24 @@ def test_topk_counts_and_caps_k_at_the_class_count():
     assert topk_correct(logits, torch.tensor([2, 0]), 5) == 2
 
 
+def test_top5_is_reported_only_above_five_classes():
+    """With 5 classes every label is among the 5 highest logits: a top-5 of 1.0 said nothing of the model."""
+    from pipelines.train.tasks.classification import evaluate
+
+    torch.manual_seed(0)
+    for k in (5, 10):
+        model = torch.nn.Linear(4, k)
+        x, y = torch.randn(64, 4), torch.randint(0, k, (64,))
+        m = evaluate(model, [(x[:32], y[:32]), (x[32:], y[32:])], TrainConfig(**BASE, num_classes=k))
+        ranks = (model(x).argsort(1, descending=True) == y[:, None]).float().argmax(1)
+        assert m["top1"] == pytest.approx(float((ranks == 0).float().mean())) and m["images"] == 64
+        if k == 5:
+            assert "top5" not in m
+        else:
+            assert m["top5"] == pytest.approx(float((ranks < 5).float().mean()))
+            assert m["top1"] < m["top5"] < 1.0
+
+
 def test_optimizer_keeps_weight_decay_off_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     opt = make_optimizer(model, TrainConfig(**BASE, weight_decay=0.01))

@@ -47,7 +47,7 @@ def test_killed_worker_is_replaced_and_training_resumes_from_the_last_checkpoint
     assert result["epochs_run"] == 2 and result["metrics"]["epoch"] == 1
     for r in records:  # both workers' images counted, metrics in range
         assert r["train_images"] > 0 and r["train_images_per_s"] > 0
-        assert 0.0 <= r["val_top1"] <= 1.0 and r["val_top1"] <= r["val_top5"]
+        assert 0.0 <= r["val_top1"] <= 1.0 and "val_top5" not in r  # 5 classes: no top-5
         assert r["train_loss"] > 0 and torch.isfinite(torch.tensor(r["train_loss"]))
 
 

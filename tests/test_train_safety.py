@@ -241,6 +241,21 @@ def test_the_loader_skips_a_torn_newest_checkpoint_and_an_unregistered_folder(tr
         load_payload(newest)
 
 
+def test_eval_refuses_data_of_other_categories_and_a_batch_size_below_one(trained_run, reordered_data_dir,
+                                                                         tmp_path, capsys):
+    """The same images with the category names in another order scored a real model silently wrong."""
+    with pytest.raises(ValueError, match=r"trained on the classes \[circle, square.*has \[square, triangle"):
+        evaluate_checkpoint(trained_run, reordered_data_dir)
+    argv = ["eval", "--checkpoint", str(trained_run), "--data", str(reordered_data_dir), "--out", str(tmp_path),
+            "--no-dashboard"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visionflow eval: ") and "same categories" in err[0], err
+    assert not (tmp_path / "metrics.json").exists()
+    assert cli.main(argv + ["--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "visionflow eval: --batch-size must be >= 1, got 0"
+
+
 @pytest.mark.parametrize("where", ["weight", "bn_stat", "half"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_the_finite_check_finds_one_bad_number_anywhere_in_the_state(where, value):

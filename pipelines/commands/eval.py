@@ -27,10 +27,14 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         out = os.path.join(args.checkpoint, "eval") if os.path.isdir(args.checkpoint) else "."
-    from pipelines.train.checkpoint import load_payload
+    from pipelines.train.checkpoint import checkpoint_file, load_payload
 
-    try:  # a wrong path, a torn or foreign file: refused before Ray starts (mapped, not read whole)
-        load_payload(args.checkpoint, mmap=True)
+    if args.batch_size < 1:
+        print(f"visionflow eval: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:  # a wrong path, a torn or foreign file: refused before Ray starts. A local file is mapped, not read
+        # whole; a remote one (s3://) is only looked for here: reading it would download it twice.
+        checkpoint_file(args.checkpoint) if "://" in args.checkpoint else load_payload(args.checkpoint, mmap=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"visionflow eval: {e}", file=sys.stderr)
         return 2

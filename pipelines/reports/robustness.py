@@ -153,6 +153,7 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
     the adversarial-input detectors at the middle non-zero epsilon. Returns
     ``{"json", "markdown", "curves", "examples": [...], "visualizations": {...}, "models": [...]}``."""
     from pipelines.train import load_checkpoint
+    from pipelines.train.checkpoint import check_categories
 
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not checkpoints:
@@ -179,6 +180,8 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
         if size not in crops:
             crops[size] = load_crops(data_dir, size, images, split)
         x, y, names = crops[size]
+        check_categories(config, {"categories": [{"name": n, "label": i} for i, n in enumerate(names)]}, ckpt,
+                         f"{data_dir}/{split}")
         x, y = x.to(_input_device(model)), y.to(_input_device(model))
         label = model_label(config, ckpt)
         while label in labels_seen:  # two runs of the same kind: tell them apart by directory

@@ -70,7 +70,8 @@ async def _internal_error(_: Request, e: Exception):
     # client gets the error's type and first line; a stage's error comes wrapped in Ray's, whose text is a
     # traceback with process ids and addresses: its cause is named instead. The whole of it goes to the log.
     logging.getLogger("ray.serve").error("internal error answering a request", exc_info=e)
-    cause = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else e
+    cause = getattr(e, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else e
     first = (str(cause).strip().splitlines() or [""])[0]
     return _error(ApiError(500, "internal", f"{type(cause).__name__}: {first}"[:300]))
 

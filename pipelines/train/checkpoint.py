@@ -172,6 +172,24 @@ def load_payload(path, map_location="cpu", *, mmap: bool = False) -> dict:
     raise RuntimeError(f"no readable checkpoint under {path}: " + "; ".join(errors))
 
 
+def check_categories(config: dict, manifest: dict, checkpoint, data) -> None:
+    """ValueError, naming both lists, when the data ``manifest`` (``data``: where it was read) does not hold the
+    categories ``checkpoint``'s ``config`` was trained on, in the same label order: a model scored against
+    other labels reads as a poor model. Nothing to check for a config that lists none."""
+    def names(categories):
+        return [c.get("name") for c in sorted(categories or [], key=lambda c: c.get("label", 0))]
+
+    trained, found = names(config.get("categories")), names(manifest.get("categories"))
+    if trained and trained != found:
+        raise ValueError(f"{checkpoint} was trained on the classes {_listed(trained)}; {data} has "
+                         f"{_listed(found)}: use data ingested with the same categories in the same order")
+
+
+def _listed(names: list, most: int = 8) -> str:
+    shown = ", ".join(str(n) for n in names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})"
+
+
 def build_from_config(config: dict) -> nn.Module:
     """A fresh model of a checkpoint's ``config`` (through the task plug-in that trained it)."""
     from pipelines.train.config import TrainConfig

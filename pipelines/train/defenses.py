@@ -43,6 +43,27 @@ def teacher(path: str, device: torch.device, num_classes: int) -> nn.Module:
     return _TEACHERS[key]
 
 
+def check_teacher(cfg) -> None:
+    """On the driver, before a distillation trains: ``cfg.distill_from`` must be a readable classifier
+    checkpoint of the student's classes (FileNotFoundError / ValueError, one line); the workers found out at
+    their first step. A remote teacher (s3://) is only looked for: the workers read it."""
+    from pipelines.train.checkpoint import check_categories, checkpoint_file, load_payload
+
+    if not cfg.distill_from:
+        return
+    if "://" in cfg.distill_from:
+        checkpoint_file(cfg.distill_from)
+        return
+    config = load_payload(cfg.distill_from, mmap=True)["config"]
+    if config.get("task") != "classification":
+        raise ValueError(f"--distill-from {cfg.distill_from} holds a {config.get('task')} model; a teacher is a "
+                         f"classifier trained on the same data")
+    if config.get("num_classes") != cfg.num_classes:
+        raise ValueError(f"--distill-from {cfg.distill_from} predicts {config.get('num_classes')} classes; the "
+                         f"student has {cfg.num_classes}: distill on the same data")
+    check_categories(config, {"categories": cfg.categories}, f"--distill-from {cfg.distill_from}", cfg.data)
+
+
 def tempered_loss(outputs, images: torch.Tensor, labels: torch.Tensor, cfg) -> torch.Tensor:
     """Training loss at temperature ``cfg.temperature``: soft cross-entropy against the teacher's soft
     labels when ``cfg.distill_from`` is set, cross-entropy of softmax(logits / T) otherwise."""

@@ -32,15 +32,18 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given. Ray Data's console
     in this process passes warnings only from then on (``pipelines.data.console``)."""
     from pipelines.data import load_split, quiet_data_console, quiet_execution
-    from pipelines.train.checkpoint import load_checkpoint
+    from pipelines.train.checkpoint import check_categories, load_checkpoint
     from pipelines.train.config import TrainConfig
     from pipelines.train.tasks import get_task
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, config = load_checkpoint(checkpoint, device=device)
     cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
     task = get_task(cfg.task)
-    ds, _ = load_split(data_dir, split, num_cpus=cfg.augment_cpus)
+    ds, manifest = load_split(data_dir, split, num_cpus=cfg.augment_cpus)
+    check_categories(config, manifest, checkpoint, storage.join(str(data_dir), split))
     quiet_data_console()
     view = quiet_execution(task.view(ds, cfg, train=False, epoch=0))
     batches = (task.collate(b, device) for b in view.iter_batches(batch_size=batch_size, batch_format="numpy"))

@@ -601,13 +601,14 @@ def _check_builds(cfg: TrainConfig, task) -> None:
 
 def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, str, dict, dict]:
     """What a fit does on the driver before training: the config completed from the data, the run directory
-    checked and recorded (``RunMismatch``, a bad ``--init-from``: one line before anything of the run is
-    touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
+    checked and recorded (``RunMismatch``, a bad ``--init-from`` or ``--distill-from``: one line before
+    anything of the run is touched), the lazy datasets (``train_<epoch>`` for each epoch, ``val``) and each worker's resources.
     Returns ``(cfg, out, datasets, resources)``."""
     from pipelines.data import load_split, quiet_execution, read_shards, shard_items, split_shards
     from pipelines.data.ingest import shards_per_read_task
     from pipelines.train import init_weights, run_record
     from pipelines.train.checkpoint import checkpoint_candidates
+    from pipelines.train.defenses import check_teacher
 
     cfg = resolve_config(cfg)
     task = get_task(cfg.task)
@@ -637,6 +638,7 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     # Starting weights (--init-from, --pretrained) apply to a fresh run only.
     fresh = restart or not checkpoint_candidates(out)
     init = init_weights.check(cfg) if fresh else None
+    check_teacher(cfg)
     run_record.start(out, cfg, restart=restart, init=init)  # RunMismatch before anything of the run is touched
     storage.RunDir(out).remove(DIVERGED)
     storage.RunDir(out).remove(PHASES)  # a stale one (an earlier fit) is never read as this one's
