@@ -91,6 +91,25 @@ def test_attacks_leave_model_mode_and_gradients_alone(shapes):
     pgd(model, tx[:8], ty[:8], 0.03, steps=2)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
+    train_patch(model, tx[:8], ty[:8], size=4, steps=2)  # its loss.backward() filled every parameter's grad
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_detector_attacks_leave_batch_norm_statistics_and_gradients_alone(shapes):
+    """The detector's losses need train mode; its batch norm must not learn from the attack's images."""
+    _, (tx, ty) = shapes
+    det = TinyDetector()
+    det.backbone.insert(1, nn.BatchNorm2d(16))
+    det.eval()
+    before = {k: v.clone() for k, v in det.state_dict().items()}
+    images = list(tx[:4])
+    targets = [{"boxes": torch.tensor([[0.0, 0, 24, 24]]), "labels": (l + 1)[None]} for l in ty[:4]]
+    fgsm_detector(det, images, targets, 0.03)
+    pgd_detector(det, images, targets, 0.03, steps=2, norm="l2")
+    assert all(torch.equal(v, before[k]) for k, v in det.state_dict().items())
+    assert not det.training and all(p.grad is None for p in det.parameters())
+    with pytest.raises(ValueError, match="steps"):
+        pgd_detector(det, images, targets, 0.03, steps=0)
 
 
 def test_bad_inputs_are_rejected_with_clear_errors(trained, shapes):
@@ -105,6 +124,12 @@ def test_bad_inputs_are_rejected_with_clear_errors(trained, shapes):
         pgd(trained, tx[:4], ty[:4], 0.1, norm="l1")
     with pytest.raises(ValueError, match="labels"):
         fgsm(trained, tx[:4], ty[:3], 0.1)
+    with pytest.raises(ValueError, match="eps"):  # inf * sign(0) is NaN: the images left [0, 1]
+        fgsm(trained, tx[:4], ty[:4], float("inf"))
+    with pytest.raises(ValueError, match="NaN"):
+        fgsm(trained, torch.where(tx[:4] > 0.5, float("nan"), tx[:4]), ty[:4], 0.1)
+    with pytest.raises(ValueError, match=">= 0"):  # -100 is cross-entropy's "ignore": unattacked, silently
+        pgd(trained, tx[:4], torch.tensor([0, 1, -100, 2]), 0.1)
 
 
 def test_gaussian_noise_stays_in_range_and_has_the_given_spread():

@@ -54,6 +54,12 @@ def test_compare_lists_runs_and_failed_runs(loc_run, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     curves = (tmp_path / "cmp" / "curves.png").read_bytes()  # the finished run's curves; the failed one has none
     assert curves[:8] == b"\x89PNG\r\n\x1a\n"
+    # A misspelt directory is bad input (exit 2, one line naming it, nothing written), not a failed run.
+    capsys.readouterr()
+    assert cli(["compare", str(loc_run), str(tmp_path / "archs" / "vgg61"), "--out", str(tmp_path / "cmp2")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"visionflow compare: no such run directory: {tmp_path / 'archs' / 'vgg61'}"
+    assert captured.out == "" and not (tmp_path / "cmp2").exists()
 
 
 def test_compare_needs_runs(tmp_path):

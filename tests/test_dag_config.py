@@ -157,6 +157,13 @@ def test_the_runs_summary_prints_what_the_smoke_test_found_before_its_table():
      [], "deploy.serve.nmss"),
     ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"serve": {"model": {"num_cpus": -1}}}},
      [], "deploy.serve.model.num_cpus"),
+    # docs/pipeline.md's --archs example: the quickstart pins its served detector; the error says what to do,
+    # and the example's --no-deploy runs.
+    ({"deploy": {"detection_arch": "ssdlite_mobilenet_v3"}}, ["--archs", "resnet18,yolo_v1"], "or pass --no-deploy"),
+    ({"deploy": {"detection_arch": "ssdlite_mobilenet_v3"}}, ["--archs", "resnet18,yolo_v1", "--no-deploy"], None),
+    # It passed and was then replaced by the run's own checkpoints.
+    ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"serve": {"models": [{"name": "x"}]}}},
+     [], "deploy.serve.models: the run serves the models it trained"),
 ])
 def test_run_refuses_bad_settings_before_anything_runs_with_one_line(tmp_path, capsys, doc, extra, needle):
     from pipelines.cli import main
@@ -169,3 +176,18 @@ def test_run_refuses_bad_settings_before_anything_runs_with_one_line(tmp_path, c
         return
     assert rc == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "plan.png").exists()
+
+
+def test_deploy_serve_model_reaches_every_served_model_as_its_resources():
+    """deploy.serve.model was merged into each model's top level, which the serve schema refuses: the deploy
+    stage failed after every training for a setting the config check had accepted."""
+    from pipelines.dag.stages import deploy_serve_args
+    from pipelines.serve.config import ServeArgs
+
+    cfg = {"serve": {"model": {"num_cpus": 0.5, "max_ongoing_requests": 8}, "nms": {"iou_threshold": 0.4}}}
+    args = ServeArgs.model_validate(deploy_serve_args(cfg, [("ssdlite_mobilenet_v3", "/r/a"), ("yolo_v1", "/r/b")]))
+    assert [(m.name, m.checkpoint, m.model.num_cpus, m.model.max_ongoing_requests) for m in args.models] == [
+        ("ssdlite_mobilenet_v3", "/r/a", 0.5, 8), ("yolo_v1", "/r/b", 0.5, 8)]
+    assert args.nms.iou_threshold == 0.4
+    plain = ServeArgs.model_validate(deploy_serve_args({}, [("yolo_v1", "/r/b")]))
+    assert plain.models[0].model.num_cpus == 1.0  # the schema's default

@@ -76,6 +76,29 @@ def test_zfnet_projection_of_one_activation_lands_inside_its_receptive_field(ima
             assert not outside.any(), f"{layer} unit ({c},{r},{q}) projects outside {box}"
 
 
+class _PoolNet(nn.Module):
+    def __init__(self, indices: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        # One channel and 1x1 filters: nothing but the pool spreads the field, whose 2x2 a switch shrank to 1x1
+        self.conv1, self.conv2 = nn.Conv2d(3, 1, 1), nn.Conv2d(1, 1, 1)
+        self.pool = nn.MaxPool2d(2, return_indices=indices)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        return self.conv2(x[0] if isinstance(x, tuple) else x)
+
+
+def test_receptive_fields_are_the_same_through_a_pool_that_returns_its_switches(images):
+    """torch names a pool that returns indices max_pool2d_with_indices: the linear rule skipped it and the
+    field shrank to the switches' pixels."""
+    units = [(0, 5, 7), (0, 0, 0), (0, 31, 31)]
+    net = _PoolNet(False).eval()
+    plain = receptive_field_boxes(net, images[:3], "conv2", units)
+    assert plain == [analytic_box([net.conv1, net.pool, net.conv2], r, q, 64) for _, r, q in units]
+    assert receptive_field_boxes(_PoolNet(True).eval(), images[:3], "conv2", units) == plain
+
+
 def test_two_tower_alexnet_projection_stays_in_receptive_field(images):
     torch.manual_seed(0)
     model = create_model("alexnet2012", num_classes=3).eval()

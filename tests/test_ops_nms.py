@@ -41,6 +41,27 @@ def test_degenerate_and_empty_boxes():
     assert k.numel() == 0
 
 
+def test_labels_stay_apart_and_nan_scores_rank_last_whatever_the_coordinates():
+    """torchvision's offset per label (label x (largest coordinate + 1)) does not separate labels whose
+    boxes lie at negative coordinates; a NaN score sorted first and suppressed a scored box."""
+    same = torch.tensor([[-30.0, -30, 5, 5], [-30, -30, 5, 5]])
+    far = torch.tensor([[-100.0, -100, -10, -10], [-100, -100, -10, -10]])
+    scores = torch.tensor([0.9, 0.8])
+    for boxes in (same, far):
+        assert batched_nms(boxes, scores, torch.tensor([0, 1]), 0.5).tolist() == [0, 1]
+        assert batched_nms(boxes, scores, torch.tensor([1, 1]), 0.5).tolist() == [0]
+    # Shifted data give the same result as the unshifted (IoU is shift-invariant).
+    boxes, s = random_boxes(300, seed=8)
+    labels = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(batched_nms(boxes - 1000, s, labels, 0.5), batched_nms(boxes, s, labels, 0.5))
+    dup = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]])
+    nan_first = torch.tensor([float("nan"), 0.9, 0.5])
+    assert nms(dup, nan_first, 0.5).tolist() == [1, 2]  # the scored duplicate wins; the NaN one is suppressed
+    assert batched_nms(dup, nan_first, torch.tensor([0, 0, 0]), 0.5).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="sigma"):
+        matrix_nms(dup, torch.tensor([0.9, 0.8, 0.5]), sigma=0.0)
+
+
 @pytest.mark.parametrize("thr", [0.3, 0.5, 0.7])
 def test_nms_and_batched_nms_equal_torchvision(thr):
     boxes, scores = random_boxes(500, seed=3)

@@ -68,6 +68,21 @@ def test_images_without_boxes_and_no_boxes_at_all():
     assert out.shape == (0, 8, 7, 7)
 
 
+def test_a_box_with_nan_or_huge_coordinates_reads_nothing_and_stays_inside_the_matrix():
+    """A diverging detector's box: floor() of NaN as an integer made a column index of -9e18, which the
+    sparse kernels read without a check."""
+    rois = torch.tensor([[0, float("nan"), 2, 8, 8], [0, 1e30, 2, 8, 8], [0, 1, 1, 6, 6]])
+    rows, cols, vals, shape = roi_align_matrix([(1, 8, 8)], [1.0], rois, torch.zeros(3, dtype=torch.long), (2, 2), 2)
+    assert 0 <= int(cols.min()) and int(cols.max()) < shape[1] and bool(torch.isfinite(vals).all())
+    feat = torch.randn(1, 8 * 8, requires_grad=True)
+    out = (sparse_matrix(rows, cols, vals, shape) @ feat.view(-1, 1)).view(3, 4)
+    assert torch.equal(out[:2], torch.zeros(2, 4))  # the two bad boxes read nothing
+    ref = roi_align(feat.detach().view(1, 1, 8, 8), rois[2:], (2, 2), 1.0, 2).flatten()
+    torch.testing.assert_close(out[2].detach(), ref)  # a good box beside them is unchanged
+    out.sum().backward()
+    assert torch.isfinite(feat.grad).all()
+
+
 def test_one_level_pool_and_torchvision_path_where_no_gradient_flows():
     feats = OrderedDict(feat=torch.randn(2, 4, 20, 20))
     boxes = [hostile_boxes(12, size=80), hostile_boxes(6, size=80, seed=4)]

@@ -88,18 +88,26 @@ def _jpeg(seed=0) -> bytes:
 
 
 def test_refuses_to_start_without_a_checkpoint(tmp_path):
-    out = io.StringIO()
-    assert serve_cmd.serve_until(threading.Event(), _args(), out) == 2
-    assert "--checkpoint" in out.getvalue() and "--random-weights" in out.getvalue()
+    def refusal(args) -> str:
+        """The one line on the error stream; nothing on the progress stream."""
+        out, err = io.StringIO(), io.StringIO()
+        assert serve_cmd.serve_until(threading.Event(), args, out, err) == 2
+        lines = err.getvalue().splitlines()
+        assert out.getvalue() == "" and len(lines) == 1 and lines[0].startswith("visionflow serve: "), (out, lines)
+        return lines[0]
+
+    line = refusal(_args())
+    assert "--checkpoint" in line and "--random-weights" in line
     doc = {"applications": [{"name": "v", "import_path": "pipelines.serve.app:build_app",
                              "args": {"models": [{"name": "m", "task": "detection"}]}}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
-    out = io.StringIO()
-    assert serve_cmd.serve_until(threading.Event(), _args(config=str(tmp_path / "c.yaml")), out) == 2
-    assert "['m']" in out.getvalue() and "--checkpoint" in out.getvalue()
-    out = io.StringIO()
-    assert serve_cmd.serve_until(threading.Event(), _args(checkpoint=str(tmp_path / "nope")), out) == 2
-    assert "nope" in out.getvalue()
+    line = refusal(_args(config=str(tmp_path / "c.yaml")))
+    assert "['m']" in line and "--checkpoint" in line
+    assert "nope" in refusal(_args(checkpoint=str(tmp_path / "nope")))
+    # A misspelt key: pydantic's four lines were printed on stdout.
+    doc["applications"][0]["args"]["models"][0]["max_batch_sise"] = 4
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    assert "max_batch_sise" in refusal(_args(config=str(tmp_path / "c.yaml"), random_weights=True))
 
 
 def test_serves_the_checkpoint_with_its_categories(served):

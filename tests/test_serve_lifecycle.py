@@ -48,11 +48,11 @@ def _apps() -> dict:
 
 def test_a_config_bigger_than_the_cluster_fails_at_once_naming_what_to_shrink(ray_cluster, tmp_path):
     cfg = _config(tmp_path / "big.yaml", free_port(), {"num_cpus": 3, "num_replicas": 2})
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     t0 = time.monotonic()
-    assert serve_cmd.serve_until(threading.Event(), _args(config=cfg), out) == 1
-    lines = [ln for ln in out.getvalue().splitlines() if ln and "starting" not in ln]
-    assert len(lines) == 1, lines
+    assert serve_cmd.serve_until(threading.Event(), _args(config=cfg), out, err) == 1
+    lines = err.getvalue().splitlines()  # the failure on the error stream, one line; progress on out
+    assert len(lines) == 1 and "starting" in out.getvalue(), (lines, out.getvalue())
     # 2 x 3 for the detector, 0.1 each for the NMS stage and the Ingress (pre/postprocess run inside it).
     assert "asks for 6.2 CPUs but the cluster has 4" in lines[0] and "models[det].model (2 replica(s) x 3 CPU)" in lines[0]
     assert time.monotonic() - t0 < 20
@@ -60,10 +60,10 @@ def test_a_config_bigger_than_the_cluster_fails_at_once_naming_what_to_shrink(ra
 
 def test_deploying_has_a_deadline_and_a_missed_one_removes_the_app(ray_cluster, tmp_path):
     cfg = _config(tmp_path / "slow.yaml", free_port(), {"num_cpus": 0.2})
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     t0 = time.monotonic()
-    assert serve_cmd.serve_until(threading.Event(), _args(config=cfg, timeout=1.0), out) == 1
-    assert "not running after 1s (--timeout)" in out.getvalue(), out.getvalue()
+    assert serve_cmd.serve_until(threading.Event(), _args(config=cfg, timeout=1.0), out, err) == 1
+    assert "not running after 1s (--timeout)" in err.getvalue(), (out.getvalue(), err.getvalue())
     assert time.monotonic() - t0 < 60
     deadline = time.monotonic() + 60
     while "visionflow" in _apps() and time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -11,8 +12,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipelines import storage
     from pipelines.reports.compare import compare
 
+    missing = [d for d in args.run_dirs if not storage.exists(d)]
+    if missing:  # a misspelt path is the user's input, not a failed run
+        print(f"visionflow compare: no such run directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
     result = compare(args.run_dirs, args.out)
     print(result["markdown"])
     print(f"table: {result['table']}\nchart: {result['chart']}\ncurves: {result['curves']}")

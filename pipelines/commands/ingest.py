@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 
 
@@ -28,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
         manifest = ingest(args.annotations, args.images, args.out, max_image_bytes=args.max_image_bytes,
                           max_pixels=args.max_image_pixels)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        print(f"visionflow ingest: {e}")
+        print(f"visionflow ingest: {e}", file=sys.stderr)
         return 2
     print(json.dumps({
         "out": args.out, "num_images": manifest["num_images"], "num_instances": manifest["num_instances"],

@@ -25,9 +25,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
-def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> int:
-    """Deploy per ``args``, print the URL, wait for ``stop``, then shut Serve down. Returns the exit code."""
+def _one_line(e: Exception) -> str:
+    """An error as one line: pydantic's several lines per refused field become ``field: message; ...``."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+    return " ".join(str(e).split())
+
+
+def serve_until(stop: threading.Event, args: argparse.Namespace, out=None, err=None) -> int:
+    """Deploy per ``args``, print the URL, wait for ``stop``, then shut Serve down. Returns the exit code.
+    Progress goes to ``out``, refusals and failures (one line each) to ``err``."""
     out = out or sys.stdout  # looked up per call: sys.stdout may have been swapped since import
+    err = err or sys.stderr
     from pydantic import ValidationError
 
     from pipelines.serve.deploy import deploy, resolve_args, shutdown
@@ -41,10 +52,10 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
             print(f"visionflow serve: {what} no checkpoint. Pass `visionflow serve --checkpoint RUN_DIR` "
                   f"(a run directory of `visionflow train`, a checkpoint directory or a .pt file), set "
                   f"`checkpoint:` for each model in --config, or --random-weights for untrained weights "
-                  f"(tests only).", file=out)
+                  f"(tests only).", file=err)
             return 2
     except (FileNotFoundError, ValueError, ValidationError) as e:
-        print(f"visionflow serve: {e}", file=out)
+        print(f"visionflow serve: {_one_line(e)}", file=err)
         return 2
     import ray
 
@@ -60,7 +71,7 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         owned = connect(args.address, dashboard=getattr(args, "dashboard", True),
                         num_cpus=local_cpus(served)) and requested_address(args.address) is None
     except Exception as e:  # RayUnreachable, or a local cluster that did not start
-        print(f"visionflow serve: {e}", file=out)
+        print(f"visionflow serve: {_one_line(e)}", file=err)
         return 1
 
     def stop_serving(drain: bool = True):
@@ -86,15 +97,15 @@ def serve_until(stop: threading.Event, args: argparse.Namespace, out=None) -> in
         print("visionflow serve: stopped while deploying; removed what was deployed", file=out, flush=True)
         return 130
     except (FileNotFoundError, ValueError) as e:
-        print(f"visionflow serve: {e}", file=out)
+        print(f"visionflow serve: {_one_line(e)}", file=err)
         stop_serving()
         return 2
     except DeployError as e:  # too big for the cluster, a replica that failed, not up in time
-        print(f"visionflow serve: {e}", file=out)
+        print(f"visionflow serve: {_one_line(e)}", file=err)
         stop_serving()
         return 1
     except Exception as e:  # a port in use, Serve itself failing
-        print(f"visionflow serve: deployment failed: {type(e).__name__}: {e}", file=out)
+        print(f"visionflow serve: deployment failed: {type(e).__name__}: {_one_line(e)}", file=err)
         stop_serving()
         return 1
     print(f"visionflow serve: {', '.join(m.name for m in served.models)} at {url} "

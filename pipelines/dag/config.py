@@ -201,13 +201,17 @@ class RunConfig(_Strict):
                 continue
             entry = get_entry(arch) if arch in archs else None
             if entry is None:
-                raise ValueError(f"deploy.{task}_arch: {arch!r} is not trained by this run; its architectures: "
-                                 f"{', '.join(archs)}")
+                raise ValueError(f"deploy.{task}_arch: {arch!r} is not trained by this run (its architectures: "
+                                 f"{', '.join(archs)}): train it too, choose another with --set "
+                                 f"deploy.{task}_arch=ARCH (null: the run's best), or pass --no-deploy")
             if entry.task != task or (task == "segmentation" and entry.segmentation != "instance"):
                 kind = entry.task if entry.task != "segmentation" else f"{entry.segmentation} segmentation"
                 raise ValueError(f"deploy.{task}_arch: {arch!r} is a {kind} model; the endpoint serves "
                                  f"{'instance segmentation' if task == 'segmentation' else task} models")
         serve = dict(self.deploy.serve)
+        if "models" in serve:  # it passed the schema and was then replaced by the run's chosen checkpoints
+            raise ValueError("deploy.serve.models: the run serves the models it trained (deploy.detection_arch, "
+                             "deploy.segmentation_arch); set what each gets under deploy.serve.model")
         # deploy.serve.model: every served model's resources; the rest: ServeArgs' other fields.
         for where, schema, doc in (("deploy.serve.model", StageResources, serve.pop("model", {})),
                                    ("deploy.serve", ServeArgs, serve)):

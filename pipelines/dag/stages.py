@@ -422,6 +422,16 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
                      failed=lambda error: {"error": error})
 
 
+def deploy_serve_args(cfg: dict, served: list[tuple[str, str]]) -> dict:
+    """The Serve application's arguments (``ServeArgs``) for ``served`` (architecture, checkpoint) pairs:
+    ``deploy.serve`` with its ``model`` (the resources of each served model: a model's own ``model`` field; it
+    was merged into the model's top level, which the schema refuses) given to every model."""
+    serve = dict(cfg.get("serve") or {})
+    resources = serve.pop("model", None)
+    return {**serve, "models": [{"name": arch, "checkpoint": ckpt, **({"model": resources} if resources else {})}
+                                for arch, ckpt in served]}
+
+
 def deploy_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], board=None) -> dict:
     """Serve the best detection and segmentation checkpoints (or the configured ones) over HTTP, chosen
     from the branch results (refs in a list, as the comparison gets them, with their ``archs``; a crashed
@@ -447,9 +457,7 @@ def deploy_stage(run_uri: str, cfg: dict, branches: list, archs: list[str], boar
         return out
     tell(board, "deploy", "running")
     t0 = time.perf_counter()
-    models = [{"name": r["arch"], "checkpoint": r["train_dir"]} for r in chosen.values()]
-    serve_args = {**cfg.get("serve", {}), "models": [{**m, **cfg.get("serve", {}).get("model", {})} for m in models]}
-    serve_args.pop("model", None)
+    serve_args = deploy_serve_args(cfg, [(r["arch"], r["train_dir"]) for r in chosen.values()])
     try:
         from pipelines.serve import deploy
         from pipelines.serve.config import HttpOptions

@@ -15,6 +15,8 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must have shape N,C,H,W, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
         raise TypeError(f"{name} must be float in [0, 1], got dtype {images.dtype}")
+    if images.numel() and not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} hold NaN or infinite values; expected values in [0, 1]")
     if images.numel() and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
         raise ValueError(
             f"{name} must lie in [0, 1], got values in [{images.min().item():.3g}, {images.max().item():.3g}]"
@@ -27,12 +29,14 @@ def check_labels(labels: torch.Tensor, images: torch.Tensor) -> None:
         raise ValueError(f"labels must be an integer tensor of shape (N,), got {getattr(labels, 'shape', labels)!r}")
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but images has {images.shape[0]}")
+    if labels.numel() and int(labels.min()) < 0:  # -100 is cross-entropy's "ignore": the image went unattacked
+        raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
 
 
 def check_eps(eps: float, name: str = "eps") -> float:
     eps = float(eps)
-    if not eps >= 0:  # also rejects NaN
-        raise ValueError(f"{name} must be a number >= 0, got {eps!r}")
+    if not 0 <= eps < float("inf"):  # also rejects NaN (inf * sign(0) is NaN: images out of [0, 1])
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
     return eps
 
 

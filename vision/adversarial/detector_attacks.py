@@ -33,6 +33,11 @@ def classification_loss(model: nn.Module, images: list[torch.Tensor], targets: l
 
     ``loss_keys``: exact loss names to sum; by default every key naming classification."""
     with mode(model, True):
+        # Train mode for the losses only: batch norm keeps its running statistics (the attack must not change
+        # the model it attacks, and they normalise as in inference) and dropout stays off.
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+                m.eval()
         losses = model(images, targets)
     if not isinstance(losses, dict):
         raise TypeError("the detector must return a dict of losses in train mode (torchvision convention)")
@@ -69,6 +74,8 @@ def pgd_detector(model: nn.Module, images, targets: list[dict], eps: float, alph
     """PGD (L-infinity or L2, per image) up the detector's classification loss; returns the images."""
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
     xs = _check(images)
     eps = check_eps(eps)
     alpha = check_eps(2.5 * eps / steps if alpha is None else alpha, "alpha")
@@ -82,8 +89,12 @@ def pgd_detector(model: nn.Module, images, targets: list[dict], eps: float, alph
     deltas = []
     for x in xs:
         d = torch.zeros_like(x)
-        if random_start:
-            d = project((2 * torch.rand(x.shape, generator=generator) - 1).to(x) * eps)
+        if random_start and norm == "linf":
+            d = (2 * torch.rand(x.shape, generator=generator) - 1).to(x) * eps
+        elif random_start:  # a uniform point in the L2 ball: random direction, radius eps * U^(1/d)
+            direction = torch.randn(x.shape, generator=generator)
+            radius = eps * float(torch.rand((), generator=generator)) ** (1.0 / x.numel())
+            d = (direction * (radius / direction.norm().clamp_min(1e-12))).to(x)
         deltas.append((x + d).clamp(0, 1) - x)
     for _ in range(int(steps)):
         grads = _grads(model, [x + d for x, d in zip(xs, deltas)], targets, loss_keys)

@@ -79,12 +79,10 @@ def train_patch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, si
             else:
                 loss = F.cross_entropy(logits, torch.full_like(y, int(target)))
             loss = loss + tv_weight * total_variation(patch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (patch.grad,) = torch.autograd.grad(loss, [patch])  # the model's parameters get no gradient
             optimizer.step()
             with torch.no_grad():
                 patch.clamp_(0, 1)
-    # Parameters received no gradient: the optimizer only held the patch.
     return patch.detach()
 
 

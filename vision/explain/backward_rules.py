@@ -60,7 +60,7 @@ class _BackwardRule(TorchFunctionMode):
         if name == "local_response_norm" and self.rule in ("deconvnet", "linear"):
             x = args[0]
             return x + (func(*args, **kwargs) - x).detach()  # value normalized, signal passed unchanged
-        if name == "max_pool2d" and self.rule == "linear":
+        if name in ("max_pool2d", "max_pool2d_with_indices") and self.rule == "linear":
             x, k, s, p, d, ceil, with_idx = _pool_args(*args, **kwargs)
             out = func(*args, **kwargs)
             value = out[0] if with_idx else out

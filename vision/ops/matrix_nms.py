@@ -34,6 +34,8 @@ def matrix_nms(boxes: Tensor, scores: Tensor, labels: Tensor | None = None, *, m
     """
     if kernel not in _KERNELS:
         raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+    if kernel == "gaussian" and not 0 < sigma < float("inf"):  # sigma <= 0 meant no suppression at all
+        raise ValueError(f"sigma must be a finite number > 0 for the gaussian kernel, got {sigma}")
     check_boxes(boxes)
     check_scores(scores, boxes.shape[0])
     if labels is not None:

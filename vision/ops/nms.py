@@ -1,7 +1,8 @@
 """Hard NMS on torchvision's kernels (CPU or CUDA), with the edge cases made explicit.
 
 "Suppress if IoU > iou_threshold", as torchvision: a box whose IoU with a kept, higher-scored
-box equals the threshold survives. Returned indices are sorted by decreasing score.
+box equals the threshold survives. Returned indices are sorted by decreasing score. A NaN score (a
+diverging model) ranks below every other: it never suppresses a scored box (torch sorts NaN first).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _prepare(boxes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     check_boxes(boxes)
     check_scores(scores, boxes.shape[0])
     # Kernels lack fp16 on CPU; inverted boxes would get a negative area and odd IoUs.
-    return sanitize_boxes(boxes), working_dtype(scores).to(dtype=working_dtype(boxes).dtype)
+    s = working_dtype(scores).to(dtype=working_dtype(boxes).dtype)
+    return sanitize_boxes(boxes), torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -48,4 +50,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: fl
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     b, s = _prepare(boxes, scores)
+    # torchvision offsets each label's boxes by label * (largest coordinate + 1), which does not separate
+    # the labels when coordinates are negative (two labels' equal boxes suppressed each other): moved to
+    # start at 0 first (IoU does not change under a shift).
+    low = b.min()
+    if low < 0:
+        b = b - low
     return tvops.batched_nms(b, s, labels, t)

@@ -29,8 +29,11 @@ def _axis(v: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
     their weights, (K, S, 2) each: torchvision's bilinear rule (a sample below -1 or above ``size`` weighs
     nothing, one in [-1, 0] reads pixel 0, one past the last pixel centre reads the last pixel)."""
     size = size[:, None]
-    inside = ((v >= -1) & (v <= size)).to(v.dtype)
-    v = v.clamp(min=0)
+    finite = torch.isfinite(v)
+    inside = (finite & (v >= -1) & (v <= size)).to(v.dtype)
+    # A NaN or huge coordinate (a diverging detector's box) weighs nothing and reads pixel 0: floor() of it
+    # as an integer would be a column index far outside the matrix, which the sparse kernels do not check.
+    v = torch.minimum(torch.where(finite, v, torch.zeros_like(v)).clamp(min=0), size.to(v.dtype))
     low = v.floor().long().clamp(max=size - 1)
     at_edge = low >= size - 1
     frac = torch.where(at_edge, torch.zeros_like(v), v - low)
