@@ -36,7 +36,7 @@ def test_plugins_train_and_evaluate_on_ragged_batches(val_batches, data_dir, tmp
     cfg = cfg_for("yolo_v1", data_dir, tmp_path, "detection", model_kwargs={"image_size": 64})
     model = detection.build_model(cfg)
     images, targets = detection.collate(batches[0], "cpu")
-    assert len({tuple(i.shape) for i in images}) >= 1 and all("image_id" in t for t in targets)
+    assert len({len(t["boxes"]) for t in targets}) > 1 and all("image_id" in t for t in targets)  # ragged: box counts differ
     model.train()
     loss, stats = detection.train_step(model, (images, targets), cfg)
     loss.backward()

@@ -141,3 +141,26 @@ def test_pretrained_without_internet_fails_with_one_line_pointing_to_init_from(r
     assert "torchvision's published weights" in lines[0] and "internet" in lines[0] and "--init-from" in lines[0]
     assert "Traceback" not in captured.out + captured.err
     assert not (out / "run.json").exists()  # refused before anything of the run was touched
+
+
+def test_googlenet_takes_its_published_weights_as_torchvision_builds_them(data_dir, monkeypatch, tmp_path):
+    """--pretrained GoogLeNet: the builder crashed (torchvision refuses init_weights=True with weights), and the
+    trainer built it without ``transform_input``, which the published weights expect. The download is
+    replaced by a state dict of torchvision's own builder (nothing is downloaded here)."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    from pipelines.train.trainer import resolve_config
+    from vision.models import create_model
+
+    state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict()
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: state)
+    model = create_model("googlenet", num_classes=K, pretrained=True)
+    assert model.net.transform_input and model.net.aux1 is not None and model.num_classes == K
+    torch.testing.assert_close(model.net.conv1.conv.weight, state["conv1.conv.weight"])
+
+    cfg = resolve_config(TrainConfig(arch="googlenet", data=str(data_dir), out=str(tmp_path), pretrained=True))
+    assert cfg.model_kwargs == {"transform_input": True}  # recorded: every checkpoint rebuilds with it
+    assert get_task(cfg.task).build_model(cfg).net.transform_input
+    plain = resolve_config(TrainConfig(arch="googlenet", data=str(data_dir), out=str(tmp_path)))
+    assert plain.model_kwargs == {} and not get_task(plain.task).build_model(plain).net.transform_input

@@ -32,7 +32,8 @@ def test_classifier_accepts_small_and_imagenet_inputs(name, size):
     assert model.visionflow_task == "classification"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11", "densenet121", "squeezenet1_1", "googlenet", "zfnet"])
+@pytest.mark.parametrize("name", ["resnet18", "vgg11", "densenet121", "squeezenet1_1", "googlenet", "zfnet",
+                                  "alexnet2012"])
 def test_uniform_face_reset_classifier(name):
     with torch.device("meta"):
         model = create_model(name, num_classes=7).eval()
@@ -43,6 +44,19 @@ def test_uniform_face_reset_classifier(name):
         assert getattr(head, "out_features", getattr(head, "out_channels", None)) == 3
         model.reset_classifier(0)  # a pure feature extractor: pooled features
         assert model(torch.rand(1, 3, 64, 64)).shape == (1, model.num_features)
+
+
+def test_response_normalisation_is_the_papers():
+    """AlexNet (Krizhevsky et al. 2012, 3.3): b = a / (2 + 1e-4 * sum over 5 neighbouring maps of a^2)^0.75;
+    torch divides its alpha by the size, so alpha=1e-4 there normalised five times more weakly."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 9, 4, 4) * 30
+    sq = torch.nn.functional.pad(a * a, (0, 0, 0, 0, 2, 2))
+    window = sum(sq[:, i:i + 9] for i in range(5))
+    expected = a / (2 + 1e-4 * window) ** 0.75
+    for name in ("alexnet2012", "zfnet"):
+        lrn = next(m for m in create_model(name, num_classes=3).modules() if isinstance(m, torch.nn.LocalResponseNorm))
+        torch.testing.assert_close(lrn(a), expected)
 
 
 def test_googlenet_returns_aux_logits_in_training_only():

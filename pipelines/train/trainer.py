@@ -560,6 +560,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if not categories:
         raise ValueError(f"{cfg.data}/train/_manifest.json lists no categories; expected an ingested split")
     update = {"categories": categories}
+    if cfg.pretrained:  # what the published weights need, recorded in the config (and so in each checkpoint)
+        from vision.models.weights import published_model_kwargs
+
+        needed = {k: v for k, v in published_model_kwargs(cfg.arch).items() if k not in cfg.model_kwargs}
+        if needed:
+            update["model_kwargs"] = {**cfg.model_kwargs, **needed}
     if cfg.num_classes is None:
         update["num_classes"] = len(categories)
     elif cfg.num_classes < len(categories):  # labels 1..K: a smaller head fails in the loss at the first step

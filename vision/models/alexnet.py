@@ -18,8 +18,14 @@ from vision.models.classification import Normalize
 from vision.models.registry import register_model
 
 
+# The paper's response normalisation: b = a / (k + alpha * sum of a^2 over n = 5 maps)^beta with k = 2,
+# alpha = 1e-4, beta = 0.75. torch's LocalResponseNorm divides its alpha by n: 5e-4 here is the paper's 1e-4
+# (alpha=1e-4 in torch normalised five times more weakly than the paper).
+LRN = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}
+
+
 def _lrn() -> nn.Module:
-    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    return nn.LocalResponseNorm(**LRN)
 
 
 class Tower(nn.Module):
@@ -68,7 +74,7 @@ class AlexNet2012(nn.Module):
         """Move each tower to its device (the normalization and fc8 go to the first); ``None`` keeps the
         towers where they were built (e.g. the default or the ``meta`` device). Returns self."""
         if devices is None:
-            devices = (self.tower0.fc6.weight.device, self.tower1.fc6.weight.device)
+            devices = (self.tower0.conv3.weight.device, self.tower1.conv3.weight.device)
         self.devices = tuple(torch.device(d) for d in devices)
         d0, d1 = self.devices
         self.tower0.to(d0)
@@ -115,6 +121,8 @@ class AlexNet2012(nn.Module):
         return self.fc8(torch.cat([a, b.to(self.devices[0])], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_classes == 0:  # a feature extractor: pooled conv5 features, N,num_features
+            return F.adaptive_avg_pool2d(self.forward_features(x), 1).flatten(1)
         a, b = self._conv(x)
         return self._head(a, b)
 
@@ -122,7 +130,17 @@ class AlexNet2012(nn.Module):
         return self.fc8
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.fc8 = nn.Linear(self.fc8.in_features, num_classes).to(self.devices[0]) if num_classes else nn.Identity()
+        """A fresh fc8 for ``num_classes``; 0 removes the whole fully connected head (fc6-fc8: no parameter
+        left unused under DDP) and ``forward`` returns the pooled conv5 features, N,``num_features`` (it
+        returned fc7's 4096 while ``num_features`` said 256)."""
+        if num_classes:
+            if self.num_classes == 0:
+                raise ValueError("the fully connected head was removed (reset_classifier(0)); build a new model")
+            self.fc8 = nn.Linear(self.fc8.in_features, num_classes).to(self.devices[0])
+        else:
+            self.fc8 = nn.Identity()
+            for tower in (self.tower0, self.tower1):
+                tower.fc6 = tower.fc7 = None
         self.num_classes = num_classes
 
     @torch.no_grad()

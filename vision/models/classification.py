@@ -221,8 +221,10 @@ def vgg16_bn(num_classes: int, **kw) -> nn.Module:
 
 @register_model("googlenet", task="classification", weights="googlenet", description="GoogLeNet (Inception v1) with two aux classifiers")
 def googlenet(num_classes: int, aux_logits: bool = True, **kw) -> nn.Module:
-    kw.setdefault("init_weights", True)  # torchvision warns and defaults to its scipy-free init otherwise
-    model = _build(tvm.googlenet, "googlenet", num_classes, **kw)
+    if not kw.get("pretrained"):  # with weights torchvision refuses init_weights=True (they replace it)
+        kw.setdefault("init_weights", True)  # torchvision warns and defaults to its scipy-free init otherwise
+    # Passed on: with weights torchvision drops the aux heads unless asked for them (they are not trained)
+    model = _build(tvm.googlenet, "googlenet", num_classes, aux_logits=aux_logits, **kw)
     if not aux_logits:
         model.net.aux_logits, model.net.aux1, model.net.aux2 = False, None, None
     return model

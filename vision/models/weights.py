@@ -198,6 +198,21 @@ def torchvision_weights(tv_name: str) -> tuple[dict[str, torch.Tensor], str]:
     return net.state_dict(), f"torchvision {weights}"
 
 
+# Builder settings torchvision's published weights were trained with and its builder sets when it loads them,
+# but a state dict cannot carry: a model built without them and given those weights computes something else.
+# GoogLeNet's weights expect its inputs re-scaled to [-1, 1] (``transform_input``): without it a red pixel of
+# 1.0 reached conv1 as 2.25.
+PUBLISHED_MODEL_KWARGS = {"googlenet": {"transform_input": True}}
+
+
+def published_model_kwargs(name: str) -> dict:
+    """The builder keywords registered architecture ``name`` needs to run its published weights as trained."""
+    from vision.models.registry import get_entry
+
+    weights = get_entry(name).weights
+    return dict(PUBLISHED_MODEL_KWARGS.get(weights, {})) if isinstance(weights, str) else {}
+
+
 def published_weights(name: str, **model_kwargs) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, description) of torchvision's published weights for the registered architecture
     ``name``: what its entry's ``weights`` names (a torchvision model, or a function of the model's

@@ -9,6 +9,7 @@ exactly what the model would have returned.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Sequence
 
@@ -17,6 +18,24 @@ import torch.nn as nn
 from torch import Tensor
 
 from vision.structures import Detections
+
+
+def inference(candidates):
+    """A detector's ``candidates`` under no_grad and in eval mode, each submodule's own mode put back after:
+    called on a model in training mode (a training's evaluation, a benchmark, a serving replica call it
+    directly) batch norm normalised with the batch's statistics and updated its running ones."""
+    @functools.wraps(candidates)
+    def wrapped(self, images):
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                return candidates(self, images)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapped
 
 
 def check_images(images: Sequence[Tensor]) -> list[Tensor]:
@@ -82,6 +101,12 @@ class TorchvisionDetector(CandidateDetector):
     Candidates come from the detector's own postprocessing with NMS switched off (threshold 1.0:
     "suppress if IoU > 1" never fires) and at most ``candidates_per_img`` kept by score; boxes and masks
     are then mapped back to the original image sizes by torchvision's transform.
+
+    A model with masks keeps its own NMS (at its ``nms_thresh``) before the cap: each candidate's mask is
+    pasted at the image's size, so the cap is small (100), and capping before NMS kept the top 100 of
+    several hundred duplicates of the best objects and dropped the rest (fewer detections than torchvision's,
+    lower recall). NMS at the same threshold keeps every one of them again, so ``postprocess`` still equals
+    torchvision's own output; a request can make NMS stricter, not looser.
     """
 
     def __init__(self, net: nn.Module, *, candidates_per_img: int = 1000):
@@ -104,7 +129,8 @@ class TorchvisionDetector(CandidateDetector):
         heads = self._heads
         with self._lock:
             saved = heads.nms_thresh, heads.detections_per_img
-            heads.nms_thresh, heads.detections_per_img = 1.0, self.candidates_per_img
+            heads.nms_thresh = saved[0] if self.has_masks else 1.0
+            heads.detections_per_img = self.candidates_per_img
             was_training = self.net.training
             self.net.eval()
             try:

@@ -15,11 +15,14 @@ from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import roi_align
 
-from vision.models.detection.base import CandidateDetector, check_images
+from vision.models.detection.base import CandidateDetector, check_images, inference
 from vision.models.detection.proposals import selective_search
 from vision.models.registry import create_model, register_model
 from vision.ops import box_iou
 from vision.structures import Detections
+
+# Positives (IoU >= 0.5) train the classifier; only those at IoU >= 0.6 train the box regressor.
+REGRESSION_IOU = 0.6
 
 
 class RCNN(CandidateDetector):
@@ -58,7 +61,9 @@ class RCNN(CandidateDetector):
         return self.cls(f), self.reg(f)
 
     def compute_losses(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
-        """Cross-entropy over K + background on sampled regions, smooth-L1 on the positives' deltas."""
+        """Cross-entropy over K + background on sampled regions (positives: IoU >= 0.5 with an object),
+        smooth-L1 on the deltas of the positives at IoU >= 0.6 (R-CNN's regression set, Girshick et al.
+        2014, appendix C: looser matches give noisy targets)."""
         cls_losses, reg_losses, sampled = [], [], 0
         for img, t in zip(images, targets):
             gt, gl = t["boxes"].to(img), t["labels"].to(img.device).long()
@@ -78,15 +83,17 @@ class RCNN(CandidateDetector):
             sampled += len(idx)
             logits, deltas = self._features(img, props[idx])
             cls_losses.append(F.cross_entropy(logits, labels[idx], reduction="sum"))
-            if n_pos:
-                target = self.box_coder.encode_single(gt[match[pos]], props[pos])
-                d = deltas[:n_pos].view(n_pos, self.num_classes, 4)[torch.arange(n_pos), labels[pos] - 1]
+            close = torch.where(iou[pos] >= REGRESSION_IOU)[0]  # positions among the sampled positives
+            if len(close):
+                near = pos[close]
+                target = self.box_coder.encode_single(gt[match[near]], props[near])
+                d = deltas[close].view(len(close), self.num_classes, 4)[torch.arange(len(close)), labels[near] - 1]
                 reg_losses.append(F.smooth_l1_loss(d, target, beta=1 / 9, reduction="sum"))
         zero = images[0].new_zeros(())  # both losses are means over the sampled regions
         return {"loss_classifier": sum(cls_losses, zero) / max(sampled, 1),
                 "loss_box_reg": sum(reg_losses, zero) / max(sampled, 1)}
 
-    @torch.no_grad()
+    @inference
     def candidates(self, images: Sequence[Tensor]) -> list[Detections]:
         """For every proposal and class, the regressed box with its class score above ``score_thresh``;
         best first."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vision.models.detection.base import CandidateDetector, check_images
+from vision.models.detection.base import CandidateDetector, check_images, inference
 from vision.models.registry import create_model, register_model
 from vision.ops import box_iou
 from vision.structures import Detections
@@ -103,7 +103,7 @@ class SlidingWindowDetector(CandidateDetector):
         return {"loss_classifier": F.cross_entropy(logits, cls), "loss_box_reg": box_loss}
 
     # -- inference: fully-convolutional over each scale --------------------------------------
-    @torch.no_grad()
+    @inference
     def candidates(self, images: Sequence[Tensor]) -> list[Detections]:
         """Every window position at every scale with its best class above ``score_thresh``, boxes from the
         regressor, in the pixels of each image as given; best first."""
@@ -126,8 +126,11 @@ class SlidingWindowDetector(CandidateDetector):
                 b = torch.stack([x0 + box[0, 0] * side, y0 + box[0, 1] * side,
                                  x0 + box[0, 2] * side, y0 + box[0, 3] * side], -1).reshape(-1, 4)
                 b = b * b.new_tensor([w / sw, h / sh, w / sw, h / sh])
-                b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w),
-                                 b[:, 3].clamp(0, h)], 1)
+                # The regressor's corners are free outputs: an untrained or unsure one can put x2 left of x1,
+                # which clipping turned into an inverted box (x1 = 64, x2 = 0). Ordered, then clipped.
+                lo, hi = torch.minimum(b[:, :2], b[:, 2:]), torch.maximum(b[:, :2], b[:, 2:])
+                b = torch.stack([lo[:, 0].clamp(0, w), lo[:, 1].clamp(0, h), hi[:, 0].clamp(0, w),
+                                 hi[:, 1].clamp(0, h)], 1)
                 keep = score.reshape(-1) > self.score_thresh
                 dets.append(Detections(b[keep], score.reshape(-1)[keep], label.reshape(-1)[keep] + 1))
             out.append(Detections.cat(dets).filter(0.0))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from vision.models.detection.base import CandidateDetector, check_images
+from vision.models.detection.base import CandidateDetector, check_images, inference
 from vision.ops import box_iou
 from vision.structures import Detections
 from vision.models.registry import register_model
@@ -117,7 +117,7 @@ class YOLOv1(CandidateDetector):
                 "loss_noobj": self.lambda_noobj * noobj / n, "loss_class": cls / n}
 
     # -- inference ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @inference
     def candidates(self, images: Sequence[Tensor]) -> list[Detections]:
         """Every grid box with class-specific confidence (conf x P(class)) above ``score_thresh``, each with
         its best class, in the pixels of each image as given; best first."""
