@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
                               cpus_per_worker=args.cpus_per_worker, augment_cpus=0.5,
                               model_kwargs=MODEL_KWARGS.get(arch, lambda s: {})(model_size))
             t = time.perf_counter()
-            out = fit(cfg) if args.engine == "ray" else fit_local(cfg)
+            out = fit(cfg, restart=True) if args.engine == "ray" else fit_local(cfg)  # --keep: trained again
             m = out["metrics"]
             row = {"arch": arch, "task": task, "metric": MAIN[task], "value": m.get(f"val_{MAIN[task]}"),
                    "bbox/AP50": m.get("val_bbox/AP50"), "bbox/AP": m.get("val_bbox/AP"),

@@ -205,7 +205,7 @@ def run_visionflow(data: Path, out: Path, args) -> tuple[dict, "object"]:
                       cpus_per_worker=args.threads, augment_cpus=0.5,
                       model_kwargs={"min_size": args.size, "max_size": args.size})
     t0 = time.perf_counter()
-    result = fit(cfg)
+    result = fit(cfg, restart=True)  # a kept folder (--keep) trains again: resumed, it timed no training at all
     seconds = time.perf_counter() - t0
     from pipelines.storage import read_metrics
 

@@ -46,6 +46,11 @@ from benchmarks import process_cpu, provenance
 RESULTS = Path(__file__).parent / "results"
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (no request of the baseline answered)."""
+    return a / b if b else float("nan")
+
+
 def _jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
     from PIL import Image
 
@@ -188,11 +193,13 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     lat = np.array(latencies) * 1e3
-    st = {k: np.array(v) for k, v in stages.items()}
+    if not len(lat):  # every request refused (a full queue at this concurrency): NaN, not a crash after minutes
+        lat = np.array([np.nan])
+    st = {k: np.array(v) if len(v) else np.array([np.nan]) for k, v in stages.items()}
     work = st["preprocess"] + st["model"] + st["nms"] + st["postprocess"]
     return {"concurrency": concurrency, "requests": n, "status": codes, "seconds": round(wall, 2),
-            "throughput": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "nms_p50_ms": float(np.nanpercentile(st["nms"], 50)),
+            "throughput": len(latencies) / wall, "p50_ms": float(np.nanpercentile(lat, 50)),
+            "p99_ms": float(np.nanpercentile(lat, 99)), "nms_p50_ms": float(np.nanpercentile(st["nms"], 50)),
             "model_p50_ms": float(np.nanpercentile(st["model"], 50)),
             # Per request, then the median: where a request's time went besides the model.
             "stages_p50_ms": {k: float(np.nanpercentile(v, 50)) for k, v in st.items()},
@@ -324,7 +331,7 @@ def main() -> None:
             clean = asyncio.run(_mixed(url, hostile_schedule(bodies, n, None), c))
             mixed = asyncio.run(_mixed(url, hostile_schedule(bodies, n, big), c))
             hostile = {"clean": clean, "hostile": mixed,
-                       "good_throughput_ratio": mixed["good_throughput"] / clean["good_throughput"],
+                       "good_throughput_ratio": _ratio(mixed["good_throughput"], clean["good_throughput"]),
                        "unexpected_5xx": mixed["unexpected_5xx"] + clean["unexpected_5xx"]}
             for name, r in (("clean", clean), ("hostile", mixed)):
                 print(f"  {name:<8} concurrency {c}: good {r['good_throughput']:.2f} req/s "
@@ -345,7 +352,7 @@ def main() -> None:
         "in_process_limit": limit, "in_process_best_batch": best_batch,
         "serve": rows,
         "ratio_at_max_concurrency": by_c[max(by_c)]["vs_in_process"],
-        "batching_gain": by_c[max(by_c)]["throughput"] / by_c[min(by_c)]["throughput"],
+        "batching_gain": _ratio(by_c[max(by_c)]["throughput"], by_c[min(by_c)]["throughput"]),
         "nms_stage_p50_ms": float(np.median([r["nms_p50_ms"] for r in rows])),
         # What the graph adds to a lone request: its p50 latency less the model's own p50.
         "overhead_at_lowest_concurrency_ms": by_c[min(by_c)]["p50_ms"] - by_c[min(by_c)]["model_p50_ms"],

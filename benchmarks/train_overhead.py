@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="synth images (about 2-3 crops each)")
     provenance.add_arguments(p)
     args = p.parse_args()
+    if args.epochs < 2:  # the first epoch is untimed: one epoch timed nothing (a division by zero at the end)
+        p.error(f"--epochs must be >= 2 (the first is an untimed warm-up), got {args.epochs}")
     start = provenance.begin(args)
 
     cores = os.cpu_count() or 2

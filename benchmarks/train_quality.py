@@ -60,7 +60,7 @@ def main() -> None:
                               optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1,
                               cpus_per_worker=2, augment_cpus=0.5)
             t0 = time.perf_counter()
-            result = fit(cfg)
+            result = fit(cfg, restart=True)  # --out reused: trained again, not resumed at its last epoch
             key, target = TARGETS[task]
             m = result["metrics"]
             rows.append({"task": task, "arch": "resnet18", "metric": key, "value": m[f"val_{key}"],

@@ -63,3 +63,16 @@ def test_a_run_keyed_file_keeps_the_other_runs_and_refuses_a_loaded_one(tmp_path
     assert doc["runs"]["1000 images"] == {"x": 2, "command": "python -m benchmarks.nms",
                                           "date": "2026-11-30T00:00:00+0000", "load_average": 0.2, "cores": 2}
     assert doc["runs"]["4000 images"]["x"] == 4  # the loaded run replaced nothing
+
+
+def test_make_bench_lists_every_benchmark_and_refuses_an_unknown_name():
+    """`make bench` ran every module in-process: the fourth (a tool that needs arguments) exited and stopped
+    the rest. Each named benchmark now runs as its own process; a new benchmark must be listed."""
+    from benchmarks import run_all
+
+    with_main = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if "\ndef main(" in p.read_text()}
+    tools = {"gpu_check", "stage_profile", "detection_diagnosis", "report", "run_all"}
+    assert set(run_all.BENCHMARKS) == with_main - tools
+    r = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "nms", "nsm"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "unknown benchmark(s) nsm" in r.stderr and "===" not in r.stdout

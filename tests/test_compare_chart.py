@@ -71,3 +71,12 @@ def test_semantic_and_instance_segmenters_are_scored_by_their_own_metric(tmp_pat
     two = Image.open(io.BytesIO(chart(rows, None))).size
     one = Image.open(io.BytesIO(chart(rows[:1], None))).size
     assert two[1] > 1.6 * one[1], (two, one)  # two panels, not one axis mixing mIoU and mask AP
+
+
+def test_a_nan_or_missing_score_is_no_point_and_the_chart_is_still_drawn():
+    """NaN passed the filter: it scrambled the ranking and made the y limits NaN (the chart raised, and
+    comparison.png and comparison.json were never written); COCO's -1 (no ground truth) is no score either."""
+    rows = [{"arch": a, "task": "detection", "status": "done", "accuracy": v, "metric": "box AP", "gflops": 2.0,
+             "params": 1e6} for a, v in (("good", 0.4), ("nan", float("nan")), ("none", -1.0), ("ok", 0.2))]
+    assert [r["arch"] for r in _ranked(rows, "detection", "box AP")] == ["good", "ok"]
+    assert Image.open(io.BytesIO(chart(rows, None))).size[0] > 0

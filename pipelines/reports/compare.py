@@ -156,8 +156,10 @@ def place_labels(points: list[tuple[float, float]], box: tuple[float, float], st
 
 def _ranked(rows: list[dict], task: str, metric: str) -> list[dict]:
     """The finished rows of ``task`` scored by ``metric`` (a label), best first (the numbers on the chart)."""
+    # NaN (a diverged evaluation) and COCO's -1 (no ground truth of a kind) are not points: NaN scrambled the
+    # ranking and made the y limits NaN (the chart and comparison.json were not written)
     pts = [r for r in rows if r["status"] == "done" and r["task"] == task and r.get("metric") == metric
-           and r["accuracy"] is not None]
+           and isinstance(r["accuracy"], (int, float)) and math.isfinite(r["accuracy"]) and r["accuracy"] >= 0]
     return sorted(pts, key=lambda r: (-r["accuracy"], r["arch"]))
 
 
