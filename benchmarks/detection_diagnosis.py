@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
         path = Path(__file__).parent / "results" / "detection_diagnosis.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         old[args.label] = {**out, "run": args.run, "data": args.data, "limit": args.limit, **start}
-        path.write_text(json.dumps(old, indent=2))
+        provenance.write_atomic(path, json.dumps(old, indent=2))  # aside and renamed: never half a file
     return out
 
 

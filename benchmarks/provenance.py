@@ -60,13 +60,13 @@ def write(path: str | Path, doc: dict, state: dict, indent: int = 2) -> bool:
     loaded at the start and ``--allow-load`` was not given."""
     if _refused(path, state):
         return False
-    _replace(Path(path), json.dumps({**doc, **{k: v for k, v in state.items() if k != "allow_load"},
+    write_atomic(Path(path), json.dumps({**doc, **{k: v for k, v in state.items() if k != "allow_load"},
                                      **({"allow_load": True} if state["allow_load"] and loaded(state) else {})},
                                     indent=indent, default=str) + "\n")
     return True
 
 
-def _replace(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """``text`` as the whole of ``path``, written aside and renamed into place: a run killed while writing
     leaves the old file, never half of a new one (the report and the docs test read every file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def write_run(path: str | Path, benchmark: str, key: str, doc: dict, state: dict
     old = json.loads(path.read_text()) if path.exists() else {}
     runs = {k: v for k, v in old.get("runs", {}).items() if k != key}
     runs[key] = {**doc, **{k: v for k, v in state.items() if k != "allow_load" or v}}
-    _replace(path, json.dumps({"benchmark": benchmark, "runs": dict(sorted(runs.items()))}, indent=2, default=str)
+    write_atomic(path, json.dumps({"benchmark": benchmark, "runs": dict(sorted(runs.items()))}, indent=2, default=str)
              + "\n")
     return True
 

@@ -332,8 +332,16 @@ def render(results: Path = RESULTS) -> str:
               "`make run` or `make test`, training curves by epoch) have no results file and are not shown.",
               "- Command, date, load average and core count appear only where the benchmark wrote them into "
               "its file; everything marked not recorded is unknown, not zero.",
-              "- None of the results files records a GPU run.", ""]
+              _gpu_line(files), ""]
     return "\n".join(lines)
+
+
+def _gpu_line(files: list[Path]) -> str:
+    """Which results files come from a GPU (``gpu_check``, or a file naming a CUDA device); it said "none"
+    whatever the folder held."""
+    gpu = [p.stem for p in files if p.stem == "gpu_check" or '"cuda' in p.read_text()]
+    return (f"- GPU runs: {', '.join(gpu)}; every other file was measured on a CPU." if gpu
+            else "- None of the results files records a GPU run.")
 
 
 def main(argv: list[str] | None = None) -> int:

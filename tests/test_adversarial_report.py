@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -144,6 +145,10 @@ def test_bad_inputs_get_clear_errors(checkpoints, data_dir, reordered_data_dir, 
     assert cli(["attack", "--checkpoint", teacher.out, "--data", str(reordered_data_dir), "--eps", "0.01",
                 "--out", str(tmp_path / "r")]) == 2
     assert "trained on the classes [circle, square" in capsys.readouterr().err  # not attacked on other labels
+    for command, extra in (("attack", []), ("visualize", ["--layer", "conv1"])):  # a URI became a local
+        # folder named "s3:" and the command said it wrote there
+        assert cli([command, "--checkpoint", teacher.out, "--data", str(data_dir), "--out", "s3://bucket/r", *extra]) == 2
+        assert "written to a local folder" in capsys.readouterr().err and not Path("s3:").exists()
     assert cli(["visualize", "--checkpoint", teacher.out, "--data", str(data_dir), "--layer", "conv99",
                 "--out", str(tmp_path / "v")]) == 2
     assert "conv1..conv20" in capsys.readouterr().err  # errors go to stderr

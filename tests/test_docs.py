@@ -79,6 +79,9 @@ def test_generator_marks_what_a_results_file_lacks(tmp_path):
         assert f"- {what}: not recorded" in bare
         assert f"- {what}: not recorded" not in full
     assert "`python -m benchmarks.x --n 3`" in full and "1.5, 1.2, 1" in full and "- cores: 8" in full
+    assert "- None of the results files records a GPU run." in text
+    (tmp_path / "gpu_check.json").write_text('{"device": "cuda:0", "checks": {}}')  # it said "none" regardless
+    assert "- GPU runs: gpu_check; every other file was measured on a CPU." in report.render(tmp_path)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

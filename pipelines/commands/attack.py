@@ -38,6 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import connect_for
 
+    if "://" in args.out:  # pathlib made s3://b/x a local folder "s3:/b/x" and the command said it wrote there
+        print(f"visionflow attack: --out {args.out}: the report is written to a local folder; copy it to "
+              f"object storage afterwards", file=sys.stderr)
+        return 2
     if not connect_for("attack", args, num_cpus=2):
         return 1
     from pipelines.data import quiet_data_console

@@ -33,6 +33,10 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"visionflow visualize: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if "://" in args.out:  # pathlib made s3://b/x a local folder "s3:/b/x"
+        print(f"visionflow visualize: --out {args.out}: the grids are written to a local folder; copy them to "
+              f"object storage afterwards", file=sys.stderr)
+        return 2
     if not connect_for("visualize", args, num_cpus=2):
         return 1
     from pipelines.data import quiet_data_console
