@@ -35,15 +35,20 @@ def begin(args: argparse.Namespace | None = None) -> dict:
     cores = os.cpu_count() or 1
     state = {"command": _command(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average": round(load1, 2),
              "cores": cores, "allow_load": bool(getattr(args, "allow_load", False))}
-    if load1 > cores / 2:
+    if load1 > load_limit(cores):
         print(f"warning: load average {load1:.2f} on {cores} cores at the start: the figures of this run will "
               f"not be written{' (--allow-load: they will, marked)' if state['allow_load'] else ''}",
               file=sys.stderr, flush=True)
     return state
 
 
+def load_limit(cores: int | None = None) -> float:
+    """The highest 1-minute load average a run may start at and still write its figures: half the cores."""
+    return (cores or os.cpu_count() or 1) / 2
+
+
 def loaded(state: dict) -> bool:
-    return state["load_average"] > state["cores"] / 2
+    return state["load_average"] > load_limit(state["cores"])
 
 
 def _refused(path, state: dict) -> bool:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import provenance
+
 # The benchmarks that measure against a baseline at their default size. Not here: gpu_check (`make
 # gpu-check`), stage_profile and detection_diagnosis (they read a run directory you name), report (run last).
 BENCHMARKS = ("adversarial_cost", "coco_eval", "data_throughput", "detection_quality", "detection_vs_reference",
@@ -24,7 +26,7 @@ BENCHMARKS = ("adversarial_cost", "coco_eval", "data_throughput", "detection_qua
 def wait_for_idle(settle_s: float, poll_s: float = 10.0) -> float:
     """Wait until the 1-minute load average is at most half the cores, at most ``settle_s`` seconds;
     returns the load average it ended at."""
-    limit, deadline = (os.cpu_count() or 1) / 2, time.monotonic() + settle_s
+    limit, deadline = provenance.load_limit(), time.monotonic() + settle_s
     load = os.getloadavg()[0]
     while load > limit and time.monotonic() < deadline:
         print(f"  waiting for the load average ({load:.2f}) to fall to {limit:g}", flush=True)

@@ -72,7 +72,6 @@ def list_inputs(inputs: list[str]) -> list[str]:
     return found
 
 
-
 class TooLarge(OSError):
     """An input file over ingest's default byte cap (``DEFAULT_MAX_IMAGE_BYTES``): skipped with its reason,
     never read into memory."""

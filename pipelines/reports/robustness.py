@@ -25,6 +25,7 @@ def load_crops(data_dir, size: int, limit: int, split: str = "val") -> tuple[tor
     """The first ``limit`` classification crops of ``data_dir/split`` at ``size`` pixels, without random
     augmentation: (float images N,3,size,size in [0, 1], labels 0..K-1, class names by label)."""
     from pipelines.data import augment, load_split, quiet_execution
+    from pipelines.train.checkpoint import category_names
 
     ds, manifest = load_split(data_dir, split, num_cpus=0.25)
     view = quiet_execution(augment(ds, task="classification", size=int(size), train=False, num_cpus=0.25))
@@ -33,8 +34,7 @@ def load_crops(data_dir, size: int, limit: int, split: str = "val") -> tuple[tor
         raise ValueError(f"{data_dir}/{split} has no object crops to attack")
     images = torch.from_numpy(np.stack([np.asarray(r["image"], dtype=np.uint8) for r in rows]))
     labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.int64)
-    names = [c["name"] for c in sorted(manifest.get("categories", []), key=lambda c: c["label"])]
-    return images.permute(0, 3, 1, 2).float().div(255.0), labels, names
+    return images.permute(0, 3, 1, 2).float().div(255.0), labels, category_names(manifest.get("categories"))
 
 
 def model_label(config: dict, path) -> str:
@@ -180,8 +180,7 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
         if size not in crops:
             crops[size] = load_crops(data_dir, size, images, split)
         x, y, names = crops[size]
-        check_categories(config, {"categories": [{"name": n, "label": i} for i, n in enumerate(names)]}, ckpt,
-                         f"{data_dir}/{split}")
+        check_categories(config, names, ckpt, f"{data_dir}/{split}")
         x, y = x.to(_input_device(model)), y.to(_input_device(model))
         label = model_label(config, ckpt)
         while label in labels_seen:  # two runs of the same kind: tell them apart by directory

@@ -172,15 +172,17 @@ def load_payload(path, map_location="cpu", *, mmap: bool = False) -> dict:
     raise RuntimeError(f"no readable checkpoint under {path}: " + "; ".join(errors))
 
 
-def check_categories(config: dict, manifest: dict, checkpoint, data) -> None:
-    """ValueError, naming both lists, when the data ``manifest`` (``data``: where it was read) does not hold the
-    categories ``checkpoint``'s ``config`` was trained on, in the same label order: a model scored against
-    other labels reads as a poor model. Nothing to check for a config that lists none."""
-    def names(categories):
-        return [c.get("name") for c in sorted(categories or [], key=lambda c: c.get("label", 0))]
+def category_names(categories) -> list:
+    """The names of a manifest's (or a config's) ``categories`` in label order."""
+    return [c.get("name") for c in sorted(categories or [], key=lambda c: c.get("label", 0))]
 
-    trained, found = names(config.get("categories")), names(manifest.get("categories"))
-    if trained and trained != found:
+
+def check_categories(config: dict, found: list, checkpoint, data) -> None:
+    """ValueError, naming both lists, when the class names ``found`` in the data (``data``: where they were
+    read) are not the categories ``checkpoint``'s ``config`` was trained on, in the same label order: a model
+    scored against other labels reads as a poor model. Nothing to check for a config that lists none."""
+    trained = category_names(config.get("categories"))
+    if trained and trained != list(found):
         raise ValueError(f"{checkpoint} was trained on the classes {_listed(trained)}; {data} has "
                          f"{_listed(found)}: use data ingested with the same categories in the same order")
 

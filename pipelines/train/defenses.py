@@ -47,7 +47,7 @@ def check_teacher(cfg) -> None:
     """On the driver, before a distillation trains: ``cfg.distill_from`` must be a readable classifier
     checkpoint of the student's classes (FileNotFoundError / ValueError, one line); the workers found out at
     their first step. A remote teacher (s3://) is only looked for: the workers read it."""
-    from pipelines.train.checkpoint import check_categories, checkpoint_file, load_payload
+    from pipelines.train.checkpoint import category_names, check_categories, checkpoint_file, load_payload
 
     if not cfg.distill_from:
         return
@@ -61,7 +61,7 @@ def check_teacher(cfg) -> None:
     if config.get("num_classes") != cfg.num_classes:
         raise ValueError(f"--distill-from {cfg.distill_from} predicts {config.get('num_classes')} classes; the "
                          f"student has {cfg.num_classes}: distill on the same data")
-    check_categories(config, {"categories": cfg.categories}, f"--distill-from {cfg.distill_from}", cfg.data)
+    check_categories(config, category_names(cfg.categories), f"--distill-from {cfg.distill_from}", cfg.data)
 
 
 def tempered_loss(outputs, images: torch.Tensor, labels: torch.Tensor, cfg) -> torch.Tensor:

@@ -32,7 +32,7 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     ``arch``, ``task``, ``epoch``. Writes ``out/metrics.json`` when ``out`` is given. Ray Data's console
     in this process passes warnings only from then on (``pipelines.data.console``)."""
     from pipelines.data import load_split, quiet_data_console, quiet_execution
-    from pipelines.train.checkpoint import check_categories, load_checkpoint
+    from pipelines.train.checkpoint import category_names, check_categories, load_checkpoint
     from pipelines.train.config import TrainConfig
     from pipelines.train.tasks import get_task
 
@@ -43,7 +43,7 @@ def evaluate_checkpoint(checkpoint, data_dir, out=None, *, split: str = "val", b
     cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k != "epoch"})
     task = get_task(cfg.task)
     ds, manifest = load_split(data_dir, split, num_cpus=cfg.augment_cpus)
-    check_categories(config, manifest, checkpoint, storage.join(str(data_dir), split))
+    check_categories(config, category_names(manifest.get("categories")), checkpoint, storage.join(str(data_dir), split))
     quiet_data_console()
     view = quiet_execution(task.view(ds, cfg, train=False, epoch=0))
     batches = (task.collate(b, device) for b in view.iter_batches(batch_size=batch_size, batch_format="numpy"))

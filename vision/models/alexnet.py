@@ -21,11 +21,8 @@ from vision.models.registry import register_model
 # The paper's response normalisation: b = a / (k + alpha * sum of a^2 over n = 5 maps)^beta with k = 2,
 # alpha = 1e-4, beta = 0.75. torch's LocalResponseNorm divides its alpha by n: 5e-4 here is the paper's 1e-4
 # (alpha=1e-4 in torch normalised five times more weakly than the paper).
-LRN = {"size": 5, "alpha": 5e-4, "beta": 0.75, "k": 2.0}
-
-
-def _lrn() -> nn.Module:
-    return nn.LocalResponseNorm(**LRN)
+def paper_lrn() -> nn.Module:
+    return nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
 
 
 class Tower(nn.Module):
@@ -35,9 +32,9 @@ class Tower(nn.Module):
         super().__init__()
         # conv1-conv2: this tower's input only
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 48, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True), _lrn(),
+            nn.Conv2d(3, 48, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True), paper_lrn(),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(48, 128, kernel_size=5, padding=2), nn.ReLU(inplace=True), _lrn(),
+            nn.Conv2d(48, 128, kernel_size=5, padding=2), nn.ReLU(inplace=True), paper_lrn(),
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
         self.conv3 = nn.Conv2d(256, 192, kernel_size=3, padding=1)  # reads both towers
@@ -176,7 +173,7 @@ class _FusedAlexNet(nn.Module):
         self.normalize, self.conv1, self.conv2 = normalize, conv1, conv2
         self.conv3, self.conv4, self.conv5 = conv3, conv4, conv5
         self.fc6, self.fc7, self.fc8 = fc6, fc7, fc8
-        self.lrn, self.pool = _lrn(), nn.MaxPool2d(3, 2)
+        self.lrn, self.pool = paper_lrn(), nn.MaxPool2d(3, 2)
 
     def _grouped_lrn(self, x):  # the paper normalizes within a tower
         return torch.cat([self.lrn(h) for h in x.chunk(2, 1)], 1)

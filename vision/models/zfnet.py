@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from vision.models.alexnet import LRN
+from vision.models.alexnet import paper_lrn
 from vision.models.classification import Classifier
 from vision.models.registry import register_model
 
@@ -22,12 +22,12 @@ class ZFNetNet(nn.Module):
             nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.LocalResponseNorm(**LRN),
+            paper_lrn(),
             # padding 2 (the paper used none) keeps 13x13 at 224 and lets 64x64 crops through
             nn.Conv2d(96, 256, kernel_size=5, stride=2, padding=2),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.LocalResponseNorm(**LRN),
+            paper_lrn(),
             nn.Conv2d(256, 384, kernel_size=3, padding=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(384, 384, kernel_size=3, padding=1),
