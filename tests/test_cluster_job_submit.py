@@ -41,10 +41,11 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, log: Path,
     pytest.fail(f"the head's dashboard did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head(request):
     """A head node with token auth, as a user starts one: `RAY_AUTH_MODE=token ray start --head`; 4 CPUs,
-    or what ``@pytest.mark.parametrize("ray_head", [N], indirect=True)`` asks for."""
+    or what ``@pytest.mark.parametrize("ray_head", [N], indirect=True)`` asks for. One for the module's
+    tests of each size."""
     cpus = getattr(request, "param", 4)
     tmp = Path(tempfile.mkdtemp(prefix="vfhead-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token = uuid.uuid4().hex

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from pipelines import cli
-from pipelines.train import TrainConfig, fit, latest_checkpoint
+from pipelines.storage import read_metrics
+from pipelines.train import TrainConfig, fit, latest_checkpoint, trainer
 from pipelines.train import init_weights
 from pipelines.train.tasks import get_task
+from pipelines.train.trainer import ingest_config
 
 ARCH = "fasterrcnn_mobilenet_v3_fpn"  # torchvision's fasterrcnn_mobilenet_v3_large(_320)_fpn, wrapped
 K = 5  # the synth shapes: circle, square, triangle, hexagon, ellipse
@@ -100,13 +102,28 @@ def test_bad_sources_are_refused_with_one_line(coco_state, tmp_path):
     assert summary["loaded"] == summary["tensors"] - 4 and {s["name"] for s in summary["skipped_shape"]} == HEAD
 
 
-def test_fine_tuning_from_a_torchvision_state_dict_on_the_synth_set(ray_cluster, data_dir, coco_state, tmp_path):
+def test_fine_tuning_from_a_torchvision_state_dict_on_the_first_ten_synth_images(ray_cluster, data_dir, coco_state,
+                                                                                 tmp_path, monkeypatch):
     state, plain, _ = coco_state
     out = tmp_path / "run"
     cfg = TrainConfig(task="detection", arch=ARCH, data=str(data_dir), out=str(out), init_from=str(plain), epochs=1,
                       batch_size=4, image_size=64, model_kwargs={"min_size": 64, "max_size": 64}, lr=1e-3,
-                      cpus_per_worker=0.5, augment_cpus=0.25)
+                      cpus_per_worker=0.5, augment_cpus=0.25, limit_train_images=10)
+    given = []  # what this fit hands Ray Train as its DataConfig (and the datasets it was made for)
+
+    def recorded(datasets, **kw):
+        given.append((datasets, ingest_config(datasets, **kw)))
+        return given[-1][1]
+    monkeypatch.setattr(trainer, "ingest_config", recorded)
     fit(cfg)
+    # --limit-train-images: every image of the cap, none past it (the split has 48).
+    (metrics,) = read_metrics(cfg.out)
+    assert metrics["train_images"] == 10
+    # A one-worker fit's worker reads every dataset in order (the reproducibility of a seed's fit).
+    ((datasets, config),) = given
+    iterators = config.configure(datasets, world_size=1, worker_handles=None, worker_node_ids=None)[0]
+    assert set(iterators) == {"train_0", "val"}
+    assert all(it.get_context().execution_options.preserve_order for it in iterators.values())
     record = json.loads((out / "run.json").read_text())
     assert record["init"]["source"] == str(plain) and record["init"]["loaded"] == record["init"]["tensors"] - 4
     assert {s["name"] for s in record["init"]["skipped_shape"]} == HEAD

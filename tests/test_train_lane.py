@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipelines import storage
 from pipelines.storage import read_metrics
 from pipelines.train import TrainConfig, fit, load_checkpoint
 from pipelines.train.lane import LANE_FILE, fit_lane
@@ -45,6 +46,7 @@ def test_one_controller_trains_the_lane_and_a_failed_training_ends_only_itself(l
         model, config = load_checkpoint(cfg.out)
         assert config["arch"] == cfg.arch and config["epoch"] == 1
         assert result["phases"]["steps_s"] > 0 and result["seconds"] > 0
+        assert storage.exists(cfg.out, LANE_FILE)  # what the run's DAG reads to skip it next time
     # Ray Train's start is paid once: the lane's later trainings start at once.
     assert resnet["phases"]["train_start_s"] < squeeze["phases"]["train_start_s"]
 
@@ -59,30 +61,16 @@ def test_a_worker_killed_mid_lane_is_replaced_and_the_lane_goes_on_where_it_was(
     assert [r["epoch"] for r in resnet] == [0, 1] and resnet[1]["start_epoch"] == 1
 
 
-def test_fit_resumes_a_run_a_lane_trained(lane):
-    cfgs, *_ = lane
-    cfg = cfgs[0].model_copy(update={"epochs": 3, "max_failures": 0})
-    result = fit(cfg)
-    records = read_metrics(cfg.out)
-    assert [r["epoch"] for r in records] == [0, 1, 2] and records[2]["start_epoch"] == 2
-    assert result["metrics"]["epoch"] == 2
-    assert (load_checkpoint(cfg.out)[1]["epoch"]) == 2
-    from pipelines import storage
-
-    assert storage.exists(cfg.out, LANE_FILE)
-
-
 def test_fit_resumes_a_training_whose_lane_worker_died_for_good(ray_cluster, data_dir, tmp_path):
     """A lane with no restart left (``max_failures`` 0) whose worker is killed (SIGKILL) at the start of
     epoch 2: the lane never ends that training (no lane.json), and the training's own ``fit``, what a
-    run's training stage does next, resumes it from the lane's epoch-1 checkpoint instead of from scratch."""
+    run's training stage does next, resumes it from the lane's epoch-1 checkpoint instead of from scratch
+    (a lane's run directory is any run's: ``fit`` takes its record, checkpoints and metrics as they are)."""
     marker = tmp_path / "killed.marker"
     cfg = TrainConfig(arch="squeezenet1_1", data=str(data_dir), out=str(tmp_path / "run"), max_failures=0,
                       chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 0}, **TINY)
     with pytest.raises(Exception):  # Ray Train's: the worker group failed, no restart left
         fit_lane([cfg])
-    from pipelines import storage
-
     assert marker.exists() and not storage.exists(cfg.out, LANE_FILE)
     assert [r["epoch"] for r in read_metrics(cfg.out)] == [0]
     result = fit(cfg)  # the marker is there: the chaos hook does not kill again
