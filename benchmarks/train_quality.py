@@ -73,9 +73,8 @@ def main() -> None:
                   f"{rows[-1]['wall_seconds']:.0f}s", flush=True)
     ray.shutdown()
     path = RESULTS / "train_quality.json"
-    kept = [r for r in (json.loads(path.read_text())["rows"] if path.exists() else []) if r["task"] not in args.tasks]
-    rows = kept + [{**r, **start} for r in rows]  # a run of one task keeps the other's row
-    provenance.write(path, {"rows": rows}, start)  # each row names its own images, settings and run
+    for row in rows:  # one run per task, each with its own command, date and load (the other task's kept)
+        provenance.write_run(path, "train_quality", row["task"], row, start)
     print("| task | metric | value | chance | target | epochs | wall s | train img/s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
