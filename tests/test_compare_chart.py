@@ -80,3 +80,26 @@ def test_a_nan_or_missing_score_is_no_point_and_the_chart_is_still_drawn():
              "params": 1e6} for a, v in (("good", 0.4), ("nan", float("nan")), ("none", -1.0), ("ok", 0.2))]
     assert [r["arch"] for r in _ranked(rows, "detection", "box AP")] == ["good", "ok"]
     assert Image.open(io.BytesIO(chart(rows, None))).size[0] > 0
+
+
+def test_an_inference_rate_from_the_trainings_validation_is_marked_as_such(tmp_path):
+    """`visionflow eval` measures inference alone; a run without an evaluation has only its training's
+    validation pass (batched, beside Ray Train's data pipeline): the table marks that figure "(val)"."""
+    import json
+
+    from pipelines.reports.compare import markdown_table, summarize_run
+
+    rows = []
+    for arch, evaluated in (("resnet18", {"top1": 0.5, "inference_images_per_s": 40.0}), ("vgg11", None)):
+        run = tmp_path / arch
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"arch": arch, "task": "classification"}))
+        (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "train_images_per_s": 5.0, "val_top1": 0.4,
+                                                       "val_images_per_s": 25.0}) + "\n")
+        if evaluated:
+            (run / "eval").mkdir()
+            (run / "eval" / "metrics.json").write_text(json.dumps(evaluated))
+        rows.append(summarize_run(str(run)))
+    assert [(r["inference_images_per_s"], r["inference_source"]) for r in rows] == [(40.0, "eval"), (25.0, "validation")]
+    table = markdown_table(rows)
+    assert "| 5.0 | 40.0 |" in table and "| 5.0 | 25.0 (val) |" in table

@@ -45,11 +45,11 @@ def test_compare_lists_runs_and_failed_runs(loc_run, tmp_path, capsys):
     row = next(line for line in table.splitlines() if line.startswith("| resnet18 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "localization" and float(cells[2]) == pytest.approx(11.77, abs=0.02)  # params (M)
-    # GFLOPs @224: ResNet-18's 3.6 with its last stage at stride 16 (4x its cost), the 3x3 neck, and the
-    # 64 px glimpse of the class head through the same backbone
-    assert float(cells[3]) == pytest.approx(6.8, abs=0.1) and cells[4] == "loc. acc."
-    assert float(cells[6]) > 0 and float(cells[7]) > 0  # train / inference images/s
-    assert "| vgg16 | classification | | | failed | worker died: out of memory |" in table
+    # GFLOPs given 224x224: ResNet-18's 3.6 with its last stage at stride 16 (4x its cost), the 3x3 neck,
+    # and the 64 px glimpse of the class head through the same backbone
+    assert float(cells[3]) == pytest.approx(6.8, abs=0.1) and cells[4] == "224x224" and cells[5] == "loc. acc."
+    assert float(cells[7]) > 0 and float(cells[8]) > 0  # train / inference images/s
+    assert "| vgg16 | classification | | | | failed | worker died: out of memory |" in table
     png = (tmp_path / "cmp" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     curves = (tmp_path / "cmp" / "curves.png").read_bytes()  # the finished run's curves; the failed one has none

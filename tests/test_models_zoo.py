@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vision.models import create_model, list_models
-from vision.models.flops import profile
+from vision.models.flops import measure, profile
 from vision.models.localization import localization_hits, localization_loss
 
 CLASSIFIERS = ["alexnet", "alexnet2012", "zfnet", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "googlenet",
@@ -185,3 +185,14 @@ def test_counts_match_the_published_figures(name, params_m, gflops):
     row = profile(name, image_size=224)
     assert row["params"] / 1e6 == pytest.approx(params_m, rel=0.01)
     assert row["gflops"] == pytest.approx(gflops, rel=0.03)
+
+
+def test_a_detector_is_counted_at_the_size_it_resizes_to_and_says_so():
+    """Given a 224 square, a classifier computes on 224x224; Faster R-CNN first resizes it to its own
+    ``min_size`` (320 by default, 64 here): its FLOPs are at that size, and the row says which."""
+    assert profile("resnet18", image_size=224)["input_hw"] == (224, 224)
+    torch.manual_seed(0)
+    small = measure(create_model("fasterrcnn_resnet18_fpn", num_classes=3, min_size=64, max_size=64), "detection", 224)
+    row = profile("fasterrcnn_resnet18_fpn", image_size=224)
+    assert small["input_hw"] == (64, 64) and row["input_hw"] == (320, 320)
+    assert row["gflops"] * 1e9 > 5 * small["flops"]  # 9x: the backbone 25x, the box head the same at both

@@ -8,18 +8,21 @@ import json
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, choices=["classification", "localization", "detection",
                                                          "segmentation"], help="only this task's models")
-    parser.add_argument("--image-size", type=int, default=224, help="input side for the FLOP count (default 224)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="input side for the FLOP count (default 224; a detector resizes it to its own "
+                             "min_size first, R-CNN warps regions: the table says what each model's first convolution saw)")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
 
 
 def format_table(rows: list[dict], image_size: int) -> str:
     """Markdown table of ``vision.models.flops.profile_all`` rows."""
-    lines = [f"| name | task | params (M) | GFLOPs @{image_size} |", "| --- | --- | ---: | ---: |"]
+    lines = [f"| name | task | params (M) | GFLOPs | computed at (given {image_size}) |", "| --- | --- | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['task']} | error | {r['error']} |")
+            lines.append(f"| {r['name']} | {r['task']} | error | {r['error']} | |")
         else:
-            lines.append(f"| {r['name']} | {r['task']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} |")
+            h, w = r["input_hw"]
+            lines.append(f"| {r['name']} | {r['task']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {h}x{w} |")
     return "\n".join(lines)
 
 

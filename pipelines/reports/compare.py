@@ -1,7 +1,8 @@
 """The overall comparison of trained architectures: a Markdown table, a PNG chart and the training curves.
 
-For each run directory: architecture, task, parameters, GFLOPs (the trained model at 224x224, measured by
-``torch.utils.flop_counter``), the accuracy it reached (the task's main metric: top-1, localization
+For each run directory: architecture, task, parameters, GFLOPs (the trained model given a 224x224 image,
+measured by ``torch.utils.flop_counter``, with the size its first convolution saw: a detector resizes the
+image to its own ``min_size`` first), the accuracy it reached (the task's main metric: top-1, localization
 accuracy, box AP, mask AP; mIoU for a semantic segmenter), images/s in training and in inference on this
 machine. A run directory that holds ``failed.json`` ({"error": ...}, written by the DAG) is listed as
 failed with its error.
@@ -48,8 +49,9 @@ def _eval_metrics(run_dir: str, train_dir: str, arch: str, epoch: int) -> dict |
     return None
 
 
-def _model_size(config: dict, image_size: int = 224) -> tuple[int | None, float | None]:
-    """(parameters, GFLOPs at ``image_size``) of the model a run trained, built on the meta device."""
+def _model_size(config: dict, image_size: int = 224) -> tuple[int | None, float | None, tuple | None]:
+    """(parameters, GFLOPs, (height, width) it computed at) of the model a run trained given an
+    ``image_size`` square, built on the meta device."""
     import torch
 
     from pipelines.train.checkpoint import build_from_config
@@ -64,13 +66,13 @@ def _model_size(config: dict, image_size: int = 224) -> tuple[int | None, float 
         try:
             with torch.device(device):
                 stats = measure(build_from_config(config), config["task"], image_size)
-            return stats["params"], stats["flops"] / 1e9
+            return stats["params"], stats["flops"] / 1e9, stats["input_hw"]
         except Exception:  # noqa: BLE001  a model that cannot run on meta is measured on the CPU
             if device == "cpu":
-                return None, None
+                return None, None, None
             if "devices" in config.get("model_kwargs", {}):
                 config["model_kwargs"] = {**config["model_kwargs"], "devices": ("cpu", "cpu")}
-    return None, None
+    return None, None, None
 
 
 def summarize_run(run_dir: str) -> dict:
@@ -95,14 +97,19 @@ def summarize_run(run_dir: str) -> dict:
     evaluated = _eval_metrics(run_dir, train_dir, config["arch"], last["epoch"])
     key, label = main_metric(task, evaluated, last)
     accuracy = (evaluated or {}).get(key, last.get(f"val_{key}"))
-    inference = (evaluated or {}).get("inference_images_per_s") or last.get("val_images_per_s")
-    params, gflops = _model_size(config)
+    # `visionflow eval`'s rate where it ran; else the training's validation pass (batched, beside Ray Train's
+    # data pipeline: not the same measurement, and the table says so)
+    inference = (evaluated or {}).get("inference_images_per_s")
+    source = "eval" if inference else ("validation" if last.get("val_images_per_s") else None)
+    inference = inference or last.get("val_images_per_s")
+    params, gflops, input_hw = _model_size(config)
     return {"run_dir": run_dir, "arch": config["arch"], "task": task, "status": "done",
             "backbone": config.get("model_kwargs", {}).get("backbone"),
-            "params": params, "gflops": gflops, "metric": label, "accuracy": accuracy,
+            "params": params, "gflops": gflops, "flops_input": input_hw and f"{input_hw[0]}x{input_hw[1]}",
+            "metric": label, "accuracy": accuracy,
             "epochs": last["epoch"] + 1, "workers": config.get("workers"),
             "train_images_per_s": sum(r["train_images_per_s"] for r in records) / len(records),
-            "inference_images_per_s": inference}
+            "inference_images_per_s": inference, "inference_source": source}
 
 
 def _num(v, fmt: str) -> str:
@@ -110,17 +117,20 @@ def _num(v, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table, failed runs last with their error."""
-    head = ["| architecture | task | params (M) | GFLOPs @224 | metric | accuracy | train img/s | inference img/s |",
-            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    """The comparison as a Markdown table, failed runs last with their error. Inference images/s are
+    `visionflow eval`'s; "(val)" marks a run without an evaluation, whose figure is its training's last
+    validation pass."""
+    head = ["| architecture | task | params (M) | GFLOPs | computed at (given 224x224) | metric | accuracy | "
+            "train img/s | inference img/s |", "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     ok = sorted((r for r in rows if r["status"] == "done"), key=lambda r: (r["task"] or "", r["arch"]))
     lines = [f"| {r['arch']} | {r['task']} | {_num(r['params'] and r['params'] / 1e6, '.2f')} | "
-             f"{_num(r['gflops'], '.2f')} | {r['metric']} | {_num(r['accuracy'], '.3f')} | "
-             f"{_num(r['train_images_per_s'], '.1f')} | {_num(r['inference_images_per_s'], '.1f')} |" for r in ok]
+             f"{_num(r['gflops'], '.2f')} | {r.get('flops_input') or ''} | {r['metric']} | {_num(r['accuracy'], '.3f')} | "
+             f"{_num(r['train_images_per_s'], '.1f')} | {_num(r['inference_images_per_s'], '.1f')}"
+             f"{' (val)' if r.get('inference_source') == 'validation' else ''} |" for r in ok]
     for r in rows:
         if r["status"] != "done":
             err = " ".join(str(r["error"]).split()).replace("|", "\\|")[:200]
-            lines.append(f"| {r['arch']} | {r['task'] or ''} | | | failed | {err} | | |")
+            lines.append(f"| {r['arch']} | {r['task'] or ''} | | | | failed | {err} | | |")
     return "\n".join(head + lines) + "\n"
 
 
@@ -201,7 +211,7 @@ def chart(rows: list[dict], path: str) -> bytes:
         pad = max(0.05, (hi - lo) * 0.15)
         ax.set_ylim(max(0.0, lo - pad), min(1.05, hi + pad))
         ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
-        ax.set_xlabel("GFLOPs per 224x224 image (log)")
+        ax.set_xlabel("GFLOPs per image, at the size each model computes on (log)")
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} vs compute (marker area ~ parameters)", fontsize=10)
         ax.grid(True, alpha=0.3)

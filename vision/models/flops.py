@@ -24,12 +24,20 @@ def _inputs(task: str, image_size: int, device) -> object:
 def measure(model: nn.Module, task: str = "classification", image_size: int = 224) -> dict:
     """One inference forward pass of ``model`` (eval mode) on a 1x3xSxS input (a one-image list for
     detectors) -> {"params": parameters of the layers that ran, "params_total": all parameters,
-    "flops": FLOPs of that pass}. Layers idle at inference (GoogLeNet's aux classifiers) are not counted
-    in "params", as in the published figures."""
+    "flops": FLOPs of that pass, "input_hw": (height, width) the first convolution saw}. Layers idle at
+    inference (GoogLeNet's aux classifiers) are not counted in "params", as in the published figures.
+    A detector resizes its input to its own ``min_size``/``max_size`` first: its FLOPs are at that size,
+    which ``input_hw`` says, not at S."""
     model.eval()
     used: set[int] = set()
+    seen: list[tuple[int, int]] = []
+
+    def first_conv(mod, args):
+        if not seen:
+            seen.append(tuple(int(s) for s in args[0].shape[-2:]))
     hooks = [m.register_forward_pre_hook(lambda mod, _args, used=used: used.add(id(mod)))
              for m in model.modules()]
+    hooks += [m.register_forward_pre_hook(first_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -39,7 +47,7 @@ def measure(model: nn.Module, task: str = "classification", image_size: int = 22
             h.remove()
     params = sum(p.numel() for m in model.modules() if id(m) in used for p in m.parameters(recurse=False))
     return {"params": params, "params_total": sum(p.numel() for p in model.parameters()),
-            "flops": int(counter.get_total_flops())}
+            "flops": int(counter.get_total_flops()), "input_hw": seen[0] if seen else (image_size, image_size)}
 
 
 def profile(name: str, image_size: int = 224, num_classes: int | None = None) -> dict:
@@ -52,7 +60,7 @@ def profile(name: str, image_size: int = 224, num_classes: int | None = None) ->
     except Exception:  # noqa: BLE001  some models compute on concrete tensors while building; measure on the CPU
         stats = measure(create_model(name, num_classes=k), task, image_size)
     return {"name": name, "task": task, "params": stats["params"], "params_total": stats["params_total"],
-            "gflops": stats["flops"] / 1e9, "image_size": image_size}
+            "gflops": stats["flops"] / 1e9, "image_size": image_size, "input_hw": stats["input_hw"]}
 
 
 def profile_all(task: str | None = None, image_size: int = 224, progress=None) -> list[dict]:
