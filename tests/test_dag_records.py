@@ -68,6 +68,21 @@ def test_remote_uri_is_not_mistaken_for_a_local_path():
         RunDir("")
 
 
+def test_a_report_uploaded_from_a_temporary_folder_names_where_it_was_uploaded():
+    """The robustness stage of a run on object storage writes its report to a temporary folder and uploads
+    it: every path it returns, nested ones too (each model's examples and visualizations), names the upload."""
+    from pipelines.dag.stages import rebase_paths
+
+    tmp, remote = "/tmp/tmpab12", "s3://bucket/run/robustness"
+    local = {"json": f"{tmp}/robustness.json", "examples": [f"{tmp}/examples_resnet18.png"],
+             "visualizations": {"resnet18": [f"{tmp}/visualizations/resnet18/conv1.png"]},
+             "models": ["resnet18"], "images": 256, "elsewhere": "/tmp/tmpab123/x.png"}
+    assert rebase_paths(local, tmp, remote) == {
+        "json": f"{remote}/robustness.json", "examples": [f"{remote}/examples_resnet18.png"],
+        "visualizations": {"resnet18": [f"{remote}/visualizations/resnet18/conv1.png"]},
+        "models": ["resnet18"], "images": 256, "elsewhere": "/tmp/tmpab123/x.png"}  # a sibling folder is not inside
+
+
 def test_settings_of_how_a_stage_runs_are_left_out_of_its_key(tmp_path):
     """A crashed training rerun with more restarts, more CPUs or a GPU keeps its stage (and so continues
     from its checkpoint); a setting of what it trains sets the stage aside."""

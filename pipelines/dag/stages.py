@@ -416,10 +416,23 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
         with tempfile.TemporaryDirectory() as tmp:  # written locally, then uploaded next to the rest of the run
             local = entry_points.robustness(train_dirs, data_dir, tmp, cfg)
             run.upload_dir(tmp, "robustness")
-            return {k: v.replace(tmp, run.path("robustness")) if isinstance(v, str) else v for k, v in local.items()}
+            return rebase_paths(local, tmp, run.path("robustness"))
 
     return run_stage(stage, "robustness", cfg, inputs, report, board=board, result=lambda rec: rec["outputs"],
                      failed=lambda error: {"error": error})
+
+
+def rebase_paths(value, old: str, new: str):
+    """``value`` (a report's returned paths: strings in dicts and lists, nested) with every path under the
+    folder ``old`` moved under ``new``: a report written to a temporary folder and uploaded names its files
+    where they were uploaded (its examples and per-model visualizations too), not in the deleted folder."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
+    if isinstance(value, dict):
+        return {k: rebase_paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rebase_paths(v, old, new) for v in value)
+    return value
 
 
 def deploy_serve_args(cfg: dict, served: list[tuple[str, str]]) -> dict:
