@@ -264,3 +264,45 @@ def test_serve_decoder_is_the_shared_one(tmp_path):
     with pytest.raises(ApiError) as e:
         serve_decode(_png16(np.zeros((40, 50), np.uint16), 0), 1999)
     assert e.value.status == 413 and "50x40" in e.value.message
+
+
+def test_an_outline_pycocotools_would_walk_for_gigabytes_and_bad_text_and_areas_stop_at_the_index(tmp_path):
+    """Without Ray: build_index refuses what would still hurt past the earlier checks, each with its reason,
+    and keeps the rest. A star of 10,000 vertices, every other one 4,000 pixels out, in an 8192-pixel image (in
+    bounds, finite, with an area: pycocotools would walk 36 M pixels of outline at 5 points each) drops its
+    annotation; 5,000 vertices on a small circle (a short outline, measured) and an ordinary polygon pass. A
+    file name with a lone surrogate (valid JSON, not valid text for Arrow or the file system) quarantines
+    its image only; a negative or absurd area is left to be computed from the mask."""
+    import math
+
+    from pipelines.data.coco_index import build_index
+    from pipelines.data.validate import OUTLINE_LIMIT, BadSegmentation, clean_segmentation
+
+    star = [v for k in range(10_000) for v in (4096 + (4000 if k % 2 else 10) * math.cos(k * 2 * math.pi / 10_000),
+                                                4096 + (4000 if k % 2 else 10) * math.sin(k * 2 * math.pi / 10_000))]
+    with pytest.raises(BadSegmentation, match=rf"outline is 35,9\d\d,\d\d\d pixels long, over {OUTLINE_LIMIT} x"):
+        clean_segmentation([star], 8192, 8192)
+    circle = [v for k in range(5_000) for v in (100 + 50 * math.cos(k * 2 * math.pi / 5_000),
+                                                  100 + 50 * math.sin(k * 2 * math.pi / 5_000))]
+    assert len(clean_segmentation([circle], 480, 640)[0]) == 10_000
+    square = [[10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]]
+    images = [{"id": 1, "file_name": "a.jpg", "width": 8192, "height": 8192},
+              {"id": 2, "file_name": "\ud800.jpg", "width": 40, "height": 40},
+              {"id": 3, "file_name": "c.jpg", "width": 40, "height": 40}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8192, 8000], "segmentation": [star]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": square,
+             "area": -5.0},
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": square,
+             "area": 1e12},
+            {"id": 4, "image_id": 3, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": square,
+             "area": 400.0}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))  # "\ud800" escaped
+    index = build_index(path)
+    (bad,) = index.quarantined
+    assert bad["image_id"] == 2 and "lone surrogate" in bad["reason"], bad
+    assert [d["annotation_id"] for d in index.dropped] == [1], index.dropped
+    assert "outline" in index.dropped[0]["reason"]
+    rows = {r["image_id"]: json.loads(r["anns"]) for t in index.tables for r in t.to_pylist()}
+    assert sorted(rows) == [1, 3]
+    assert [a["area"] for a in rows[1]] == [None] and [a["area"] for a in rows[3]] == [None, 400.0]

@@ -194,3 +194,21 @@ def test_ops_any_device_follow_inputs():
     if torch.cuda.is_available():
         keep = batched_nms(boxes.cuda(), scores.cuda(), torch.zeros(50, dtype=torch.int64).cuda(), 0.5)
         assert torch.equal(keep.cpu(), nms(boxes, scores, 0.5))
+
+
+def test_batched_nms_answers_alike_when_many_groups_push_the_offsets_past_float32():
+    """The Serve NMS stage groups boxes by (request, label): 256 requests of 80 classes give group ids near
+    20,000, and torchvision's per-group offset puts 320-px boxes near 6e6, where float32 steps by half a
+    pixel. Small boxes must still be suppressed as each group alone, in float64, suppresses them."""
+    g = torch.Generator().manual_seed(0)
+    n = 900  # at most 1,000 on the CPU: torchvision takes the offset path
+    xy = torch.rand(n, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 3 + 1], 1)
+    scores = torch.rand(n, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g) + 20_000
+    kept = batched_nms(boxes, scores, labels, 0.3)
+    expected = torch.cat([torch.nonzero(labels == k).flatten()[torchvision.ops.nms(boxes[labels == k].double(),
+                                                                          scores[labels == k].double(), 0.3)]
+                          for k in labels.unique()])
+    expected = expected[scores[expected].argsort(descending=True)]
+    assert torch.equal(kept, expected)

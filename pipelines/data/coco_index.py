@@ -61,6 +61,15 @@ def load_json(annotations) -> dict:
     return data
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (a JSON string may hold a lone surrogate, which does not)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _int64(v) -> bool:
     """An integer (not true/false) within the shard's int64 id columns."""
     return type(v) is int and -2 ** 63 <= v < 2 ** 63
@@ -102,6 +111,9 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
         # ingest in the conversion; true/false are not integers here.
         if not _int64(iid) or not isinstance(name, str) or not name:
             reason = "image entry needs an integer 'id' (64-bit) and a 'file_name'"
+        elif not _utf8(name):  # a lone surrogate ("\ud800"): JSON allows it, Arrow and the file system do not
+            reason = f"file_name {ascii(name)} is not valid Unicode text (a lone surrogate)"
+            name = ascii(name)
         elif iid in images:
             reason = f"duplicate image id {iid}"
         elif not (type(w) is int and type(h) is int and 0 < w < 2 ** 31 and 0 < h < 2 ** 31):
@@ -159,7 +171,9 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
         im["anns"].append({
             "category_id": cid, "label": label_of[cid], "box": [x1, y1, x2, y2],
             "iscrowd": 1 if ann.get("iscrowd") else 0,
-            "area": float(area) if finite_number(area) else None,
+            # COCOeval ignores a ground truth whose area lies outside [0, 1e10] in every area range: a
+            # negative or absurd one is computed from the mask instead, like a missing one
+            "area": float(area) if finite_number(area) and 0 <= area <= im["width"] * im["height"] else None,
             "segmentation": seg,
         })
     del data

@@ -7,7 +7,10 @@ checked here, on the driver, and only what passes goes on to the C code:
 
 - polygons: a list of numbers (no bools, no strings), all finite, an even count of at least 6; parts of a
   polygon beyond the image plus ``MARGIN`` pixels are clipped off (Sutherland-Hodgman against that
-  rectangle), and a polygon with nothing left, or no area, is left out;
+  rectangle), and a polygon with nothing left, or no area, is left out; an annotation whose polygons'
+  outline is longer than ``OUTLINE_LIMIT`` times the image's width + height is refused (pycocotools walks
+  the outline at 5 points a pixel, about 24 bytes each, unchecked: 20,000 vertices zig-zagging across an
+  8192-pixel image asked for some 20 GB);
 - uncompressed RLE (``counts`` a list): non-negative integers adding up to ``h * w``;
 - compressed RLE (``counts`` a str or bytes): COCO's string format, decoded here, with the same sum;
 - RLE ``size`` must be the image's ``[h, w]``.
@@ -23,6 +26,10 @@ from vision.data.geometry import clip_convex, polygon_area
 # How far past the image edge polygon vertices may lie before they are clipped (annotators' clicks land
 # a little outside; pycocotools only rasterises inside the image anyway).
 MARGIN = 2.0
+# The longest outline an annotation's polygons may have, in image widths + heights: 64 x (640 + 480) is
+# 71,680 pixels for a COCO image (its polygons' outlines are a few thousand at most), 1 Mi pixels at 8192 x
+# 8192, for which pycocotools allocates about 120 MB.
+OUTLINE_LIMIT = 64
 
 
 class BadSegmentation(ValueError):
@@ -136,6 +143,27 @@ def check_rle(rle: dict, height: int, width: int) -> dict:
     return {"size": size, "counts": counts}
 
 
+def _outline(poly: list[float]) -> float:
+    """The length pycocotools walks along a polygon's edges: each edge's larger side, in pixels."""
+    xs, ys = poly[0::2], poly[1::2]
+    return sum(max(abs(x1 - x0), abs(y1 - y0)) for x0, y0, x1, y1 in zip(xs, ys, xs[1:] + xs[:1], ys[1:] + ys[:1]))
+
+
+def check_outline(polys: list[list[float]], height: int, width: int) -> None:
+    """Raise BadSegmentation when the (clipped) polygons' outline is longer than ``OUTLINE_LIMIT`` x
+    (width + height). Every edge is at most the image's larger side plus the margins long, so polygons with
+    few vertices (nearly all) pass without being measured."""
+    limit = OUTLINE_LIMIT * (width + height)
+    edge = max(width, height) + 2 * MARGIN
+    if sum(len(p) // 2 for p in polys) * edge <= limit:
+        return
+    length = sum(_outline(p) for p in polys)
+    if length > limit:
+        raise BadSegmentation(f"polygon outline is {length:,.0f} pixels long, over {OUTLINE_LIMIT} x (width + "
+                              f"height) = {limit:,} for this image (pycocotools would need about "
+                              f"{length * 5 * 24 / 2**30:.1f} GiB to rasterise it)")
+
+
 def clean_segmentation(seg, height: int, width: int):
     """The checked form of an annotation's ``segmentation`` for a ``height`` x ``width`` image:
     None when absent (the box stands in), a list of clipped polygons, or an RLE dict. Raises
@@ -154,6 +182,7 @@ def clean_segmentation(seg, height: int, width: int):
         if not polys:
             raise BadSegmentation("segmentation has no polygon with at least 3 points and an area "
                                   "inside the image")
+        check_outline(polys, height, width)
         return polys
     if isinstance(seg, dict):
         return check_rle(seg, height, width)
