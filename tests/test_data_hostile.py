@@ -306,3 +306,56 @@ def test_an_outline_pycocotools_would_walk_for_gigabytes_and_bad_text_and_areas_
     rows = {r["image_id"]: json.loads(r["anns"]) for t in index.tables for r in t.to_pylist()}
     assert sorted(rows) == [1, 3]
     assert [a["area"] for a in rows[1]] == [None] and [a["area"] for a in rows[3]] == [None, 400.0]
+
+
+_MASK_PEAK = """
+import io, json, sys
+import numpy as np, pyarrow as pa
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pipelines.data.views import augment_table
+
+h, w, n = 3000, 4000, 120
+buf = io.BytesIO()
+Image.new("RGB", (w, h), (90, 120, 30)).save(buf, format="PNG")
+boxes = [[30.0 * k, 20.0 * k, 30.0 * k + 200, 20.0 * k + 150] for k in range(n)]
+rles = [{"size": r["size"], "counts": r["counts"].decode()}
+        for r in mask_utils.frPyObjects(np.array([[x, y, x2 - x, y2 - y] for x, y, x2, y2 in boxes]), h, w)]
+row = {"image_id": 1, "image": buf.getvalue(), "height": h, "width": w, "boxes": boxes,
+       "labels": [1] * n, "iscrowd": [0] * n, "segmentation": rles}
+table = pa.Table.from_pylist([row])
+small = pa.Table.from_pylist([{**row, "image": buf.getvalue(), "boxes": boxes[:1], "labels": [1], "iscrowd": [0],
+                               "segmentation": rles[:1]}])
+augment_table(small, task="segmentation", size=96, train=True, seed=0)  # every import and kernel once
+
+
+def mib(key):  # VmRSS: resident now; VmHWM: the peak since the reset below
+    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+open("/proc/self/clear_refs", "w").write("5")  # Linux: the peak restarts from what is resident now
+before = mib("VmRSS")
+out = augment_table(table, task="segmentation", size=96, train=True, seed=int(sys.argv[1]))
+after = mib("VmHWM")
+print(json.dumps({"kept": len(out["masks"][0]), "shape": list(np.shape(out["masks"][0])),
+                  "image": list(np.shape(out["image"][0])), "grew_mib": after - before}))
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_training_view_of_many_masks_on_a_big_image_decodes_them_one_at_a_time(tmp_path, seed):
+    """120 objects on a 4000 x 3000 image (ingest takes it: under its pixel limit, every polygon sane): the
+    segmentation view decoded every mask at full size at once, 1.4 GB for this row (twice that with the
+    flip), per augmentation task. It decodes, flips and resizes one mask at a time: the row's peak is the
+    decoded image and a mask, whichever way the flip falls (two seeds)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peak.py"
+    script.write_text(_MASK_PEAK)
+    run = subprocess.run([sys.executable, str(script), str(seed)], capture_output=True, text=True, timeout=120,
+                         cwd=os.getcwd(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout)
+    assert got["kept"] == 120 and got["shape"] == [120, *got["image"][:2]], got
+    assert got["grew_mib"] < 200, got  # all at once: over 1,400 MiB

@@ -78,6 +78,36 @@ def test_transform_detection_is_the_composed_v2_transform_bit_for_bit(rows):
     assert flipped > 50  # both branches of the flip were compared
 
 
+def test_masks_given_as_rles_give_what_the_decoded_masks_give(rows):
+    """The views hand a row's RLEs to transform_detection, which decodes them one at a time (only the kept
+    ones, in training): the same masks, bit for bit, as decoding them all first, on the real rows (training
+    draws and evaluation) and on a draw that drops instances."""
+    dropped = 0
+    for i, row in enumerate(rows[:12]):
+        image, boxes, masks = _decoded(row)
+        for train, seed in ((True, i), (True, i + 100), (False, i)):
+            want = T.transform_detection(image, boxes, row["labels"], iscrowd=row["iscrowd"], masks=masks,
+                                         size=48, train=train, seed=seed)
+            got = T.transform_detection(image, boxes, row["labels"], iscrowd=row["iscrowd"],
+                                        masks=list(row["segmentation"]), size=48, train=train, seed=seed)
+            assert torch.equal(got[0], want[0])
+            assert got[1].keys() == want[1].keys() and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
+    image = torch.zeros((3, 40, 50), dtype=torch.uint8)
+    boxes = np.array([[0, 0, 10, 10], [-30, 5, -20, 30], [5, 5, 45, 30]], np.float32)  # the second is outside
+    rles = [T.encode_mask(np.pad(np.ones((10, 10), np.uint8), ((k * 5, 30 - k * 5), (k * 10, 40 - k * 10))))
+            for k in range(3)]
+    _, t = T.transform_detection(image, boxes, [1, 2, 3], masks=rles, size=32, train=True, seed=0)
+    _, want = T.transform_detection(image, boxes, [1, 2, 3], masks=T.decode_masks(rles, 40, 50), size=32,
+                                    train=True, seed=0)
+    assert len(t["masks"]) == 2 and torch.equal(t["masks"], want["masks"])
+    _, t = T.transform_detection(image, boxes[1:2], [2], masks=rles[1:2], size=32, train=True, seed=0)
+    assert t["masks"].shape == (0, *t["masks"].shape[1:]) and t["masks"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="2 mask RLEs for 3 boxes"):
+        T.transform_detection(image, boxes, [1, 2, 3], masks=rles[:2], size=32, train=True, seed=0)
+    with pytest.raises(ValueError, match=r"a mask RLE of size \[40, 50\] on a 50x40 image"):
+        T.transform_detection(image.transpose(1, 2), boxes, [1, 2, 3], masks=rles, size=32, train=False)
+
+
 def test_transform_detection_names_mismatched_instances():
     image = torch.zeros((3, 40, 50), dtype=torch.uint8)
     boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 30]], np.float32)

@@ -44,7 +44,7 @@ def _detection_rows(batch: pa.Table, *, size, train, seed, epoch, masks: bool) -
     for row in batch.to_pylist():
         image = T.decode_image(row["image"])
         boxes, labels, iscrowd = _instances(row)
-        m = T.decode_masks(row["segmentation"], row["height"], row["width"]) if masks else None
+        m = list(row["segmentation"] or []) if masks else None  # RLEs: decoded one at a time in training
         img, target = T.transform_detection(image, boxes, labels, iscrowd=iscrowd, masks=m, size=size,
                                             train=train, seed=T.seed_for(seed, epoch, row["image_id"]))
         out["image_id"].append(row["image_id"])
