@@ -20,10 +20,9 @@ pool, each actor holding one copy of the model.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-from pathlib import PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 
 import numpy as np
 import torch
@@ -33,9 +32,25 @@ from pipelines import storage
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
-def list_inputs(inputs: list[str]) -> list[str]:
-    """Image files named by ``inputs``: files, folders (searched recursively) or globs; local paths or
-    storage URIs (folders and files only). Sorted, each once; ValueError when nothing matches."""
+def _glob(pattern: str) -> list[str]:
+    """Local paths matching a glob (``**``: any folders), sorted. Symlinked folders are not entered, as a folder
+    input's walk does not: ``glob.glob`` follows them, so a link to its own folder repeated each image 41 times
+    and two such links never finished."""
+    parts = PurePath(pattern).parts
+    k = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    base = Path(*parts[:k]) if k else Path(".")
+    return sorted(str(m) for m in base.glob(str(PurePath(*parts[k:]))))
+
+
+def _local_key(path: str) -> str:
+    return os.path.realpath(path) if "://" not in path else path
+
+
+def list_inputs(inputs: list[str], exclude: str | None = None) -> list[str]:
+    """Image files named by ``inputs``: files, folders (searched recursively, symlinked folders not entered)
+    or globs; local paths or storage URIs (folders and files only). Sorted, each file once however it is
+    named, none under the ``exclude`` folder (predict's own output: a rerun would predict its overlays);
+    ValueError when nothing matches."""
     import pyarrow.fs as pafs
 
     found: list[str] = []
@@ -55,7 +70,7 @@ def list_inputs(inputs: list[str]) -> list[str]:
             continue
         # A file or folder that exists is itself, even with [, ? or * in its name; else a glob.
         literal = os.path.exists(item) or not any(c in item for c in "*?[")
-        paths = [item] if literal else sorted(glob.glob(item, recursive=True))
+        paths = [item] if literal else _glob(item)
         if not paths:
             raise ValueError(f"{item}: no file matches")
         for p in paths:
@@ -66,10 +81,15 @@ def list_inputs(inputs: list[str]) -> list[str]:
                 found.append(p)
             else:
                 raise ValueError(f"{p}: no such file or folder")
-    found = list(dict.fromkeys(found))
-    if not found:
-        raise ValueError(f"no JPEG or PNG images in {inputs}")
-    return found
+    skip = _local_key(exclude) + ("/" if "://" not in exclude else "") if exclude else None
+    unique: dict[str, str] = {}  # the file -> the first name it was given by
+    for path in found:
+        key = _local_key(path)
+        if not (skip and key.startswith(skip.rstrip("/") + "/")):
+            unique.setdefault(key, path)
+    if not unique:
+        raise ValueError(f"no JPEG or PNG images in {inputs}" + (f" outside {exclude}" if found else ""))
+    return list(unique.values())
 
 
 class TooLarge(OSError):
@@ -189,11 +209,21 @@ def image_ids(paths: list[str], annotations: str | None) -> list[int]:
     if missing:
         raise ValueError(f"{len(missing)} images are not in {annotations} (e.g. {missing[0]}); predict them "
                          f"without --annotations, or point it at the JSON that lists them")
+    first: dict[int, str] = {}
+    for p, i in zip(paths, ids):
+        if first.setdefault(i, p) != p:
+            raise ValueError(f"{first[i]} and {p} both match image {i} of {annotations} (by the end of their paths): "
+                             "predict one of them at a time")
     return ids
+
+
+# Bytes of a file's stem kept in its overlay's name: file systems allow 255 bytes a name.
+STEM_BYTES = 200
 
 
 def _overlay_name(path: str, image_id: int) -> str:
     stem = PurePosixPath(path.replace(os.sep, "/")).stem
+    stem = stem.encode("utf-8", "surrogateescape")[:STEM_BYTES].decode("utf-8", "ignore")
     return f"overlays/{image_id:06d}_{stem}.png"
 
 
@@ -212,7 +242,8 @@ class _PredictBatch:
 
 
 def _predict_files(predictor: Predictor, paths: list[str], ids: list[int], out: str, draw: bool) -> list[dict]:
-    """Rows ``{"file_name", "image_id", "width", "height", "items"[, "overlay"]}`` or ``{..., "error"}``."""
+    """Rows ``{"file_name", "image_id", "width", "height", "items"[, "overlay" | "overlay_error"]}`` or
+    ``{..., "error"}``."""
     from pipelines.data.image_files import DEFAULT_MAX_IMAGE_BYTES  # (here: the package imports Ray Data)
 
     datas: list[bytes | None] = []
@@ -232,7 +263,10 @@ def _predict_files(predictor: Predictor, paths: list[str], ids: list[int], out: 
         res = {"error": unread.get(k, "could not be read")} if data is None else next(results)
         row = {"file_name": p, "image_id": image_id, **res}
         if "error" not in res and draw and predictor.task != "classification":
-            row["overlay"] = storage.write_bytes(out, _overlay_name(p, image_id), predictor.overlay(data, res))
+            try:
+                row["overlay"] = storage.write_bytes(out, _overlay_name(p, image_id), predictor.overlay(data, res))
+            except OSError as e:  # a full disk, a name the file system refuses: the predictions are kept
+                row["overlay_error"] = f"{type(e).__name__}: {e}"
         outs.append(row)
     return outs
 
@@ -245,7 +279,9 @@ def predict(checkpoint: str, inputs: list[str], out: str, *, annotations: str | 
     Returns ``{"images", "errors", "predictions", "images_json", "overlays", "engine", "task"}``."""
     from pipelines.console import Progress
 
-    paths = list_inputs(inputs)
+    if "://" not in str(out):
+        out = os.path.abspath(out)  # Ray Data's actors write the overlays from their own working directory
+    paths = list_inputs(inputs, exclude=str(out))
     ids = image_ids(paths, annotations)
     options = {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
                "max_detections": max_detections, "top_k": top_k}
@@ -284,6 +320,8 @@ def predict(checkpoint: str, inputs: list[str], out: str, *, annotations: str | 
     images = [{"id": r["image_id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"]}
               for r in good]
     return {"task": task, "engine": engine, "images": len(good), "errors": errors,
+            "overlay_errors": [{"file_name": r["file_name"], "error": r["overlay_error"]} for r in good
+                               if "overlay_error" in r],
             "predictions": storage.write_json(out, "predictions.json", preds),
             "images_json": storage.write_json(out, "images.json", {"images": images, "errors": errors}),
             "overlays": [r["overlay"] for r in good if r.get("overlay")]}

@@ -150,7 +150,16 @@ def test_errors_and_empty_results(coco_val):
     with pytest.raises(ValueError, match="no ground truth"):
         ev.compute()
     ev.add_ground_truth(shard_rows(coco))
-    assert ev.compute()["bbox/AP"] == 0.0  # nothing predicted
+    nothing = ev.compute()  # nothing predicted: 0 where there are objects, -1 (undefined) where there are none
+    assert nothing["bbox/AP"] == nothing["bbox/AR100"] == 0.0
+    assert nothing["bbox/APl"] == -1.0 and not any(a["area"] > 96 ** 2 for a in coco.dataset["annotations"])
+    empty = CocoEvaluator(categories)  # images without objects: undefined whether something is predicted or not
+    empty.add_ground_truth([{**row, "boxes": [], "category_ids": [], "iscrowd": [], "area": [], "segmentation": []}
+                            for row in shard_rows(coco)[:2]])
+    assert set(empty.compute().values()) - {2} == {-1.0}
+    some = Detections(torch.tensor([[1.0, 1.0, 9.0, 9.0]]), torch.tensor([0.9]), torch.tensor([1]))
+    empty.add(int(shard_rows(coco)[0]["image_id"]), some)
+    assert set(empty.compute().values()) - {2} == {-1.0}
     with pytest.raises(ValueError, match="iou_types"):
         CocoEvaluator(categories, ("keypoints",))
     seg = CocoEvaluator(categories, ("bbox", "segm"))

@@ -4,6 +4,7 @@ another class count skipped and reported; ``--pretrained`` without the internet 
 ``--init-from``. (That a resume ignores them: ``test_train_watch.py``, whose run resumes.)"""
 from __future__ import annotations
 
+import argparse
 import json
 import urllib.error
 
@@ -36,7 +37,8 @@ def coco_state(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     plain, wrapped = folder / "fasterrcnn_mobilenet_v3_large_fpn-coco.pth", folder / "reference_checkpoint.pth"
     torch.save(state, plain)
-    torch.save({"model": state, "epoch": 25}, wrapped)
+    # as torchvision's references/detection/train.py writes it: its command line too, an argparse.Namespace
+    torch.save({"model": state, "epoch": 25, "args": argparse.Namespace(lr=0.02, dataset="coco", epochs=26)}, wrapped)
     return state, plain, wrapped
 
 
@@ -103,7 +105,7 @@ def test_bad_sources_are_refused_with_one_line(coco_state, tmp_path):
 
 
 def test_fine_tuning_from_a_torchvision_state_dict_on_the_first_ten_synth_images(ray_cluster, data_dir, coco_state,
-                                                                                 tmp_path, monkeypatch):
+                                                                                 tmp_path, monkeypatch, capsys):
     state, plain, _ = coco_state
     out = tmp_path / "run"
     cfg = TrainConfig(task="detection", arch=ARCH, data=str(data_dir), out=str(out), init_from=str(plain), epochs=1,
@@ -138,6 +140,18 @@ def test_fine_tuning_from_a_torchvision_state_dict_on_the_first_ten_synth_images
         moved = (trained[name] - state[name[len("net."):]]).norm()
         apart = (scratch[name] - state[name[len("net."):]]).norm()
         assert moved < 0.2 * apart, (name, float(moved), float(apart))
+
+    # --restart --init-from the run itself: --restart deleted those weights before the workers read them, and
+    # the training failed with the run's checkpoints gone. Refused before anything is touched.
+    kept = latest_checkpoint(str(out))
+    argv = ["train", "--no-dashboard", "--task", "detection", "--arch", ARCH, "--data", str(data_dir), "--out", str(out),
+            "--restart", "--epochs", "1", "--batch-size", "4", "--image-size", "64"]
+    for source in (out, kept):
+        capsys.readouterr()
+        assert cli.main([*argv, "--init-from", str(source)]) == 2
+        (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("visionflow train:")]
+        assert "this run's own weights, which --restart deletes" in line, line
+        assert latest_checkpoint(str(out)) == kept and torch.load(kept, weights_only=True)["model"]
     # (A resume ignoring --init-from is checked on test_train_watch.py's run, which resumes anyway.)
 
 

@@ -108,6 +108,59 @@ def test_classifier_writes_top_k_and_bad_files_are_skipped_with_a_reason(tmp_pat
     assert {p["category_id"] for p in pred["top_k"]} <= {c["id"] for c in categories}
 
 
+def test_inputs_each_once_never_its_own_output_and_a_bad_overlay_loses_nothing(tmp_path, synth_dir, categories,
+                                                                               capsys):
+    """A folder with two symlink loops, globbed with ``**`` (glob.glob followed them: 41 copies of each image with
+    one loop, no end with two), named again as files and by a glob; predicted twice into a folder inside it (the
+    rerun predicted the first run's overlays); a file whose name leaves no room for the overlay's prefix (the
+    whole run failed, nothing written); an overlay folder that cannot be written; two files that match one
+    image of ``--annotations``."""
+    import os
+
+    ckpt = _checkpoint(tmp_path / "run", "ssdlite_mobilenet_v3", "detection", categories)
+    src = sorted((synth_dir / "val").glob("*.jpg"))[:2]
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    long_name = photos / ("\u00e9" * 125 + ".jpg")  # 254 bytes: a legal name
+    long_name.write_bytes(src[0].read_bytes())
+    (photos / "sub" / "b.jpg").write_bytes(src[1].read_bytes())
+    os.symlink(".", photos / "self")
+    os.symlink("..", photos / "sub" / "up")
+    listing = subprocess.run([sys.executable, "-c", "import json, sys; from pipelines.predict import list_inputs; "
+                              "print(json.dumps(list_inputs(sys.argv[1:])))", f"{photos}/**/*.jpg", str(photos),
+                              str(photos / "sub" / "b.jpg"), f"{photos}/./sub/b.jpg"],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    assert sorted(json.loads(listing.stdout)) == sorted([str(long_name), str(photos / "sub" / "b.jpg")])
+
+    out = photos / "predictions"
+    common = ["--checkpoint", str(ckpt), "--score-threshold", "0", "--max-detections", "3"]
+    for _ in range(2):
+        assert main(["predict", str(photos), "--out", str(out), *common]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["images"] == 2 and summary["overlays"] == 2 and summary["overlay_errors"] == 0, summary
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+    assert {im["file_name"] for im in json.loads((out / "images.json").read_text())["images"]} == \
+        {str(long_name), str(photos / "sub" / "b.jpg")}
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "overlays").write_text("a file where the overlay folder goes")
+    assert main(["predict", str(long_name), str(photos / "sub" / "b.jpg"), "--out", str(blocked), *common]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["images"] == 2 and summary["overlays"] == 0 and summary["overlay_errors"] == 2, summary
+    assert "no overlay for" in captured.err and json.loads((blocked / "predictions.json").read_text())
+
+    ann = synth_dir / "annotations" / "instances_val.json"
+    twin = tmp_path / "copy" / src[0].name
+    twin.parent.mkdir()
+    twin.write_bytes(src[0].read_bytes())
+    assert main(["predict", str(src[0]), str(twin), "--out", str(tmp_path / "twins"), "--annotations", str(ann),
+                 *common]) == 2
+    assert "both match image" in capsys.readouterr().err
+
+
 def test_bad_arguments_get_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing-here"), "--checkpoint", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"visionflow predict: --{name.replace('_', '-')} must be in [0, 1]", file=sys.stderr)
             return 2
     try:
-        paths = list_inputs(args.inputs)
+        paths = list_inputs(args.inputs, exclude=args.out)
         if len(paths) > args.in_process_max:
             from pipelines.ray_runtime import connect_for
 
@@ -60,7 +60,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"visionflow predict: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: result[k] for k in ("task", "engine", "images", "predictions", "images_json")}
-                     | {"overlays": len(result["overlays"]), "errors": len(result["errors"])}))
+                     | {"overlays": len(result["overlays"]), "errors": len(result["errors"]),
+                        "overlay_errors": len(result["overlay_errors"])}))
     for err in result["errors"][:10]:
         print(f"  skipped {err['file_name']}: {err['error']}", file=sys.stderr)
+    for err in result["overlay_errors"][:10]:
+        print(f"  no overlay for {err['file_name']} (its predictions are in the JSON): {err['error']}", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ errors, a record for ``run.json``); each worker then loads it (``apply``) and ra
 """
 from __future__ import annotations
 
+import argparse
 import io
 
 import torch
@@ -39,7 +40,10 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], str]:
 
         return dict(load_payload(path)["model"]), path
     try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(fs, inner)), map_location="cpu", weights_only=True)
+        # torchvision's reference scripts save their command line beside the weights (an argparse.Namespace,
+        # plain values): allowed, nothing else is.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(io.BytesIO(storage.read_bytes(fs, inner)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch.load of a file that is not one raises several kinds
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"--init-from {path} is not a state dict torch.load reads with weights_only=True "

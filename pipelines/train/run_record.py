@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from pipelines import storage
 
@@ -75,15 +76,35 @@ def _legacy(run: storage.RunDir) -> dict:
                      **({"classes": [c.get("name") for c in config["categories"]]} if config.get("categories") else {})}}
 
 
-def clear(out: str) -> None:
-    """Delete what a run wrote: Ray Train's checkpoints and registry, the metrics (with their CSV, TensorBoard
-    events and curves) and the run's records."""
+def _cleared() -> tuple[str, ...]:
     from pipelines.train.trainer import CHECKPOINTS, DIVERGED
     from pipelines.train.watch import CURVES, METRICS_CSV, TENSORBOARD
 
+    return CHECKPOINTS, storage.METRICS, METRICS_CSV, TENSORBOARD, CURVES, RUN_FILE, "config.json", DIVERGED
+
+
+def clear(out: str) -> None:
+    """Delete what a run wrote: Ray Train's checkpoints and registry, the metrics (with their CSV, TensorBoard
+    events and curves) and the run's records."""
     run = storage.RunDir(out)
-    for name in (CHECKPOINTS, storage.METRICS, METRICS_CSV, TENSORBOARD, CURVES, RUN_FILE, "config.json", DIVERGED):
+    for name in _cleared():
         run.remove(name)
+
+
+def check_restart_keeps(out: str, sources: dict[str, str | None]) -> None:
+    """Before ``clear``: a source the workers read after it (``{"--init-from": path, ...}``) must not be what
+    it deletes, the run itself or its checkpoints (``--restart --init-from RUN`` deleted the weights it was
+    to start from, then failed). ValueError, one line."""
+    def norm(path: str) -> str:
+        return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+    run = norm(out)
+    gone = [run] + [f"{run}/{name}" for name in _cleared()]
+    for flag, source in sources.items():
+        if source and any(norm(source) == g or norm(source).startswith(g + "/") for g in gone):
+            raise ValueError(f"{flag} {source} is this run's own weights, which --restart deletes before the training "
+                             f"reads them: copy the checkpoint out of {out} first (or rerun without --restart to "
+                             "resume the run)")
 
 
 def start(out: str, cfg, *, restart: bool = False, init: dict | None = None) -> dict:

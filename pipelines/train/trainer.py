@@ -645,6 +645,8 @@ def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, st
     fresh = restart or not checkpoint_candidates(out)
     init = init_weights.check(cfg) if fresh else None
     check_teacher(cfg)
+    if restart:
+        run_record.check_restart_keeps(out, {"--init-from": cfg.init_from, "--distill-from": cfg.distill_from})
     run_record.start(out, cfg, restart=restart, init=init)  # RunMismatch before anything of the run is touched
     storage.RunDir(out).remove(DIVERGED)
     storage.RunDir(out).remove(PHASES)  # a stale one (an earlier fit) is never read as this one's

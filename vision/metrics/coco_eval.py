@@ -148,16 +148,22 @@ def build_coco(images: Sequence[dict], annotations: Sequence[dict], categories: 
 def summarize(coco_gt, results: list[dict], iou_type: str, verbose: bool = False) -> dict[str, float]:
     """Run COCOeval on ``results`` (COCO result dicts) -> ``{"<iou_type>/AP": ..., ...}``, 12 numbers.
 
-    With no results at all every number is 0 (pycocotools refuses an empty result list).
+    With no results at all, COCOeval's numbers for no detections (``loadRes`` refuses an empty list): 0 where
+    there is ground truth, -1 ("undefined") where there is none, as with any results; it gave 0 everywhere,
+    so a model that found nothing on a split without objects outranked one that found something (-1).
     """
+    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
-    if not results:
-        return {f"{iou_type}/{k}": 0.0 for k in STAT_NAMES}
     with _quiet() if not verbose else contextlib.nullcontext():
-        coco_dt = coco_gt.loadRes(results)
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {**{k: coco_gt.dataset[k] for k in ("images", "categories")}, "annotations": []}
+            coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.evaluate()
         ev.accumulate()
