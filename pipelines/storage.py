@@ -32,7 +32,27 @@ def resolve(path) -> tuple[pafs.FileSystem, str]:
     text = os.fspath(path)
     if "://" in text:
         return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), os.path.abspath(text)
+    # "~/runs/x" from a YAML (no shell expanded it): the home folder, not a folder named "~" here
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def rebase_paths(value, old: str, new: str):
+    """``value`` (strings in dicts and lists, nested) with every path under the folder ``old`` moved under
+    ``new``: a report written to a temporary folder and uploaded names its files where they were uploaded; a
+    stage record of a run directory that was moved names the files where they are now."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
+    if isinstance(value, dict):
+        return {k: rebase_paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rebase_paths(v, old, new) for v in value)
+    return value
 
 
 def join(root: str, name: str) -> str:
@@ -147,6 +167,9 @@ class RunDir:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old record (a power cut left it empty)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 made records unreadable to others
         os.replace(tmp, self._abs(name))  # atomic on one filesystem
         return self.path(name)
 

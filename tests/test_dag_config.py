@@ -161,6 +161,21 @@ def test_the_runs_summary_prints_what_the_smoke_test_found_before_its_table():
     # and the example's --no-deploy runs.
     ({"deploy": {"detection_arch": "ssdlite_mobilenet_v3"}}, ["--archs", "resnet18,yolo_v1"], "or pass --no-deploy"),
     ({"deploy": {"detection_arch": "ssdlite_mobilenet_v3"}}, ["--archs", "resnet18,yolo_v1", "--no-deploy"], None),
+    # Refused only at deploy, after every training: a model's max_ongoing_requests below its batch size.
+    ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"serve": {"model": {"max_ongoing_requests": 4}}}},
+     [], "deploy.serve.model.max_ongoing_requests (4) must be >= a served model's batch size (8)"),
+    # Serve's Disabled runs no HTTP proxy: the deploy stage waited out its timeout for /healthz.
+    ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"proxy_location": "Disabled"}}, [],
+     "deploy.proxy_location"),
+    # A typo in robustness.archs ended the run with exit 0 and "no classifier finished training".
+    ({"train": {"archs": ["resnet18"]}, "robustness": {"enabled": True, "archs": ["resnet81"]}}, ["--no-deploy"],
+     "robustness.archs: ['resnet81'] are not classifiers this run trains (its classifiers: resnet18)"),
+    ({"train": {"archs": ["resnet18"]}, "robustness": {"enabled": True, "epsilons": []}}, ["--no-deploy"],
+     "robustness.epsilons"),
+    # A run directory inside the images folder: the data's fingerprint changed with every record it wrote.
+    ({"run_dir": "/nonexistent/coco/images/runs/q", "data": {"source": "coco", **{
+        s: {"annotations": f"/nonexistent/coco/{s}.json", "images": "/nonexistent/coco/images"} for s in ("train", "val")}},
+      "train": {"archs": ["resnet18"]}}, ["--no-deploy"], "is inside the images folder /nonexistent/coco/images"),
     # It passed and was then replaced by the run's own checkpoints.
     ({"train": {"archs": ["ssdlite_mobilenet_v3"]}, "deploy": {"serve": {"models": [{"name": "x"}]}}},
      [], "deploy.serve.models: the run serves the models it trained"),

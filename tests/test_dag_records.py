@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.dag.records import Stage, stage_key
+import os
+
+from pipelines.dag.records import Stage, prune_set_aside, stage_key
 from pipelines.storage import RunDir
 
 
@@ -71,7 +73,7 @@ def test_remote_uri_is_not_mistaken_for_a_local_path():
 def test_a_report_uploaded_from_a_temporary_folder_names_where_it_was_uploaded():
     """The robustness stage of a run on object storage writes its report to a temporary folder and uploads
     it: every path it returns, nested ones too (each model's examples and visualizations), names the upload."""
-    from pipelines.dag.stages import rebase_paths
+    from pipelines.storage import rebase_paths
 
     tmp, remote = "/tmp/tmpab12", "s3://bucket/run/robustness"
     local = {"json": f"{tmp}/robustness.json", "examples": [f"{tmp}/examples_resnet18.png"],
@@ -100,3 +102,58 @@ def test_settings_of_how_a_stage_runs_are_left_out_of_its_key(tmp_path):
     evals = {_eval_stage_of(run, "resnet18", {"enabled": True, "from_training": ft, **res}, {"key": "t"}).key
              for ft in (True, False) for res in ({"num_cpus": 1}, {"num_cpus": 2, "num_gpus": 1})}
     assert len(evals) == 2  # from_training changes what the evaluation reads; its resources do not
+
+
+@pytest.mark.parametrize("torn", ['{"key": "ab', "[1, 2]", "\xff\xfe"])
+def test_a_torn_or_hand_edited_record_runs_its_stage_again_and_names_the_file(run, torn):
+    """A record cut short (a power cut before the disk had it) or edited by hand failed its stage on every
+    rerun with a JSONDecodeError naming no file. It is read as absent, with a warning naming it; the stage runs
+    again and its record replaces the file."""
+    stage = Stage(run, "archs/resnet18/train", "k1")
+    stage.begin(resumable=True)
+    stage.done({}, {}, {"run_dir": "x"}, 1.0)
+    run.local("archs/resnet18/train/_stage.json").write_bytes(torn.encode("latin-1"))
+    with pytest.warns(RuntimeWarning, match=r"archs/resnet18/train/_stage.json is not a (JSON|stage) record"):
+        assert stage.finished() is None
+    run.local("archs/resnet18/train/_started.json").write_bytes(torn.encode("latin-1"))
+    with pytest.warns(RuntimeWarning, match="_started.json"):
+        assert stage.begin(resumable=True) is False
+    stage.done({}, {}, {"run_dir": "y"}, 1.0)
+    assert stage.finished()["outputs"]["run_dir"] == "y"
+
+
+def test_a_moved_run_directory_hands_out_its_new_paths(tmp_path):
+    """Records hold absolute paths; moved (mv, another machine or mount point), a run skipped its finished stages
+    and handed the later ones the old location's shards and checkpoints (or paths that no longer existed)."""
+    old = RunDir(str(tmp_path / "a" / "run"))
+    Stage(old, "data", "d1").begin(resumable=False)
+    Stage(old, "data", "d1").done({}, {}, {"data_dir": old.path("data/shards"), "splits": [old.path("data/x")],
+                                           "source": "/elsewhere/coco"}, 1.0)
+    os.rename(tmp_path / "a", tmp_path / "b")
+    new = RunDir(str(tmp_path / "b" / "run"))
+    outputs = Stage(new, "data", "d1").finished()["outputs"]
+    assert outputs == {"data_dir": new.path("data/shards"), "splits": [new.path("data/x")], "source": "/elsewhere/coco"}
+
+
+def test_prune_deletes_set_aside_stage_outputs_only(tmp_path):
+    """--prune took any folder with an "@" up to three levels down: a run directory in a project folder listed
+    node_modules/@types."""
+    run = RunDir(str(tmp_path))
+    for d in ("archs/resnet18/train@0123456789abcdef", "data@fedcba9876543210", "node_modules/@types",
+              "photos/me@home", "archs/x/train@0123"):
+        run.makedirs(d)
+    assert sorted(prune_set_aside(run)) == ["archs/resnet18/train@0123456789abcdef", "data@fedcba9876543210"]
+    assert run.exists("node_modules/@types") and run.exists("photos/me@home") and run.exists("archs/x/train@0123")
+
+
+def test_records_are_readable_by_others_and_a_home_folder_is_expanded(tmp_path, monkeypatch):
+    """JSON records were written 0600 (mkstemp's), unreadable to a team's other users; ``run_dir: ~/runs/x`` in a
+    YAML (no shell to expand it) made a folder named "~" in the working directory."""
+    mask = os.umask(0o022)
+    try:
+        path = RunDir(str(tmp_path)).write_json("summary.json", {"x": 1})
+    finally:
+        os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert RunDir("~/runs/x").uri == str(tmp_path / "home" / "runs" / "x")

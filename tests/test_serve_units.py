@@ -261,3 +261,51 @@ def test_an_internal_error_names_its_cause_not_rays_traceback_text():
         body = json.loads(answer.body)
         assert answer.status_code == 500 and body["error"]["code"] == "internal", body
         assert body["error"]["message"] == message and "4242" not in answer.body.decode(), body
+
+
+def test_the_health_check_takes_only_this_applications_answer():
+    """Any 200 at /healthz passed: another server on the port (another cluster's endpoint) was taken for the
+    application just deployed. A real HTTP server answers here."""
+    import http.server
+    import json
+    import threading
+
+    from pipelines.serve.deploy import DeployError, _wait_healthy
+
+    answer = {"body": b""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 -- http.server's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(answer["body"])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for body in (b"<html>another server</html>", json.dumps({"status": "ok", "models": ["theirs"]}).encode()):
+            answer["body"] = body
+            with pytest.raises(DeployError, match="another server on the port"):
+                _wait_healthy(url, 1.2, models=["mine"])
+        answer["body"] = json.dumps({"status": "ok", "models": ["mine"]}).encode()
+        _wait_healthy(url, 5, models=["mine"])
+    finally:
+        server.shutdown()
+
+
+def test_serve_needs_http_and_a_port_in_range(capsys):
+    """Serve's proxy_location Disabled runs no HTTP proxy: the endpoint never answered and the start waited out its
+    timeout; so did a --port of 0 or 70000 (argparse took any integer)."""
+    from pipelines.cli import main
+    from pipelines.serve.config import HttpOptions
+
+    with pytest.raises(ValidationError, match="proxy_location"):
+        HttpOptions(proxy_location="Disabled")
+    for port in ("0", "70000"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--random-weights", "--port", port])
+        assert e.value.code == 2 and "must be a port 1..65535" in capsys.readouterr().err

@@ -24,22 +24,30 @@ def _controllers() -> set[str]:
 def lane(ray_cluster, data_dir, tmp_path_factory):
     """squeezenet1_1 (trains), alexnet on 32 px crops (its first step fails in the worker: its feature map
     shrinks to nothing), resnet18 whose
-    worker kills its own process (SIGKILL) at the start of its epoch 2, once: the lane has one restart."""
+    worker kills its own process (SIGKILL) at the start of its epoch 2, once: the lane has one restart; an SSDlite
+    on one training image, whose one batch is below the two images a step needs (no step at all)."""
     root = tmp_path_factory.mktemp("lane")
     marker = root / "killed.marker"
     cfgs = [TrainConfig(arch="squeezenet1_1", data=str(data_dir), out=str(root / "squeezenet1_1"), max_failures=1, **TINY),
             TrainConfig(arch="alexnet", data=str(data_dir), out=str(root / "alexnet"), **TINY),
             TrainConfig(arch="resnet18", data=str(data_dir), out=str(root / "resnet18"),
-                        chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 0}, **TINY)]
+                        chaos={"kill_at_epoch": 1, "marker": str(marker), "rank": 0}, **TINY),
+            TrainConfig(arch="ssdlite_mobilenet_v3", data=str(data_dir), out=str(root / "ssdlite"),
+                        **{**TINY, "task": "detection", "epochs": 1, "batch_size": 2, "image_size": 64},
+                        limit_train_images=1, model_kwargs={"size": 64})]
     before = _controllers()
     results = fit_lane(cfgs)
     return cfgs, results, marker, _controllers() - before
 
 
 def test_one_controller_trains_the_lane_and_a_failed_training_ends_only_itself(lane):
-    cfgs, (squeeze, alex, resnet), _, controllers = lane
-    assert len(controllers) == 1, controllers  # one Ray Train run for the three trainings
+    cfgs, (squeeze, alex, resnet, idle), _, controllers = lane
+    assert len(controllers) == 1, controllers  # one Ray Train run for the four trainings
     assert isinstance(alex, RuntimeError) and "Output size is too small" in str(alex), alex
+    # A training that ran no step fails with what to change, before its validation, and saves no checkpoint
+    # (it would hold the untouched initial weights as a trained epoch).
+    assert isinstance(idle, Exception) and "epoch 1 ran no training step" in str(idle), idle
+    assert not read_metrics(cfgs[3].out) and not storage.exists(cfgs[3].out, "checkpoints")
     for cfg, result in ((cfgs[0], squeeze), (cfgs[2], resnet)):
         assert isinstance(result, dict), result
         assert result["epochs_run"] == 2 and result["checkpoint"].endswith("epoch_0001")

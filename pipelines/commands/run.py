@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
         archs = cfg.archs()
         cfg.check_train_settings()
         cfg.check_deploy_settings()
+        cfg.check_run_settings()
     except ValueError as e:
         print(f"visionflow run: {e}", file=sys.stderr)
         return 2

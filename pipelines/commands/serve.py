@@ -7,6 +7,16 @@ import sys
 import threading
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port 1..65535, got {text}")
+    return value
+
+
+_port.__name__ = "port"  # argparse's "invalid port value" for non-numbers
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a Serve YAML (cluster/serve/*.yaml): models, replicas, batching, NMS, "
                                          "HTTP options; the same file `serve run` / `serve deploy` take")
@@ -16,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--random-weights", action="store_true",
                      help="serve untrained weights (tests and smoke runs only)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1, or the config's http_options)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8000, or the config's http_options)")
+    parser.add_argument("--port", type=_port, help="HTTP port 1..65535 (default 8000, or the config's http_options)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for the application to be up before giving up with each "
                              "deployment's state (default: 300)")

@@ -114,9 +114,10 @@ class DeployStage(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # Serve's HTTP options, as in a Serve YAML: the end-to-end request timeout (a client that sends its
-    # body slowly is cut off) and where proxies run (HeadOnly, EveryNode, Disabled).
+    # body slowly is cut off) and where proxies run (HeadOnly, EveryNode; Serve's Disabled is refused: the
+    # endpoint, its health check and the smoke test are HTTP).
     request_timeout_s: Optional[float] = Field(None, gt=0)
-    proxy_location: Optional[Literal["HeadOnly", "EveryNode", "Disabled"]] = None
+    proxy_location: Optional[Literal["HeadOnly", "EveryNode"]] = None
     # Seconds to wait for the application to be up before the stage fails with each deployment's state.
     timeout_s: float = Field(300.0, gt=0)
     # Extra ServeArgs fields (nms, limits, per-stage resources) merged into the generated application.
@@ -144,7 +145,7 @@ class RobustnessStage(_Strict):
     enabled: bool = False
     # None: every classifier of the run that trained.
     archs: Optional[list[str]] = None
-    epsilons: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 8 / 255])
+    epsilons: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 8 / 255], min_length=1)
     images: int = Field(64, ge=1)
     visualize: bool = True
 
@@ -192,7 +193,7 @@ class RunConfig(_Strict):
         wrong, before anything runs (not after every training)."""
         if not self.deploy.enabled:
             return
-        from pipelines.serve.config import ServeArgs, StageResources
+        from pipelines.serve.config import Batching, ServeArgs, StageResources
         from vision.models import get_entry
 
         archs = self.archs()
@@ -216,10 +217,38 @@ class RunConfig(_Strict):
         for where, schema, doc in (("deploy.serve.model", StageResources, serve.pop("model", {})),
                                    ("deploy.serve", ServeArgs, serve)):
             try:
-                schema.model_validate(doc)
+                checked = schema.model_validate(doc)
             except ValidationError as e:
                 lines = [f"  {where}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
                 raise ValueError(f"invalid {where} settings:\n" + "\n".join(lines)) from None
+            if where == "deploy.serve.model" and doc.get("max_ongoing_requests") is not None \
+                    and checked.max_ongoing_requests < Batching().max_batch_size:  # ModelSpec's rule, at deploy
+                raise ValueError(f"deploy.serve.model.max_ongoing_requests ({checked.max_ongoing_requests}) must be >= "
+                                 f"a served model's batch size ({Batching().max_batch_size})")
+
+    def check_run_settings(self) -> None:
+        """What the stages' own schemas cannot see, before anything runs; ValueError, one line each: the run
+        directory inside a COCO images folder (the data's fingerprint covers that folder, so every rerun saw
+        new data: ingest, every training from scratch, the old outputs set aside), robustness architectures
+        that this run does not train as classifiers (a typo ended the run with exit 0 and a wrong message)."""
+        import os
+
+        from vision.models import model_task
+
+        if self.data.source == "coco" and "://" not in self.run_dir:
+            run = os.path.realpath(os.path.expanduser(self.run_dir))
+            for split in (self.data.train, self.data.val):
+                images = split.images
+                if "://" not in images and (run + "/").startswith(os.path.realpath(os.path.expanduser(images)) + "/"):
+                    raise ValueError(f"run_dir {self.run_dir} is inside the images folder {images}, whose contents "
+                                     "are the data's fingerprint: every rerun would ingest and train again; put the "
+                                     "run directory elsewhere")
+        if self.robustness.enabled and self.robustness.archs is not None:
+            classifiers = [a for a in self.archs() if model_task(a) == "classification"]
+            wrong = [a for a in self.robustness.archs if a not in classifiers]
+            if wrong:
+                raise ValueError(f"robustness.archs: {wrong} are not classifiers this run trains (its classifiers: "
+                                 f"{', '.join(classifiers) or 'none'})")
 
     def check_train_settings(self) -> None:
         """Validate every architecture's settings against the trainer's schema before anything runs;

@@ -25,9 +25,9 @@ from typing import Any, Callable
 
 import ray
 
-from pipelines.dag.records import Stage, stage_key
+from pipelines.dag.records import Stage, read_record, stage_key
 from pipelines.progress_report import tell
-from pipelines.storage import RunDir
+from pipelines.storage import RunDir, rebase_paths
 
 
 def _skipped(board, name: str, rec: dict) -> dict:
@@ -177,7 +177,7 @@ def _lane_result(run: RunDir, arch: str, settings: dict, stage: Stage, token: st
     if rec is not None and rec["outputs"].get("lane") == token:
         run.remove(f"archs/{arch}/failed.json")
         return _branch(arch, settings, rec)
-    failed = run.read_json(f"archs/{arch}/failed.json")
+    failed = read_record(run, f"archs/{arch}/failed.json")
     if failed and failed.get("lane") == token and rec is None:
         return {"arch": arch, "task": settings["task"], "status": "failed", "stage": "train", "error": failed["error"]}
     return None
@@ -420,19 +420,6 @@ def robustness_stage(run_uri: str, cfg: dict, branches: list, data_rec: dict, bo
 
     return run_stage(stage, "robustness", cfg, inputs, report, board=board, result=lambda rec: rec["outputs"],
                      failed=lambda error: {"error": error})
-
-
-def rebase_paths(value, old: str, new: str):
-    """``value`` (a report's returned paths: strings in dicts and lists, nested) with every path under the
-    folder ``old`` moved under ``new``: a report written to a temporary folder and uploaded names its files
-    where they were uploaded (its examples and per-model visualizations too), not in the deleted folder."""
-    if isinstance(value, str):
-        return new + value[len(old):] if value == old or value.startswith(old.rstrip("/") + "/") else value
-    if isinstance(value, dict):
-        return {k: rebase_paths(v, old, new) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(rebase_paths(v, old, new) for v in value)
-    return value
 
 
 def deploy_serve_args(cfg: dict, served: list[tuple[str, str]]) -> dict:

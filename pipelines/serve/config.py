@@ -233,8 +233,9 @@ class HttpOptions(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: Optional[float] = Field(None, gt=0)
     keep_alive_timeout_s: Optional[float] = Field(None, gt=0)
-    # The Serve YAML's top-level ``proxy_location`` (HeadOnly, EveryNode, Disabled); None: Serve's default.
-    proxy_location: Optional[Literal["HeadOnly", "EveryNode", "Disabled"]] = None
+    # The Serve YAML's top-level ``proxy_location`` (HeadOnly, EveryNode); None: Serve's default. Serve's
+    # Disabled (no HTTP proxy) is refused: the endpoint is HTTP, and its start waited for /healthz to time out.
+    proxy_location: Optional[Literal["HeadOnly", "EveryNode"]] = None
 
     def serve_options(self) -> dict:
         """Serve's ``http_options`` (``proxy_location`` is its own argument of ``serve.start``)."""

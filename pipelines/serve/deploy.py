@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -113,7 +114,7 @@ def deploy(config: str | Path | dict | ServeArgs | None = None, *, checkpoint: s
         deadline = time.monotonic() + timeout_s
         try:
             _run_until_running(application, deadline, timeout_s, stop)
-            _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop)
+            _wait_healthy(url, max(1.0, deadline - time.monotonic()), stop, models=sorted(m.name for m in args.models))
         except Interrupted:
             if delete_on_stop:
                 delete_app()
@@ -223,7 +224,10 @@ def _start_serve(http: HttpOptions, stop: threading.Event | None = None, log_lev
         raise outcome["error"]
 
 
-def _wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
+def _wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None,
+                  models: list[str] | None = None) -> None:
+    """Until ``url/healthz`` answers as this application: status ok and, given ``models``, those models. Any 200
+    passed before, so another server on the port (another cluster's endpoint) was taken for this one."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -231,10 +235,18 @@ def _wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = Non
             raise Interrupted("stopped while waiting for /healthz")
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    return
+                body = r.read(65536)
         except Exception as e:  # the proxy comes up a little after the app
             last = e
+        else:
+            try:
+                answer = json.loads(body)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict) and answer.get("status") == "ok" \
+                    and (models is None or sorted(answer.get("models") or []) == models):
+                return
+            last = f"answered {body[:200]!r}, not this application's models {models}: another server on the port?"
         time.sleep(0.5)
     raise DeployError(f"{url}/healthz did not answer within {timeout_s:.0f}s (last error: {last})")
 

@@ -485,6 +485,11 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
         if diverged is not None:
             break
         seconds = time.perf_counter() - t0
+        total = all_reduce_sums({"images": float(images), **sums})
+        if total["images"] == 0:  # every batch below min_batch: weights untouched, a checkpoint would lie
+            raise ValueError(f"{cfg.arch}: epoch {epoch + 1} ran no training step: every batch had fewer than "
+                             f"{min_batch} images (each worker's part of the train split is too small); use more "
+                             f"training images or fewer workers")
 
         net.eval()
         t1 = time.perf_counter()
@@ -498,12 +503,7 @@ def train_one(cfg: TrainConfig, rows: dict, io) -> None:
         val_seconds = time.perf_counter() - t1
         step_seconds, val_seconds_sum = step_seconds + seconds, val_seconds_sum + val_seconds
 
-        total = all_reduce_sums({"images": float(images), **sums})
         slowest = all_reduce_sums({"seconds": seconds, "val_seconds": val_seconds}, op="max")
-        if total["images"] == 0:  # every batch below min_batch: weights untouched, a checkpoint would lie
-            raise ValueError(f"{cfg.arch}: epoch {epoch + 1} ran no training step: every batch had fewer than "
-                             f"{min_batch} images (each worker's part of the train split is too small); use more "
-                             f"training images or fewer workers")
         n_all = max(total.pop("images"), 1.0)
         record = {"epoch": epoch, "start_epoch": start, "lr": lr, "train_images": int(n_all), "train_seconds": slowest["seconds"],
                   "train_images_per_s": n_all / max(slowest["seconds"], 1e-9),
