@@ -36,6 +36,14 @@ def resolve(path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
+def same_place(a, b) -> bool:
+    """Whether two local paths or URIs name the same place (as ``resolve`` reads them)."""
+    if a is None or b is None:
+        return False
+    (fa, pa), (fb, pb) = resolve(str(a)), resolve(str(b))
+    return type(fa) is type(fb) and pa.rstrip("/") == pb.rstrip("/")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

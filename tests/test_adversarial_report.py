@@ -145,6 +145,10 @@ def test_bad_inputs_get_clear_errors(checkpoints, data_dir, reordered_data_dir, 
     assert cli(["attack", "--checkpoint", teacher.out, "--data", str(reordered_data_dir), "--eps", "0.01",
                 "--out", str(tmp_path / "r")]) == 2
     assert "trained on the classes [circle, square" in capsys.readouterr().err  # not attacked on other labels
+    # A bad second checkpoint is refused before the first one's report (minutes) starts, nothing written.
+    assert cli(["attack", "--checkpoint", teacher.out, "--checkpoint", str(tmp_path / "nowhere"), "--data",
+                str(data_dir), "--out", str(tmp_path / "r2")]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     for command, extra in (("attack", []), ("visualize", ["--layer", "conv1"])):  # a URI became a local
         # folder named "s3:" and the command said it wrote there
         assert cli([command, "--checkpoint", teacher.out, "--data", str(data_dir), "--out", "s3://bucket/r", *extra]) == 2

@@ -91,8 +91,25 @@ def test_an_evaluation_of_another_split_epoch_or_run_is_not_the_runs_accuracy(lo
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     own = {"arch": "resnet18", "task": "localization", "epoch": record["epoch"], "split": "val", "loc_acc": 0.987}
     (run / "eval").mkdir()
-    for stale in ({"split": "train"}, {"epoch": record["epoch"] + 5}, {"arch": "vgg16"}):
+    for stale in ({"split": "train"}, {"epoch": record["epoch"] + 5}, {"arch": "vgg16"}, {"data": str(tmp_path)}):
         (run / "eval" / "metrics.json").write_text(json.dumps({**own, **stale}))
         assert summarize_run(str(run))["accuracy"] == pytest.approx(record["val_loc_acc"]), stale
     (run / "eval" / "metrics.json").write_text(json.dumps(own))
     assert summarize_run(str(run))["accuracy"] == 0.987
+    data = json.loads((run / "config.json").read_text())["data"]
+    (run / "eval" / "metrics.json").write_text(json.dumps({**own, "data": data + "/"}))  # the run's own data
+    assert summarize_run(str(run))["accuracy"] == 0.987
+
+
+def test_runs_of_one_architecture_are_told_apart_by_the_end_of_their_directories():
+    """Two pipeline runs' resnet18 (runs/a/archs/resnet18, runs/b/archs/resnet18): the table's rows and the curves'
+    legend both read "resnet18 (resnet18)", and the legend kept one of the two lines' names."""
+    from pipelines.reports.compare import curve_runs, label_runs, markdown_table
+
+    rows = [{"arch": "resnet18", "run_dir": f"/w/runs/{r}/archs/resnet18", "task": "classification", "status": "failed",
+             "error": "x"} for r in ("a", "b")]
+    rows.append({"arch": "vgg11", "run_dir": "/w/runs/a/archs/vgg11", "task": "classification", "status": "failed",
+                 "error": "x"})
+    labelled = label_runs(rows)
+    assert [r["label"] for r in labelled] == ["resnet18 (a/archs/resnet18)", "resnet18 (b/archs/resnet18)", "vgg11"]
+    assert "| resnet18 (a/archs/resnet18) |" in markdown_table(labelled) and curve_runs(labelled) == []

@@ -70,8 +70,8 @@ def _kill_reingest_at_random(ray_cluster, two_sets, out: Path, delay: float) -> 
     proc = _ingest_process(big / "annotations" / "instances_train.json", big / "train", out)
     try:
         deadline = time.monotonic() + 180
-        while True:  # begun writing: its temporary sibling exists (or, as ingest once did, the old is gone)
-            if list(out.parent.glob(out.name + ".tmp-*")) or not (out / "_manifest.json").exists():
+        while True:  # begun writing: its temporary folder exists (or, as ingest once did, the old is gone)
+            if list(out.glob(".tmp-*")) or not (out / "_manifest.json").exists():
                 break
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the re-ingest never started writing"
@@ -90,7 +90,7 @@ def _kill_reingest_at_random(ray_cluster, two_sets, out: Path, delay: float) -> 
 
     # The next ingest clears what the killed one left and replaces the split.
     new = ingest(big / "annotations" / "instances_train.json", big / "train", out)
-    assert not list(out.parent.glob(out.name + ".tmp-*"))
+    assert not list(out.glob(".tmp-*")) and not list(out.parent.glob(out.name + ".tmp-*"))
     manifest, ids = _read_split(out)
     assert manifest == new and ids == big_ids
     assert sorted(p.name for p in out.glob("part-*.parquet")) == new["shards"]
@@ -105,21 +105,23 @@ def test_kill_during_reingest_keeps_the_old_split(ray_cluster, two_sets, tmp_pat
 
 def test_leftovers_of_a_killed_commit_are_cleared(ray_cluster, two_sets, tmp_path):
     """What a run killed inside its commit leaves (new shards moved into ``out`` but not listed yet, its
-    temporary sibling) does not disturb the old split, and the next ingest clears it."""
+    temporary folder; an earlier version's temporary sibling) does not disturb the old split, and the next
+    ingest clears it."""
     small = two_sets / "small"
     out = tmp_path / "split"
     ingest(small / "annotations" / "instances_train.json", small / "train", out)
     old_manifest, old_ids = _read_split(out)
     shard = out / old_manifest["shards"][0]
-    (out / "part-00000-0killed0.parquet").write_bytes(shard.read_bytes())
-    (tmp_path / "split.tmp-0killed0").mkdir()
-    (tmp_path / "split.tmp-0killed0" / "part-00001-half.parquet").write_bytes(shard.read_bytes()[:100])
+    (out / "part-00000-0dead0be.parquet").write_bytes(shard.read_bytes())
+    for stage in (tmp_path / "split.tmp-0killed0", out / ".tmp-0killed1"):
+        stage.mkdir()
+        (stage / "part-00001-0dead0bf.parquet").write_bytes(shard.read_bytes()[:100])
     from pipelines.data import read_split_table
 
     table, _ = read_split_table(tmp_path, "split", columns=["image_id"])  # the manifest's shards only
     assert sorted(table["image_id"].to_pylist()) == old_ids
     new = ingest(small / "annotations" / "instances_train.json", small / "train", out)
-    assert not list(tmp_path.glob("split.tmp-*"))
+    assert not list(tmp_path.glob("split.tmp-*")) and not list(out.glob(".tmp-*"))
     assert sorted(p.name for p in out.glob("part-*.parquet")) == new["shards"]
     assert _read_split(out)[1] == old_ids
 

@@ -360,3 +360,59 @@ def test_a_training_view_of_many_masks_on_a_big_image_decodes_them_one_at_a_time
         assert got["kept"] == 120 and got["shape"] == [120, *got["image"][:2]], got
         assert got["grew_mib"] < 200, got  # all at once: over 1,400 MiB
     assert len(run.stdout.splitlines()) == 2, run.stdout
+
+
+def test_an_image_id_given_to_two_files_keeps_neither_and_drops_their_annotations(tmp_path):
+    """Without Ray. Two COCO files merged naively (each numbering its images from 1): the annotations name only the
+    id, and all of them went to the first file, boxes of another picture. Both files are quarantined and their
+    annotations dropped; the same file listed twice keeps its first entry and its annotations."""
+    from pipelines.data.coco_index import build_index
+
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 40},
+              {"id": 1, "file_name": "b.jpg", "width": 40, "height": 40},
+              {"id": 2, "file_name": "c.jpg", "width": 40, "height": 40},
+              {"id": 2, "file_name": "c.jpg", "width": 40, "height": 40}]
+    anns = [{"id": k, "image_id": iid, "category_id": 1, "bbox": [5, 5, 10, 10]} for k, iid in ((1, 1), (2, 1), (3, 2))]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
+    index = build_index(path)
+    quarantined = sorted((q["image_id"], q["file_name"], q["reason"]) for q in index.quarantined)
+    assert [q[:2] for q in quarantined] == [(1, "a.jpg"), (1, "b.jpg"), (2, "c.jpg")], quarantined
+    assert "'a.jpg' and 'b.jpg'" in quarantined[0][2] and "the same file listed again" in quarantined[2][2]
+    assert {d["annotation_id"]: d["reason"] for d in index.dropped} == {1: "image_id 1 is listed twice",
+                                                                         2: "image_id 1 is listed twice"}
+    rows = [r for t in index.tables for r in t.to_pylist()]
+    assert [(r["image_id"], r["file_name"], len(json.loads(r["anns"]))) for r in rows] == [(2, "c.jpg", 1)]
+
+
+def test_an_out_folder_holding_other_parquet_keeps_it_and_the_shards_are_staged_inside_it(tmp_path):
+    """Without Ray, the commit protocol itself. ``--out`` on a folder of a Spark job's output: every
+    ``part-*.parquet`` without a manifest was deleted, the user's data. Only ingest's own shard names are removed
+    (a killed ingest's unlisted ones). The new shards are staged inside ``out`` (a sibling folder lies on the
+    parent's filesystem: the rename into a mount point failed after the whole ingest)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.data import split_commit
+
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = ["part-00000-6d1f4f8e-1c1e-4b6b-9c7e-0d5e6f7a8b9c-c000.snappy.parquet", "part-7.parquet", "data.parquet"]
+    for name in theirs:
+        (out / name).write_bytes(b"someone else's")
+    (out / "part-00003-0123abcd.parquet").write_bytes(b"a killed ingest's unlisted shard")
+    fs = pafs.LocalFileSystem()
+    stage = split_commit.begin(fs, str(out))
+    assert os.path.dirname(stage) == str(out) and os.path.basename(stage).startswith(".tmp-")
+    assert not (out / "part-00003-0123abcd.parquet").exists()
+    (tmp_path / "stage_file").write_bytes(b"new")
+    os.replace(tmp_path / "stage_file", os.path.join(stage, "part-00000-89abcdef.parquet"))
+    split_commit.commit(fs, str(out), stage, {"shards": ["part-00000-89abcdef.parquet"]})
+    assert sorted(p.name for p in out.iterdir()) == sorted([*theirs, "_manifest.json", "part-00000-89abcdef.parquet"])
+    assert all((out / name).read_bytes() == b"someone else's" for name in theirs)
+
+
+def test_annotations_given_as_a_folder_say_so(tmp_path):
+    from pipelines.data.coco_index import load_json
+
+    with pytest.raises(ValueError, match="is a folder; expected a COCO instances JSON file"):
+        load_json(tmp_path)

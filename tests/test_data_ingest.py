@@ -173,9 +173,9 @@ def test_read_coco_rows_and_reingest_replaces(ray_cluster, messy, tmp_path):
     assert sorted(r["image_id"] for r in rows) == [1, 5, 6, 7, 8, 9]
     out = tmp_path / "again"
     out.mkdir()
-    (out / "part-99999-old.parquet").write_bytes(b"stale")
+    (out / "part-99999-0bad0bad.parquet").write_bytes(b"stale")
     manifest = ingest(*messy, out)
-    assert not (out / "part-99999-old.parquet").exists()
+    assert not (out / "part-99999-0bad0bad.parquet").exists()
     assert sorted(p.name for p in out.glob("*.parquet")) == manifest["shards"]
 
 

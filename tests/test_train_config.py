@@ -198,3 +198,23 @@ def test_num_classes_below_the_datas_categories_is_refused(data_dir):
     with pytest.raises(ValueError, match=f"--num-classes 2 is smaller than the {k} categories"):
         resolve_config(TrainConfig(**{**BASE, "data": str(data_dir)}, num_classes=2))
     assert resolve_config(TrainConfig(**{**BASE, "data": str(data_dir)}, num_classes=k + 3)).num_classes == k + 3
+
+
+def test_a_val_split_of_other_categories_is_refused_before_training(tmp_path):
+    """Each split numbers its labels 1..K by its own categories: a val annotation file listing only the classes it
+    uses (or other ids) had every epoch's validation score other classes, silently. Refused with both lists."""
+    import json
+
+    from pipelines.train import TrainConfig
+    from pipelines.train.trainer import resolve_config
+
+    cats = [{"id": 1, "name": "a", "label": 1}, {"id": 3, "name": "c", "label": 2}]
+    for split, listed in (("train", cats), ("val", cats[1:])):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "_manifest.json").write_text(json.dumps({"categories": listed, "shards": []}))
+    cfg = TrainConfig(arch="resnet18", data=str(tmp_path), out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"the val split's categories \(ids \[3\]\) are not the train split's "
+                                         r"\(ids \[1, 3\]\)"):
+        resolve_config(cfg)
+    (tmp_path / "val" / "_manifest.json").write_text(json.dumps({"categories": cats, "shards": []}))
+    assert resolve_config(cfg).num_classes == 2

@@ -47,6 +47,9 @@ def load_json(annotations) -> dict:
         raw = read_bytes(fs, path)
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file not found: {annotations}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{annotations} is a folder; expected a COCO instances JSON file "
+                         "(e.g. annotations/instances_train2017.json)") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -90,7 +93,9 @@ def category_map(categories: list[dict], source="annotations") -> list[dict]:
 def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
     """Parse and validate the COCO file ``annotations``; return a :class:`CocoIndex`.
 
-    Images: a duplicate id or a missing/invalid size quarantines the image. Annotations: an unknown
+    Images: a missing/invalid size quarantines the image; an id listed again for the same file keeps the first
+    entry; an id listed for two files quarantines both and drops its annotations (which name the id only: they
+    went to the first file listed, boxes of another picture). Annotations: an unknown
     image or category, a malformed/zero-area box or a broken segmentation (``validate.py``) drops the
     annotation (with its reason); a box past the image edge is clipped to it, polygons past it are
     clipped too. Images without annotations are kept.
@@ -102,6 +107,7 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
 
     images: dict[int, dict] = {}
     order: list[int] = []
+    twice: dict[int, str] = {}  # image ids listed more than once -> the reason
     for im in data["images"]:
         iid = im.get("id") if isinstance(im, dict) else None
         name = im.get("file_name") if isinstance(im, dict) else None
@@ -115,7 +121,12 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
             reason = f"file_name {ascii(name)} is not valid Unicode text (a lone surrogate)"
             name = ascii(name)
         elif iid in images:
-            reason = f"duplicate image id {iid}"
+            first = images[iid]
+            if (first["file_name"], first["width"], first["height"]) == (name, w, h) and iid not in twice:
+                reason = f"duplicate image id {iid} (the same file listed again; the first entry is kept)"
+            else:
+                reason = twice.setdefault(iid, f"duplicate image id {iid} ({first['file_name']!r} and {name!r}): "
+                                               "its annotations cannot be told apart, so no image of it is ingested")
         elif not (type(w) is int and type(h) is int and 0 < w < 2 ** 31 and 0 < h < 2 ** 31):
             reason = f"width/height must be positive integers below 2**31, got {w!r}x{h!r}"
         if reason:
@@ -123,6 +134,10 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
             continue
         images[iid] = {"file_name": name, "width": w, "height": h, "anns": []}
         order.append(iid)
+    for iid, reason in twice.items():
+        first = images.pop(iid)
+        order.remove(iid)
+        index.quarantined.append({"file_name": first["file_name"], "image_id": iid, "reason": reason})
 
     for ann in data["annotations"]:
         aid = ann.get("id") if isinstance(ann, dict) else None
@@ -135,7 +150,7 @@ def build_index(annotations, chunk_images: int = 256) -> CocoIndex:
             drop(f"annotation must be an object, got {type(ann).__name__}")
             continue
         if type(iid) is not int or iid not in images:  # type first: a list is not hashable
-            drop(f"unknown image_id {iid!r}")
+            drop(f"image_id {iid} is listed twice" if iid in twice else f"unknown image_id {iid!r}")
             continue
         cid = ann.get("category_id")
         if type(cid) is not int or cid not in label_of:

@@ -2,7 +2,9 @@
 
 The manifest is the commit point: ``_manifest.json`` only ever lists shards that exist, whole.
 
-- Local filesystem: shards are written into a temporary sibling ``<out>.tmp-<id>``. At the end each new
+- Local filesystem: shards are written into a temporary folder inside it, ``<out>/.tmp-<id>`` (one filesystem
+  with ``out`` whatever is mounted where: a sibling failed with EXDEV after the whole ingest where ``out`` was
+  a mount point or a link to another disk; Arrow's readers skip dot-folders). At the end each new
   shard is renamed into ``out`` (new names never collide with the old: they carry a random id), then the
   new manifest replaces the old in one ``os.replace``, then the old shards and the sibling are deleted.
   Until that rename ``out`` is the old split, whole (the new shards beside it are listed nowhere); after
@@ -10,14 +12,17 @@ The manifest is the commit point: ``_manifest.json`` only ever lists shards that
 - Object stores (``s3://`` ...): shards are written into ``out`` next to the old ones (an object appears
   only once its upload completes), the manifest last, then the old shards are deleted.
 
-A killed run leaves a ``<out>.tmp-*`` sibling or unlisted shards in ``out``; the next ingest into ``out``
-removes both before it starts. One ingest per ``out`` at a time.
+A killed run leaves a ``.tmp-*`` folder (or, from earlier versions, a ``<out>.tmp-*`` sibling) or unlisted
+shards in ``out``; the next ingest into ``out`` removes them before it starts. Only files named as ingest
+names its shards (``part-NNNNN-<8 hex>.parquet``) are ever removed: other Parquet files in ``out`` (a Spark
+job's ``part-00000-<uuid>.snappy.parquet``) are left alone. One ingest per ``out`` at a time.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 import shutil
 import uuid
 
@@ -27,6 +32,7 @@ from pipelines.storage import join, read_bytes
 
 MANIFEST = "_manifest.json"
 STAGE_MARK = ".tmp-"
+SHARD_NAME = re.compile(r"part-\d{5}-[0-9a-f]{8}\.parquet")  # shard_sink's names
 
 
 def _local(fs: pafs.FileSystem) -> bool:
@@ -43,7 +49,7 @@ def _listed_shards(fs: pafs.FileSystem, root: str) -> set[str]:
 def _remove_unlisted_shards(fs: pafs.FileSystem, root: str, keep: set[str]) -> None:
     for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         name = info.base_name
-        if name.startswith("part-") and name.endswith(".parquet") and name not in keep:
+        if SHARD_NAME.fullmatch(name) and name not in keep:
             fs.delete_file(info.path)
 
 
@@ -53,11 +59,13 @@ def begin(fs: pafs.FileSystem, out_root: str) -> str:
         fs.create_dir(out_root, recursive=True)
         _remove_unlisted_shards(fs, out_root, _listed_shards(fs, out_root))
         return out_root
-    for leftover in glob.glob(glob.escape(out_root) + STAGE_MARK + "*"):
+    leftovers = glob.glob(glob.escape(out_root) + STAGE_MARK + "*")  # siblings of earlier versions
+    leftovers += glob.glob(os.path.join(glob.escape(out_root), STAGE_MARK + "*"))
+    for leftover in leftovers:
         shutil.rmtree(leftover, ignore_errors=True)
     if os.path.isdir(out_root):
         _remove_unlisted_shards(fs, out_root, _listed_shards(fs, out_root))
-    stage = f"{out_root}{STAGE_MARK}{uuid.uuid4().hex[:12]}"
+    stage = os.path.join(out_root, f"{STAGE_MARK}{uuid.uuid4().hex[:12]}")
     os.makedirs(stage)
     return stage
 
@@ -82,6 +90,6 @@ def commit(fs: pafs.FileSystem, out_root: str, stage: str, manifest: dict) -> No
 
 
 def abandon(fs: pafs.FileSystem, out_root: str, stage: str) -> None:
-    """Remove the temporary sibling (after a commit, or when the run failed before it)."""
+    """Remove the temporary folder (after a commit, or when the run failed before it)."""
     if stage != out_root:
         shutil.rmtree(stage, ignore_errors=True)

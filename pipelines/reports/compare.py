@@ -36,15 +36,17 @@ def _train_dir(run_dir: str) -> str:
     return run_dir
 
 
-def _eval_metrics(run_dir: str, train_dir: str, arch: str, epoch: int) -> dict | None:
+def _eval_metrics(run_dir: str, train_dir: str, arch: str, epoch: int, data=None) -> dict | None:
     """``metrics.json`` of `visionflow eval` next to the run (RUN/eval, or the DAG's archs/<arch>/eval), when
-    it scored this run's last checkpoint on the val split: an evaluation of another split, of an earlier
-    epoch (before a resume) or of another run (the folder above a plain run directory may hold any run's)
-    is not this run's accuracy, and the last training record's validation stands instead."""
+    it scored this run's last checkpoint on the val split of the run's own data: an evaluation of another
+    split or other data (``eval --data OTHER`` writes RUN/eval too), of an earlier epoch (before a resume) or of
+    another run (the folder above a plain run directory may hold any run's) is not this run's accuracy, and the
+    last training record's validation stands instead."""
     for base in (train_dir, run_dir, train_dir.rstrip("/").rsplit("/", 1)[0]):
         doc = storage.read_json(base, "eval/metrics.json")
         if doc and doc.get("arch", arch) == arch and doc.get("epoch", epoch) == epoch \
-                and doc.get("split", "val") == "val":
+                and doc.get("split", "val") == "val" \
+                and (doc.get("data") is None or data is None or storage.same_place(doc["data"], data)):
             return doc
     return None
 
@@ -94,7 +96,7 @@ def summarize_run(run_dir: str) -> dict:
         return {"run_dir": run_dir, "arch": config["arch"], "task": config["task"], "status": "failed",
                 "error": "no finished epoch (metrics.jsonl is empty)"}
     task, last = config["task"], records[-1]
-    evaluated = _eval_metrics(run_dir, train_dir, config["arch"], last["epoch"])
+    evaluated = _eval_metrics(run_dir, train_dir, config["arch"], last["epoch"], config.get("data"))
     key, label = main_metric(task, evaluated, last)
     accuracy = (evaluated or {}).get(key, last.get(f"val_{key}"))
     # `visionflow eval`'s rate where it ran; else the training's validation pass (batched, beside Ray Train's
@@ -123,14 +125,14 @@ def markdown_table(rows: list[dict]) -> str:
     head = ["| architecture | task | params (M) | GFLOPs | computed at (given 224x224) | metric | accuracy | "
             "train img/s | inference img/s |", "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     ok = sorted((r for r in rows if r["status"] == "done"), key=lambda r: (r["task"] or "", r["arch"]))
-    lines = [f"| {r['arch']} | {r['task']} | {_num(r['params'] and r['params'] / 1e6, '.2f')} | "
+    lines = [f"| {r.get('label', r['arch'])} | {r['task']} | {_num(r['params'] and r['params'] / 1e6, '.2f')} | "
              f"{_num(r['gflops'], '.2f')} | {r.get('flops_input') or ''} | {r['metric']} | {_num(r['accuracy'], '.3f')} | "
              f"{_num(r['train_images_per_s'], '.1f')} | {_num(r['inference_images_per_s'], '.1f')}"
              f"{' (val)' if r.get('inference_source') == 'validation' else ''} |" for r in ok]
     for r in rows:
         if r["status"] != "done":
             err = " ".join(str(r["error"]).split()).replace("|", "\\|")[:200]
-            lines.append(f"| {r['arch']} | {r['task'] or ''} | | | | failed | {err} | | |")
+            lines.append(f"| {r.get('label', r['arch'])} | {r['task'] or ''} | | | | failed | {err} | | |")
     return "\n".join(head + lines) + "\n"
 
 
@@ -225,7 +227,7 @@ def chart(rows: list[dict], path: str) -> bytes:
                         va="bottom" if oy > 0 else "top" if oy < 0 else "center",
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#555555"})
         side.axis("off")
-        cells = [[str(k), r["arch"], _num(r["accuracy"], ".3f"), _num(r["gflops"], ".2f"),
+        cells = [[str(k), r.get("label", r["arch"]), _num(r["accuracy"], ".3f"), _num(r["gflops"], ".2f"),
                   _num(r["params"] and r["params"] / 1e6, ".1f")] for k, r in enumerate(pts, start=1)]
         table = side.table(cellText=cells, colLabels=["#", "architecture", metric, "GFLOPs", "M params"],
                            loc="upper left", cellLoc="left", colLoc="left", colWidths=[0.06, 0.47, 0.15, 0.14, 0.18])
@@ -246,18 +248,28 @@ def chart(rows: list[dict], path: str) -> bytes:
     return data
 
 
+def label_runs(rows: list[dict]) -> list[dict]:
+    """``rows`` each with its ``label``: the architecture, and where runs share one, the shortest end of each run
+    directory that tells them apart (``runs/a/archs/resnet18`` and ``runs/b/archs/resnet18``: ``a/archs/resnet18``
+    and ``b/archs/resnet18``; their last folder alone named both the same, and the legend kept one)."""
+    out = []
+    for r in rows:
+        same = [s["run_dir"].rstrip("/").split("/") for s in rows if s["arch"] == r["arch"]]
+        label = r["arch"]
+        if len(same) > 1:
+            parts = r["run_dir"].rstrip("/").split("/")
+            k = next((k for k in range(1, len(parts) + 1)
+                      if sum(p[-k:] == parts[-k:] for p in same) == 1), len(parts))
+            label = f"{r['arch']} ({'/'.join(parts[-k:])})"
+        out.append({**r, "label": label})
+    return out
+
+
 def curve_runs(rows: list[dict]) -> list[dict]:
     """The finished runs' per-epoch records for ``pipelines.reports.curves.comparison_curves``: one entry per
-    run, labelled by architecture (and run directory where two runs share one)."""
-    done = [r for r in rows if r["status"] == "done"]
-    archs = [r["arch"] for r in done]
-    runs = []
-    for r in done:
-        label = r["arch"]
-        if archs.count(label) > 1:
-            label = f"{label} ({r['run_dir'].rstrip('/').rsplit('/', 1)[-1]})"
-        runs.append({"label": label, "task": r["task"], "records": storage.read_metrics(_train_dir(r["run_dir"]))})
-    return runs
+    run, labelled as ``label_runs`` labels it."""
+    return [{"label": r["label"], "task": r["task"], "records": storage.read_metrics(_train_dir(r["run_dir"]))}
+            for r in label_runs(rows) if r["status"] == "done"]
 
 
 def compare(run_dirs: list[str], out_dir: str) -> dict:
@@ -268,7 +280,7 @@ def compare(run_dirs: list[str], out_dir: str) -> dict:
 
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
-    rows = [summarize_run(str(d)) for d in run_dirs]
+    rows = label_runs([summarize_run(str(d)) for d in run_dirs])
     table = markdown_table(rows)
     out_dir = str(out_dir)
     return {"table": storage.write_bytes(out_dir, "comparison.md", table.encode()),

@@ -141,6 +141,21 @@ def plot_examples(model, images, labels, names: list[str], eps: float, path, cou
     return Path(path)
 
 
+def check_checkpoints(checkpoints: list, data_dir, split: str) -> None:
+    """Every checkpoint readable, a classifier, and of the data's categories, before any attack: a typo in the
+    second ``--checkpoint`` was found only after the first one's whole report (minutes), leaving its examples
+    beside an earlier run's report. ValueError / FileNotFoundError, one line."""
+    from pipelines.data import read_manifest
+    from pipelines.train.checkpoint import category_names, check_categories, load_payload
+
+    names = category_names(read_manifest(f"{data_dir}/{split}").get("categories"))
+    for ckpt in checkpoints:
+        config = load_payload(ckpt, mmap=True)["config"]
+        if config.get("task") != "classification":
+            raise ValueError(f"{ckpt} holds a {config.get('task')} model; the robustness report attacks classifiers")
+        check_categories(config, names, ckpt, f"{data_dir}/{split}")
+
+
 def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILONS, attacks=DEFAULT_ATTACKS,
                       images: int = 256, split: str = "val", batch_size: int = 64, detect: bool = True,
                       fpr: float = 0.05, examples: int = 6, visualize: bool = True, device: str | None = None,
@@ -153,7 +168,6 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
     the adversarial-input detectors at the middle non-zero epsilon. Returns
     ``{"json", "markdown", "curves", "examples": [...], "visualizations": {...}, "models": [...]}``."""
     from pipelines.train import load_checkpoint
-    from pipelines.train.checkpoint import check_categories
 
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not checkpoints:
@@ -166,6 +180,7 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
         raise ValueError(f"epsilons must lie in [0, 1] (pixel units), got {epsilons}")
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")
+    check_checkpoints(checkpoints, data_dir, split)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,13 +189,10 @@ def robustness_report(checkpoints, data_dir, out_dir, *, epsilons=DEFAULT_EPSILO
     models, example_paths, visualizations, labels_seen = [], [], {}, set()
     for ckpt in checkpoints:
         model, config = load_checkpoint(ckpt, device=device)
-        if config.get("task") != "classification":
-            raise ValueError(f"{ckpt} holds a {config.get('task')} model; the robustness report attacks classifiers")
         size = int(config.get("image_size", 64))
         if size not in crops:
             crops[size] = load_crops(data_dir, size, images, split)
         x, y, names = crops[size]
-        check_categories(config, names, ckpt, f"{data_dir}/{split}")
         x, y = x.to(_input_device(model)), y.to(_input_device(model))
         label = model_label(config, ckpt)
         while label in labels_seen:  # two runs of the same kind: tell them apart by directory

@@ -93,7 +93,7 @@ def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val",
         return None
     run = storage.RunDir(str(checkpoint))
     records, run_config = run.read_metrics(), run.read_json("config.json") or {}
-    if not records or records[-1].get("workers") != 1 or not _same_place(run_config.get("data"), data_dir):
+    if not records or records[-1].get("workers") != 1 or not storage.same_place(run_config.get("data"), data_dir):
         return None
     last = records[-1]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -121,9 +121,3 @@ def metrics_from_training(checkpoint, data_dir, out=None, *, split: str = "val",
     return result
 
 
-def _same_place(a, b) -> bool:
-    """Whether two local paths or URIs name the same place (as ``storage.resolve`` reads them)."""
-    if a is None or b is None:
-        return False
-    (fa, pa), (fb, pb) = storage.resolve(str(a)), storage.resolve(str(b))
-    return type(fa) is type(fb) and pa.rstrip("/") == pb.rstrip("/")

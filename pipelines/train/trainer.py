@@ -559,6 +559,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     categories = sorted(manifest.get("categories", []), key=lambda c: c["label"])
     if not categories:
         raise ValueError(f"{cfg.data}/train/_manifest.json lists no categories; expected an ingested split")
+    val = sorted(read_manifest(storage.join(str(cfg.data), "val")).get("categories", []), key=lambda c: c["label"])
+    if [(c["id"], c["label"]) for c in val] != [(c["id"], c["label"]) for c in categories]:
+        # Each split numbers its labels 1..K by its own categories: validation scored other classes, silently.
+        raise ValueError(f"{cfg.data}: the val split's categories (ids {[c['id'] for c in val]}) are not the train "
+                         f"split's (ids {[c['id'] for c in categories]}), and each split numbers its labels by its "
+                         "own; give both annotation files the same 'categories' list and ingest again")
     update = {"categories": categories}
     if cfg.pretrained:  # what the published weights need, recorded in the config (and so in each checkpoint)
         from vision.models.weights import published_model_kwargs
