@@ -194,6 +194,14 @@ def test_other_errors_keep_the_shape(url):
     _assert_error(r, 405, "method_not_allowed")
     assert r.headers.get("allow") == "POST", r.headers
     _assert_error(_post(url, "/v1/detect", _image(), iou_threshold=-0.1), 422, "invalid_parameter")
+    # Ignored before (the defaults applied, or the last value won): a quietly other answer.
+    for path, query in (("/v1/detect", "score-threshold=0.9"), ("/v1/detect", "top_k=3"),
+                        ("/v1/classify", "iou_threshold=0.5"),
+                        ("/v1/detect", "score_threshold=0.9&score_threshold=0.1"),
+                        ("/v1/classify", "top_k=2&max_detections=7")):
+        r = requests.post(f"{url}{path}?{query}", data=_image(), headers={"content-type": "image/jpeg"}, timeout=120)
+        _assert_error(r, 422, "invalid_parameter")
+        assert query.split("=")[0] in r.json()["error"]["message"], r.text
 
 
 # -- What the OpenAPI and page checks below send ----------------------------------------------------

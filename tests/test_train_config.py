@@ -218,3 +218,78 @@ def test_a_val_split_of_other_categories_is_refused_before_training(tmp_path):
         resolve_config(cfg)
     (tmp_path / "val" / "_manifest.json").write_text(json.dumps({"categories": cats, "shards": []}))
     assert resolve_config(cfg).num_classes == 2
+
+
+def test_a_folder_that_is_not_a_run_is_never_cleared_or_written_into(tmp_path):
+    """``--out .`` (or a project folder) with ``--restart``: clear() deleted its checkpoints/, tensorboard/,
+    config.json and metrics files; without it a fresh run overwrote its config.json. Refused, nothing touched; a
+    run's own folder (run.json, or a config.json from before run.json) goes on as before."""
+    import json
+
+    from pipelines.train import TrainConfig, run_record
+    from pipelines.train.trainer import resolve_config
+
+    data = tmp_path / "data"
+    cats = [{"id": 1, "name": "a", "label": 1}]
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        (data / split / "_manifest.json").write_text(json.dumps({"categories": cats, "shards": []}))
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "mine.ckpt").write_bytes(b"a user's own")
+    (project / "config.json").write_text(json.dumps({"learning": "rate"}))
+    cfg = resolve_config(TrainConfig(arch="resnet18", data=str(data), out=str(project)))
+    for restart, verb in ((True, "delete"), (False, "overwrite")):
+        with pytest.raises(ValueError, match=rf"is not a visionflow run, yet it holds checkpoints, config.json, which a "
+                                             rf"training would {verb}"):
+            run_record.start(str(project), cfg, restart=restart)
+    assert (project / "checkpoints" / "mine.ckpt").read_bytes() == b"a user's own"
+    assert json.loads((project / "config.json").read_text()) == {"learning": "rate"}
+    assert not (project / "run.json").exists()
+    legacy = tmp_path / "legacy"  # a run from before run.json: its config.json names arch, task and data
+    legacy.mkdir()
+    (legacy / "config.json").write_text(json.dumps({"arch": "resnet18", "task": "classification", "data": str(data)}))
+    run_record.start(str(legacy), cfg, restart=True)
+    assert (legacy / "run.json").exists()
+
+
+def test_what_would_fail_inside_ray_train_is_one_line_before_it_starts(ray_cluster, data_dir, tmp_path, capsys):
+    """On this command's own local cluster: GPUs it does not have (Ray Train waited for them forever, retrying
+    below the console's log level), an image size an architecture cannot take (AlexNet under 63 px: a worker's
+    traceback, cut to 500 characters before its cause), a --model-kwargs value the builder refuses (hidden, then
+    the same traceback). Each: exit 2, one line, before Ray Train starts; nothing written."""
+    from pipelines.cli import main
+
+    base = ["train", "--no-dashboard", "--data", str(data_dir), "--epochs", "1"]
+    cases = ((["--arch", "resnet18", "--gpus-per-worker", "1"], "need 1 GPUs but the cluster has 0"),
+             (["--arch", "alexnet", "--image-size", "32"], "--image-size 32 is too small for alexnet"),
+             (["--arch", "localizer", "--model-kwargs", '{"backbone": "resnet-34"}'],
+              "localizer does not build with these settings"))
+    for k, (extra, needle) in enumerate(cases):
+        out = tmp_path / f"run{k}"
+        assert main([*base, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        (line,) = [l for l in err.splitlines() if l.startswith("visionflow train:")]
+        assert needle in line and "Traceback" not in err, err
+        assert not (out / "run.json").exists()
+
+
+def test_a_hand_edited_lane_cost_file_is_read_for_what_it_holds(tmp_path, monkeypatch):
+    """An entry without its numbers stopped the run's planning (--plan too) with a bare KeyError."""
+    import json
+
+    from pipelines.dag import lanes
+
+    bad = tmp_path / "lane_costs.json"
+    bad.write_text(json.dumps({"archs": {"resnet18": {"epoch_s": 2.0, "eval_s": 1.0}, "vgg16": {"epoch_s": "9"},
+                                         "alexnet": None, "zfnet": {"eval_s": 1.0}}}))
+    monkeypatch.setattr(lanes, "COSTS_FILE", bad)
+    lanes._costs.cache_clear()
+    try:
+        assert set(lanes._costs()) == {"resnet18"}
+        assert lanes.estimated_seconds("vgg16", {"epochs": 2}) == 2 * 2.0 + 1.0  # the median of what is measured
+        bad.write_text(json.dumps({"archs": ["resnet18"]}))
+        lanes._costs.cache_clear()
+        assert lanes._costs() == {}
+    finally:
+        lanes._costs.cache_clear()

@@ -22,8 +22,8 @@ def _controllers() -> set[str]:
 
 @pytest.fixture(scope="module")
 def lane(ray_cluster, data_dir, tmp_path_factory):
-    """squeezenet1_1 (trains), alexnet on 32 px crops (its first step fails in the worker: its feature map
-    shrinks to nothing), resnet18 whose
+    """squeezenet1_1 (trains), alexnet on 32 px crops (refused before it trains: its feature map shrinks to
+    nothing), resnet18 whose
     worker kills its own process (SIGKILL) at the start of its epoch 2, once: the lane has one restart; an SSDlite
     on one training image, whose one batch is below the two images a step needs (no step at all)."""
     root = tmp_path_factory.mktemp("lane")
@@ -43,7 +43,7 @@ def lane(ray_cluster, data_dir, tmp_path_factory):
 def test_one_controller_trains_the_lane_and_a_failed_training_ends_only_itself(lane):
     cfgs, (squeeze, alex, resnet, idle), _, controllers = lane
     assert len(controllers) == 1, controllers  # one Ray Train run for the four trainings
-    assert isinstance(alex, RuntimeError) and "Output size is too small" in str(alex), alex
+    assert isinstance(alex, ValueError) and "--image-size 32 is too small for alexnet" in str(alex), alex
     # A training that ran no step fails with what to change, before its validation, and saves no checkpoint
     # (it would hold the untouched initial weights as a trained epoch).
     assert isinstance(idle, Exception) and "epoch 1 ran no training step" in str(idle), idle

@@ -81,6 +81,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if not connect_for("train", args, num_cpus=args.num_cpus or _local_cpus(cfg)):
         return 1
+    from pipelines.ray_runtime import local_cluster_env
+    from pipelines.train.trainer import cluster_shortfall
+
+    short = cluster_shortfall(cfg)
+    if short and local_cluster_env() is not None:  # a cluster of this command's own never grows
+        print(f"visionflow train: {short}", file=sys.stderr)
+        return 2
+    if short:  # a joined cluster may (its autoscaler): say what Ray Train waits for
+        print(f"visionflow train: {short}; Ray Train waits for it (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         result = fit(cfg, restart=args.restart)
     except (FileNotFoundError, ValueError) as e:

@@ -26,10 +26,17 @@ COSTS_FILE = Path(__file__).with_name("lane_costs.json")
 
 @lru_cache(maxsize=1)
 def _costs() -> dict:
+    """The measured costs by architecture: entries with a number for ``epoch_s`` and ``eval_s`` (and, if any,
+    for ``limit_train_images``); a hand-edited entry without them is left out (it stopped the run's planning
+    with a bare KeyError), as is a file that does not parse."""
     try:
-        return json.loads(COSTS_FILE.read_text())["archs"]
-    except (OSError, ValueError, KeyError):
+        archs = json.loads(COSTS_FILE.read_text())["archs"]
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
+    number = (int, float)
+    return {a: c for a, c in (archs.items() if isinstance(archs, dict) else [])
+            if isinstance(c, dict) and all(isinstance(c.get(k), number) for k in ("epoch_s", "eval_s"))
+            and isinstance(c.get("limit_train_images", 0) or 0, number)}
 
 
 def estimated_seconds(arch: str, settings: dict, evaluate: bool = True) -> float:

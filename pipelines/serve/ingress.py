@@ -192,6 +192,23 @@ def _timing(**ms: float) -> dict:
     return {"Server-Timing": ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())}
 
 
+DETECT_QUERY = ("score_threshold", "iou_threshold", "max_detections", "model")
+CLASSIFY_QUERY = ("top_k", "score_threshold", "max_detections", "model")
+
+
+def _known_query(request: Request, allowed: tuple[str, ...]) -> None:
+    """422 for a query parameter the route does not take (``score-threshold``, ``top_k`` on /v1/detect) or one
+    given twice: they were ignored (the defaults applied) or the last one won, a quietly other answer."""
+    names = [k for k, _ in request.query_params.multi_items()]  # keys() gives each name once
+    unknown = sorted({n for n in names if n not in allowed})
+    if unknown:
+        raise ApiError(422, "invalid_parameter", f"unknown query parameter(s) {', '.join(unknown)}; "
+                                                 f"{request.url.path} takes {', '.join(allowed)}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ApiError(422, "invalid_parameter", f"query parameter(s) {', '.join(twice)} given more than once")
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -286,6 +303,7 @@ class Ingress:
                      iou_threshold: Optional[float] = Query(None, ge=0, le=1),
                      max_detections: Optional[int] = Query(None, ge=1, le=1000),
                      model: Optional[str] = Query(None, max_length=64)):
+        _known_query(request, DETECT_QUERY)
         return await self._detect(request, "detection", model, score_threshold, iou_threshold, max_detections)
 
     @app.post("/v1/segment", **_upload_route(DetectAnswer, "Instance masks (COCO RLE) of a JPEG/PNG"))
@@ -294,6 +312,7 @@ class Ingress:
                       iou_threshold: Optional[float] = Query(None, ge=0, le=1),
                       max_detections: Optional[int] = Query(None, ge=1, le=1000),
                       model: Optional[str] = Query(None, max_length=64)):
+        _known_query(request, DETECT_QUERY)
         return await self._detect(request, "segmentation", model, score_threshold, iou_threshold, max_detections)
 
     @app.post("/v1/classify", **_upload_route(ClassifyAnswer, "Top-k classes of a JPEG/PNG"))
@@ -302,6 +321,10 @@ class Ingress:
                        score_threshold: Optional[float] = Query(None, ge=0, le=1),
                        max_detections: Optional[int] = Query(None, ge=1, le=1000, description="alias of top_k"),
                        model: Optional[str] = Query(None, max_length=64)):
+        _known_query(request, CLASSIFY_QUERY)
+        if top_k is not None and max_detections is not None and top_k != max_detections:
+            raise ApiError(422, "invalid_parameter", f"top_k={top_k} and its alias max_detections={max_detections} "
+                                                     "disagree: give one of them")
         t0 = time.perf_counter()
         name = self._pick("classification", model)
         info, prep = await self._prepare(request, name, square=True)

@@ -91,6 +91,21 @@ def clear(out: str) -> None:
         run.remove(name)
 
 
+def not_a_run(run) -> list[str]:
+    """What a training would delete (``--restart``) or overwrite in ``run`` when that folder is not a visionflow
+    run (no ``run.json``, no run ``config.json`` of before it): ``--out .`` or a project folder with its own
+    ``config.json`` or ``checkpoints/``. Empty for a run, a new folder, or one without those names."""
+    if run.exists(RUN_FILE):
+        return []
+    try:
+        config = run.read_json("config.json")
+    except ValueError:  # not JSON: not a config a run wrote
+        config = None
+    if isinstance(config, dict) and {"arch", "task", "data"} <= set(config):
+        return []  # a run from before run.json existed
+    return [name for name in _cleared() if run.exists(name)]
+
+
 def check_restart_keeps(out: str, sources: dict[str, str | None]) -> None:
     """Before ``clear``: a source the workers read after it (``{"--init-from": path, ...}``) must not be what
     it deletes, the run itself or its checkpoints (``--restart --init-from RUN`` deleted the weights it was
@@ -118,6 +133,10 @@ def start(out: str, cfg, *, restart: bool = False, init: dict | None = None) -> 
 
     new = fingerprint(cfg)
     run = storage.RunDir(out)
+    foreign = not_a_run(run)
+    if foreign:
+        raise ValueError(f"{out} is not a visionflow run, yet it holds {', '.join(foreign)}, which a training would "
+                         f"{'delete' if restart else 'overwrite or add to'}: give a new or empty --out")
     if restart:
         clear(out)
     elif checkpoint_candidates(out):

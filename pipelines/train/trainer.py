@@ -595,6 +595,26 @@ def _own_sigint_handler():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
+def cluster_shortfall(cfg: TrainConfig) -> str | None:
+    """What the connected cluster lacks for ``cfg``'s smallest worker group (``min_workers`` x the per-worker
+    CPUs and GPUs, plus its data pipeline's CPUs), as one line, or None when it fits. Ray Train waits for
+    resources that never come, retrying without end and logging below the console's level."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus = cfg.min_workers * cfg.cpus_per_worker + cfg.augment_cpus
+    gpus = cfg.min_workers * cfg.gpus_per_worker
+    if gpus > float(have.get("GPU", 0)) + 1e-9:
+        return (f"{cfg.min_workers} worker(s) x --gpus-per-worker {cfg.gpus_per_worker:g} need {gpus:g} GPUs but the "
+                f"cluster has {float(have.get('GPU', 0)):g}: leave --gpus-per-worker out for a CPU run, or join a "
+                "cluster with GPUs (--address)")
+    if cpus > float(have.get("CPU", 0)) + 1e-9:
+        return (f"{cfg.min_workers} worker(s) x --cpus-per-worker {cfg.cpus_per_worker:g} plus {cfg.augment_cpus:g} for "
+                f"the data pipeline need {cpus:g} CPUs but the cluster has {float(have.get('CPU', 0)):g}: use fewer "
+                "--workers or --cpus-per-worker, or a larger --num-cpus")
+    return None
+
+
 def _check_builds(cfg: TrainConfig, task) -> None:
     """A model that does not build with these settings (``--model-kwargs`` its builder does not take) is
     one line here, before Ray Train starts its processes: built on the meta device (no memory, no weights).
@@ -603,12 +623,23 @@ def _check_builds(cfg: TrainConfig, task) -> None:
         return
     try:
         with torch.device("meta"):
-            task.build_model(cfg)
-    except TypeError as e:
+            model = task.build_model(cfg)
+    except (TypeError, ValueError, KeyError) as e:  # an argument, or a value of one, the builder refuses
         raise ValueError(f"{cfg.arch} does not build with these settings (model_kwargs "
-                         f"{dict(cfg.model_kwargs)}): {e}") from None
+                         f"{dict(cfg.model_kwargs)}): {type(e).__name__}: {e}") from None
     except Exception:  # noqa: BLE001 -- what the meta device cannot do (a model copying its parts to devices,
-        pass  # the two-tower AlexNet): the worker builds it for real and reports any error there
+        return  # the two-tower AlexNet): the worker builds it for real and reports any error there
+    if cfg.task not in ("classification", "localization"):
+        return  # detectors take lists of images of any size and resize them themselves
+    try:  # shapes only, on the meta device: AlexNet's last pooling has nothing left below 63 px
+        with torch.no_grad():
+            model.eval()(torch.empty((2, 3, cfg.image_size, cfg.image_size), device="meta"))
+    except RuntimeError as e:
+        if "too small" in str(e) or "greater than" in str(e):
+            raise ValueError(f"--image-size {cfg.image_size} is too small for {cfg.arch}: {str(e).splitlines()[0]}; "
+                             "give a larger --image-size") from None
+    except Exception:  # noqa: BLE001 -- an op without a meta kernel: the worker finds out for real
+        pass
 
 
 def prepare(cfg: TrainConfig, *, restart: bool = False) -> tuple[TrainConfig, str, dict, dict]:
