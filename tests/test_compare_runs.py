@@ -62,6 +62,14 @@ def test_compare_lists_runs_and_failed_runs(loc_run, tmp_path, capsys):
     assert captured.out == "" and not (tmp_path / "cmp2").exists()
 
 
+def test_compare_into_a_run_directory_is_refused(loc_run, capsys):
+    """``--out RUN`` overwrote the run's own curves.png (the training's, redrawn every epoch)."""
+    before = (loc_run / "curves.png").read_bytes()
+    assert cli(["compare", str(loc_run), "--out", str(loc_run)]) == 2
+    assert "whose curves.png the comparison would overwrite" in capsys.readouterr().err
+    assert (loc_run / "curves.png").read_bytes() == before and not (loc_run / "comparison.md").exists()
+
+
 def test_compare_needs_runs(tmp_path):
     with pytest.raises(ValueError, match="at least one run"):
         compare([], tmp_path)

@@ -101,6 +101,9 @@ def test_synth_command(tmp_path, capsys):
     assert json.loads(lines[-1])["train"]["images"] == 4
     assert len(list((tmp_path / "train").glob("*.jpg"))) == 4
     assert main(["synth", "--out", str(tmp_path), "--images", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # numpy's "expected non-negative integer" named no flag
+        main(["synth", "--out", str(tmp_path), "--seed", "-1"])
+    assert e.value.code == 2 and "--seed: must be an integer >= 0, got -1" in capsys.readouterr().err
 
 
 def test_uncompressed_rle_round_trips():

@@ -19,6 +19,13 @@ def main(args: argparse.Namespace) -> int:
     if missing:  # a misspelt path is the user's input, not a failed run
         print(f"visionflow compare: no such run directory: {', '.join(missing)}", file=sys.stderr)
         return 2
+    from pipelines.reports.compare import _train_dir
+
+    mine = [d for d in args.run_dirs if storage.same_place(args.out, d) or storage.same_place(args.out, _train_dir(d))]
+    if mine:  # its curves.png is the run's own, redrawn by every epoch
+        print(f"visionflow compare: --out {args.out} is the run directory {mine[0]}, whose curves.png the comparison "
+              "would overwrite; give another folder", file=sys.stderr)
+        return 2
     result = compare(args.run_dirs, args.out)
     print(result["markdown"])
     print(f"table: {result['table']}\nchart: {result['chart']}\ncurves: {result['curves']}")
